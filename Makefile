@@ -1,0 +1,50 @@
+# The two commands: `make run` serves the demo models, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+MODELS_DIR ?= models
+HOST ?= 127.0.0.1
+PORT ?= 8000
+BIN := $(VENV)/bin
+
+.PHONY: run test lint unit integration e2e bench models clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@ $(VENV)/.installed-run
+
+$(MODELS_DIR)/iris/1/model.joblib: | $(VENV)/.installed-run
+	$(BIN)/inferd models train-demo --models-dir $(MODELS_DIR)
+
+models: $(MODELS_DIR)/iris/1/model.joblib
+
+run: $(VENV)/.installed-run models
+	$(BIN)/inferd serve --models-dir $(MODELS_DIR) --host $(HOST) --port $(PORT)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+unit integration e2e: $(VENV)/.installed-dev
+	$(BIN)/pytest tests/$@
+
+bench: $(VENV)/.installed-dev
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && apt-get install -y -qq wrk; \
+	  else echo "bench needs wrk: install it first, e.g. sudo apt-get install -y wrk" >&2; exit 1; fi; }
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info src/*.egg-info

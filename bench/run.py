@@ -1,0 +1,465 @@
+"""Load-test inferd and two baselines with wrk; write a JSON and a Markdown report.
+
+    python bench/run.py [--targets inferd,raw-asgi,naive-fastapi] [--connections 1,50,256]
+                        [--duration 10] [--warmup 2] [--models-dir DIR] [--out DIR] [--no-pin]
+
+Each server runs alone on one CPU and wrk (one thread, closed loop) on another; everything is on
+127.0.0.1. bench/README.md explains the targets and how to read the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the venv's bin: python, inferd
+BODY = '{"features": [5.1, 3.5, 1.4, 0.2]}'
+TARGETS = ("inferd", "raw-asgi", "naive-fastapi")
+BASELINES = ("raw-asgi", "naive-fastapi")
+READY_TIMEOUT_S, STOP_TIMEOUT_S, WRK_SLACK_S = 90.0, 15.0, 30
+UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+SOCKET_ERRORS = r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"
+
+LUA = f"""wrk.method = "POST"
+wrk.body = '{BODY}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+# Counts responses by status (wrk itself only counts "Non-2xx or 3xx responses").
+LUA_TALLY = """local threads = {}
+function setup(thread) table.insert(threads, thread) end
+statuses = {}
+function response(status, headers, body) statuses[status] = (statuses[status] or 0) + 1 end
+function done(summary, latency, requests)
+  for _, t in ipairs(threads) do
+    for code, n in pairs(t:get("statuses")) do io.write(("status %d %d\\n"):format(code, n)) end
+  end
+end
+"""
+
+
+@dataclass
+class Run:
+    target: str
+    connections: int
+    requests: int
+    rps: float
+    p50_ms: float
+    p75_ms: float
+    p90_ms: float
+    p99_ms: float
+    non_2xx: int
+    socket_errors: dict[str, int]
+    statuses: dict[str, int]  # wrk's per-status tally; empty with --no-tally
+    rss_mib: float = 0.0
+    server_cpu_pct: float = 0.0  # 100 = one core
+    wrk_cpu_pct: float = 0.0
+    server: dict[str, int] = field(default_factory=dict)  # inferd's /metrics, deltas over the run
+
+
+@dataclass
+class Options:
+    targets: list[str]
+    connections: list[int]
+    duration: int
+    warmup: int
+    models_dir: Path | None
+    out: Path
+    cpus: tuple[int, int] | None  # (server, wrk), None when not pinned
+    tally: bool
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def pinned(cpu: int | None, cmd: list[str]) -> list[str]:
+    # taskset execs the command, so the pid of the Popen is the pid of the command itself.
+    return cmd if cpu is None else ["taskset", "-c", str(cpu), *cmd]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def http(port: int, path: str, body: str | None = None) -> tuple[int, bytes]:
+    data = None if body is None else body.encode()
+    headers = {"Content-Type": "application/json"}
+    try:
+        request = urllib.request.Request(f"http://{HOST}:{port}{path}", data, headers)
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+    except OSError:
+        return 0, b""
+
+
+def server_command(target: str, port: int, models_dir: Path) -> tuple[list[str], dict[str, str]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERD_")}
+    listen = ["--host", HOST, "--port", str(port)]
+    if target == "inferd":  # the defaults: JSON access log on, metrics on
+        env["INFERD_ACCESS_LOG"] = "true"
+        cmd = [str(BIN / "inferd"), "serve", *listen, "--models-dir", str(models_dir)]
+        return [*cmd, "--log-format", "json", "--log-level", "info"], env
+    env["BENCH_MODEL_PATH"] = str(models_dir / "iris" / "1" / "model.joblib")
+    app = "bench.baselines." + target.replace("-", "_") + ":app"
+    cmd = [sys.executable, "-m", "uvicorn", app, "--app-dir", str(ROOT), *listen]
+    if target == "raw-asgi":  # the floor logs nothing; the naive service keeps uvicorn's default
+        cmd += ["--no-access-log", "--log-level", "warning"]
+    return cmd, env
+
+
+def answers(target: str, port: int) -> bool:
+    if target == "inferd":
+        return http(port, "/health/ready")[0] == 200
+    return http(port, "/predict", BODY)[0] == 200
+
+
+@contextlib.contextmanager
+def server(target: str, models_dir: Path, opts: Options) -> Iterator[tuple[int, int]]:
+    """Start a target, wait until it answers, yield (pid, port); stop it on the way out."""
+    port = free_port()
+    cmd, env = server_command(target, port, models_dir)
+    cmd = pinned(opts.cpus[0] if opts.cpus else None, cmd)
+    log_path = opts.out / f"{target}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=opts.out,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while not answers(target, port):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = log_path.read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"{target} did not come up; end of {log_path}:\n{tail}")
+                time.sleep(0.1)
+            yield proc.pid, port
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(STOP_TIMEOUT_S)
+
+
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+    return int(found.group(1)) / 1024 if found else 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) * TICK_S  # utime + stime, all threads
+
+
+def server_counters(port: int) -> dict[str, int]:
+    """inferd's /predict responses by status, its timeouts and queue rejections (/metrics)."""
+    counts: dict[str, int] = {}
+    for line in http(port, "/metrics")[1].decode().splitlines():
+        name, _, rest = line.partition("{")
+        labels, _, value = rest.rpartition("} ")
+        status = re.search(r'status="(\d+)"', labels)
+        if name == "inference_requests_total" and 'endpoint="/predict"' in labels and status:
+            key = "status_" + status.group(1)
+        elif name in ("inference_request_timeouts_total", "inference_queue_rejections_total"):
+            key = name.removeprefix("inference_").removesuffix("_total")
+        else:
+            continue
+        counts[key] = counts.get(key, 0) + int(float(value))
+    return counts
+
+
+# --------------------------------------------------------------------------- wrk
+
+
+def wrk(port: int, connections: int, seconds: int, opts: Options) -> tuple[str, float]:
+    """Run wrk; return its output and the CPU it used (100 = one core)."""
+    script = opts.out / ("tally.lua" if opts.tally else "post.lua")
+    cmd = f"wrk -t1 -c{connections} -d{seconds}s --latency --timeout 2s".split()
+    cmd += ["-s", str(script), f"http://{HOST}:{port}/predict"]
+    cmd = pinned(opts.cpus[1] if opts.cpus else None, cmd)
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
+    limit = seconds + WRK_SLACK_S
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, check=False)
+    after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
+    used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return done.stdout, 100 * used / wall
+
+
+def parse_wrk(text: str) -> dict[str, Any]:
+    """req/s, latency percentiles, non-2xx and socket errors, and the Lua status tally."""
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    total = re.search(r"(\d+) requests in", text)
+    if rps is None or total is None:
+        raise RuntimeError(f"unexpected wrk output:\n{text}")
+    pattern = r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s|m|h)\s*$"
+    ms = {p: float(v) * UNITS_MS[u] for p, v, u in re.findall(pattern, text, re.M)}
+    errors = re.search(SOCKET_ERRORS, text)
+    counts = [int(n) for n in errors.groups()] if errors else [0, 0, 0, 0]
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return {
+        "requests": int(total.group(1)),
+        "rps": float(rps.group(1)),
+        **{f"p{p}_ms": ms.get(p, 0.0) for p in ("50", "75", "90", "99")},
+        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+        "socket_errors": dict(zip(("connect", "read", "write", "timeout"), counts, strict=True)),
+        "statuses": {s: int(n) for s, n in re.findall(r"^status (\d+) (\d+)$", text, re.M)},
+    }
+
+
+def bench_target(target: str, models_dir: Path, opts: Options) -> list[Run]:
+    runs = []
+    with server(target, models_dir, opts) as (pid, port):
+        for conns in opts.connections:
+            if opts.warmup:
+                wrk(port, conns, opts.warmup, opts)
+            before = server_counters(port) if target == "inferd" else {}
+            cpu_before, start = cpu_seconds(pid), time.monotonic()
+            text, wrk_cpu = wrk(port, conns, opts.duration, opts)
+            server_cpu = 100 * (cpu_seconds(pid) - cpu_before) / (time.monotonic() - start)
+            run = Run(target, conns, **parse_wrk(text), rss_mib=rss_mib(pid))
+            run.server_cpu_pct, run.wrk_cpu_pct = server_cpu, wrk_cpu
+            after = server_counters(port) if target == "inferd" else {}
+            run.server = {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
+            runs.append(run)
+            print(f"  -c{conns}: {run.rps:,.0f} req/s, p99 {run.p99_ms:.2f} ms", file=sys.stderr)
+    return runs
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    git = ["git", "-C", str(ROOT), "describe", "--always", "--dirty"]
+    commit = subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model.group(1).strip() if model else platform.processor(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_1m_at_start": os.getloadavg()[0],
+        "commit": commit or None,
+    }
+
+
+def count_504(run: Run) -> int | None:
+    if run.statuses:  # wrk's own tally
+        return run.statuses.get("504", 0)
+    if run.server or run.target == "inferd":  # the server's count
+        return run.server.get("status_504", 0)
+    return 0 if run.non_2xx == 0 else None
+
+
+def checks(runs: dict[tuple[str, int], Run]) -> list[dict[str, Any]]:
+    """The project's goals for inferd, at the connection counts that were run."""
+    goals: list[tuple[int, str, str, bool]] = []  # connections, goal, measured, met
+    if r := runs.get(("inferd", 50)):
+        goals.append((50, "req/s >= 10,000", f"{r.rps:,.0f} req/s", r.rps >= 10_000))
+        goals.append((50, "p99 < 10 ms", f"{r.p99_ms:.2f} ms", r.p99_ms < 10))
+    if r := runs.get(("inferd", 1)):
+        goals.append((1, "p50 < 0.5 ms", f"{r.p50_ms:.3f} ms", r.p50_ms < 0.5))
+    if r := runs.get(("inferd", 256)):
+        n = count_504(r)
+        shown = f"{n} x 504" if n is not None else f"{r.non_2xx} non-2xx of unknown status"
+        goals.append((256, "zero 504s", shown, n == 0))
+        goals.append((256, "p99 < 100 ms", f"{r.p99_ms:.2f} ms", r.p99_ms < 100))
+    keys = ("connections", "goal", "measured", "pass")
+    return [dict(zip(keys, goal, strict=True)) for goal in goals]
+
+
+def ratios(runs: dict[tuple[str, int], Run], connections: list[int]) -> list[dict[str, Any]]:
+    """inferd's req/s and p99 over each baseline's, at each connection count."""
+    out = []
+    for conns in connections:
+        for base in BASELINES:
+            mine, other = runs.get(("inferd", conns)), runs.get((base, conns))
+            if mine and other:
+                rps = mine.rps / other.rps if other.rps else None
+                p99 = mine.p99_ms / other.p99_ms if other.p99_ms else None
+                out.append({"connections": conns, "baseline": base, "rps": rps, "p99": p99})
+    return out
+
+
+def times(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m, s = report["machine"], report["settings"]
+    where = "servers on CPU {}, wrk on CPU {}".format(*s["cpus"]) if s["cpus"] else "not pinned"
+    lines = [
+        f"# inferd benchmark, {report['date']}",
+        "",
+        f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, Python "
+        f"{m['python']}, load average {m['loadavg_1m_at_start']:.2f} at start, commit "
+        f"{m['commit'] or 'unknown'}.",
+        f"wrk -t1, closed loop, {s['duration']} s per run after a {s['warmup']} s warm-up, "
+        f"{where}.",
+        "",
+        "| target | conns | req/s | p50 ms | p90 ms | p99 ms | non-2xx | sock err | RSS MiB "
+        "| server CPU % | wrk CPU % |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    notes = []
+    for r in (Run(**run) for run in report["runs"]):
+        errors = sum(r.socket_errors.values())
+        lines.append(
+            f"| {r.target} | {r.connections} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p90_ms:.2f} "
+            f"| {r.p99_ms:.2f} | {r.non_2xx} | {errors} | {r.rss_mib:.0f} "
+            f"| {r.server_cpu_pct:.0f} | {r.wrk_cpu_pct:.0f} |"
+        )
+        if r.non_2xx or errors:
+            parts = [f"{n} x {c}" for c, n in sorted(r.statuses.items()) if c[0] != "2"]
+            parts += [f"server {k} {n}" for k, n in sorted(r.server.items()) if k[0] != "s"]
+            parts += [f"{n} socket {k} errors" for k, n in r.socket_errors.items() if n]
+            notes.append(f"- {r.target} at {r.connections}: " + ", ".join(parts))
+    if notes:
+        lines += ["", "Non-2xx responses and socket errors:", "", *notes]
+    if report["ratios"]:
+        lines.append(
+            "\n## inferd against the baselines\n\n"
+            "A req/s ratio above 1 and a p99 ratio below 1 favour inferd.\n\n"
+            "| conns | baseline | req/s ratio | p99 ratio |\n|--:|---|--:|--:|"
+        )
+        for x in report["ratios"]:
+            lines.append(
+                f"| {x['connections']} | {x['baseline']} | {times(x['rps'])} | {times(x['p99'])} |"
+            )
+    if report["checks"]:
+        lines += ["", "## Goals", ""]
+        for c in report["checks"]:
+            lines.append(
+                f"- {'PASS' if c['pass'] else 'FAIL'} at {c['connections']} "
+                f"connection(s): {c['goal']} (measured {c['measured']})"
+            )
+    if floor := [x for x in report["ratios"] if x["baseline"] == "raw-asgi" and x["rps"]]:
+        shares = ", ".join(f"{x['rps']:.0%} at {x['connections']} connection(s)" for x in floor)
+        lines += ["", f"inferd's req/s as a share of the raw-ASGI floor: {shares}."]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    def counts(text: str) -> list[int]:
+        values = [int(part) for part in text.split(",") if part.strip()]
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError("expected positive integers, e.g. 1,50,256")
+        return values
+
+    def names(text: str) -> list[str]:
+        values = [part.strip() for part in text.split(",") if part.strip()]
+        if not values or not set(values) <= set(TARGETS):
+            raise argparse.ArgumentTypeError(f"expected names from {','.join(TARGETS)}")
+        return values
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    p = argparse.ArgumentParser(description="Load-test inferd and two baselines with wrk.")
+    p.add_argument("--targets", type=names, default=list(TARGETS), help="default: all three")
+    p.add_argument("--connections", type=counts, default=[1, 50, 256], help="default: 1,50,256")
+    p.add_argument("--duration", type=int, default=10, help="seconds per measured run")
+    p.add_argument("--warmup", type=int, default=2, help="seconds of load before each, discarded")
+    p.add_argument("--models-dir", type=Path, help="where the demo models are (default: temp)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / stamp)
+    p.add_argument("--no-pin", action="store_true", help="leave server and wrk unpinned")
+    p.add_argument("--no-tally", action="store_true", help="skip wrk's per-status count")
+    a = p.parse_args(argv)
+    if a.duration < 1 or a.warmup < 0:
+        p.error("--duration must be at least 1 and --warmup at least 0")
+    allowed = sorted(os.sched_getaffinity(0))
+    pin = not a.no_pin and shutil.which("taskset") is not None and len(allowed) >= 2
+    cpus = (allowed[0], allowed[1]) if pin else None
+    given = {k: v for k, v in vars(a).items() if not k.startswith("no_")}
+    return Options(**given, cpus=cpus, tally=not a.no_tally)
+
+
+def ensure_models(models_dir: Path) -> None:
+    """Write the demo models unless they are there already."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [str(BIN / "inferd"), "models", "train-demo", "--models-dir", str(models_dir)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode != 0 or not (models_dir / "iris" / "1" / "model.joblib").is_file():
+        raise RuntimeError(f"inferd models train-demo failed:\n{done.stdout}{done.stderr}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (Debian and Ubuntu: apt-get install -y wrk)", file=sys.stderr)
+        return 2
+    # SIGTERM and SIGHUP unwind like Ctrl-C does, stopping every server on the way out.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
+    opts.out = opts.out.resolve()
+    opts.out.mkdir(parents=True, exist_ok=True)
+    (opts.out / "post.lua").write_text(LUA)
+    (opts.out / "tally.lua").write_text(LUA + LUA_TALLY)
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    host = machine()
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="inferd-bench-") as scratch:
+        models_dir = (opts.models_dir or Path(scratch)).resolve()
+        ensure_models(models_dir)
+        for target in opts.targets:
+            print(f"benchmarking {target}", file=sys.stderr, flush=True)
+            runs += bench_target(target, models_dir, opts)
+    by_key = {(r.target, r.connections): r for r in runs}
+    report = {
+        "date": started,
+        "machine": host,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+        "runs": [asdict(r) for r in runs],
+        "ratios": ratios(by_key, opts.connections),
+        "checks": checks(by_key),
+    }
+    (opts.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    (opts.out / "report.md").write_text(text)
+    print(text)
+    print(f"reports written to {opts.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; every server was stopped", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,5 @@
+"""Micro-batching of concurrent requests into model batches."""
+
+from inferd.batching.batcher import Batcher, BatcherStats
+
+__all__ = ["Batcher", "BatcherStats"]

@@ -1,0 +1,358 @@
+"""The micro-batcher: a bounded queue in front of one model version.
+
+Policy, for each model version:
+
+* A request joins a bounded queue; past the shedding mark (80 % by default) it is refused at once
+  with :class:`~inferd.errors.Overloaded`, so overload shows up as cheap 503s instead of
+  timeouts.
+* When the model has a free slot and nothing is running, whatever is queued (up to
+  ``max_batch_size`` rows) goes to the model at once: a lone request never waits out the window.
+* While a batch runs, arrivals pile up and form the next batch. With ``concurrency`` > 1, a
+  partial batch waits up to ``window`` for companions before it takes another slot.
+* Items whose deadline passed or whose caller went away (future done) are dropped before they
+  reach the model. A batch that raises fails each of its callers with
+  :class:`~inferd.errors.ModelError`; the batcher keeps running.
+* Model work runs in the batcher's own threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from inferd.errors import DeadlineExceeded, InferdError, ModelError, Overloaded
+
+__all__ = ["Batcher", "BatcherStats"]
+
+log = logging.getLogger("inferd.batching")
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+@dataclass(slots=True)
+class _Item(Generic[In]):
+    payload: In
+    rows: int
+    future: asyncio.Future[Any]
+    deadline: float
+    enqueued: float
+
+
+@dataclass(slots=True)
+class BatcherStats:
+    """Counters a test or the console can read without scraping metrics."""
+
+    batches: int = 0
+    rows: int = 0
+    dropped_expired: int = 0
+    dropped_cancelled: int = 0
+    failed_batches: int = 0
+    last_batch_size: int = 0
+
+
+def _stack(payloads: Sequence[Any]) -> Any:
+    return payloads[0] if len(payloads) == 1 else np.concatenate(payloads)
+
+
+def _split(output: Any, counts: Sequence[int]) -> list[Any]:
+    if len(counts) == 1:
+        return [output]
+    parts, start = [], 0
+    for n in counts:
+        parts.append(output[start : start + n])
+        start += n
+    return parts
+
+
+class Batcher(Generic[In, Out]):
+    """Collects requests for one model version into batches and runs them in threads."""
+
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        *,
+        name: str,
+        max_batch_size: int = 32,
+        window: float = 0.005,
+        max_queue_size: int = 2000,
+        shed_threshold: float = 0.8,
+        concurrency: int = 1,
+        collate: Callable[[Sequence[In]], Any] = _stack,
+        split: Callable[[Any, Sequence[int]], list[Out]] = _split,
+        retry_after: float = 1.0,
+        on_batch: Callable[[int, float], None] | None = None,
+        on_reject: Callable[[str], None] | None = None,
+        on_drop: Callable[[str], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or concurrency < 1:
+            raise ValueError("max_batch_size, max_queue_size and concurrency must be >= 1")
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.window = window
+        self.max_queue_size = max_queue_size
+        self.shed_limit = max(1, min(max_queue_size, int(max_queue_size * shed_threshold)))
+        self.concurrency = concurrency
+        self.retry_after = retry_after
+        self.stats = BatcherStats()
+        self._fn = fn
+        self._collate = collate
+        self._split = split
+        self._on_batch = on_batch
+        self._on_reject = on_reject
+        self._on_drop = on_drop
+        self._queue: deque[_Item[In]] = deque()
+        self._running = 0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(
+            max_workers=concurrency, thread_name_prefix=f"inferd-{name}"
+        )
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def depth(self) -> int:
+        """Requests waiting in the queue (not yet handed to the model)."""
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        """Batches being computed right now."""
+        return self._running
+
+    @property
+    def started(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        """Start the collector task on the running loop."""
+        if self._task is not None:
+            return
+        self._task = asyncio.get_running_loop().create_task(
+            self._collect(), name=f"batcher:{self.name}"
+        )
+        self._task.add_done_callback(self._collector_died)
+
+    async def on_each_worker(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` once in every worker thread (warm-up: thread-local buffers of numerical
+        libraries are allocated on a thread's first call, which must not be a request's)."""
+        barrier = threading.Barrier(self.concurrency, timeout=60)
+
+        def call() -> Any:
+            barrier.wait()
+            return fn()
+
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(
+            *(loop.run_in_executor(self._executor, call) for _ in range(self.concurrency))
+        )
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking requests, let queued and running work finish within ``grace``, then
+        fail whatever is left with a retryable 503."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drained()), grace)
+            except TimeoutError:
+                log.warning("batcher %s did not drain in %.1fs; cancelling", self.name, grace)
+            self._task.cancel()
+            for task in self._inflight:  # a model call cannot be interrupted; its callers can
+                task.cancel()
+            await asyncio.gather(self._task, *self._inflight, return_exceptions=True)
+        while self._queue:
+            item = self._queue.popleft()
+            _fail(item.future, Overloaded(f"model {self.name} is shutting down; retry"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _drained(self) -> None:
+        while self._queue or self._running:
+            self._idle.clear()
+            await self._idle.wait()
+
+    def _collector_died(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.critical("batcher %s collector died: %r", self.name, exc, exc_info=exc)
+
+    # ------------------------------------------------------------------ admission
+    def check_admission(self) -> None:
+        """Raise :class:`Overloaded` if a new request would be shed. Costs a length check."""
+        depth = len(self._queue)
+        if depth >= self.shed_limit or self._closing:
+            self._reject(depth)
+
+    def _reject(self, depth: int) -> None:
+        if self._closing:
+            raise Overloaded(
+                f"model {self.name} is shutting down; retry on another replica",
+                retry_after=self.retry_after,
+            )
+        reason = "full" if depth >= self.max_queue_size else "shed"
+        if self._on_reject is not None:
+            self._on_reject(reason)
+        raise Overloaded(
+            f"model {self.name} is overloaded: {depth} requests queued "
+            f"(shedding at {self.shed_limit} of {self.max_queue_size}); retry later",
+            retry_after=self.retry_after,
+        )
+
+    def submit(self, payload: In, rows: int, deadline: float) -> asyncio.Future[tuple[Out, int]]:
+        """Queue ``payload`` (``rows`` rows); the future gives its output and the row count of
+        the batch it ran in.
+
+        ``deadline`` is on the loop's clock; the caller enforces it (see :meth:`infer`).
+        """
+        depth = len(self._queue)
+        if depth >= self.shed_limit or self._closing:
+            self._reject(depth)
+        if self._task is None:
+            raise RuntimeError(f"batcher {self.name} is not started")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[Out, int]] = loop.create_future()
+        self._queue.append(_Item(payload, rows, future, deadline, loop.time()))
+        if not self._wake.is_set():
+            self._wake.set()
+        return future
+
+    async def infer(self, payload: In, rows: int, deadline: float) -> Out:
+        """Submit and wait, failing with :class:`DeadlineExceeded` at ``deadline``."""
+        future = self.submit(payload, rows, deadline)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(deadline, _expire, future, self.name)
+        try:
+            output, _ = await future
+            return output
+        finally:
+            timer.cancel()
+            if not future.done():  # our caller was cancelled: drop the item
+                future.cancel()
+
+    # ------------------------------------------------------------------ collector
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        while True:
+            if not queue or self._running >= self.concurrency:
+                if self._closing and not queue and not self._running:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self._running and self.window > 0 and self._queued_rows() < self.max_batch_size:
+                # Another batch is running and this one is partial: give it the window.
+                remaining = queue[0].enqueued + self.window - loop.time()
+                if remaining > 0:
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), remaining)
+                    except TimeoutError:
+                        pass
+                    else:
+                        continue
+            if self._queued_rows() < self.max_batch_size:
+                # Let the requests that arrived in this loop tick join before dispatching.
+                await asyncio.sleep(0)
+            batch = self._take(loop.time())
+            if not batch:
+                continue
+            self._running += 1
+            task = loop.create_task(self._execute(batch), name=f"batch:{self.name}")
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    def _queued_rows(self) -> int:
+        total = 0
+        for item in self._queue:
+            total += item.rows
+            if total >= self.max_batch_size:
+                break
+        return total
+
+    def _take(self, now: float) -> list[_Item[In]]:
+        queue, rows = self._queue, 0
+        batch: list[_Item[In]] = []
+        while queue:
+            item = queue[0]
+            if batch and rows + item.rows > self.max_batch_size:
+                break
+            queue.popleft()
+            if item.future.done():
+                self.stats.dropped_cancelled += 1
+                if self._on_drop is not None:
+                    self._on_drop("cancelled")
+                continue
+            if item.deadline <= now:
+                self.stats.dropped_expired += 1
+                _expire(item.future, self.name)
+                continue
+            batch.append(item)
+            rows += item.rows
+        return batch
+
+    async def _execute(self, batch: list[_Item[In]]) -> None:
+        loop = asyncio.get_running_loop()
+        rows = sum(item.rows for item in batch)
+        started = time.perf_counter()
+        try:
+            data = self._collate([item.payload for item in batch])
+            output = await loop.run_in_executor(self._executor, self._fn, data)
+            parts = self._split(output, [item.rows for item in batch])
+        except asyncio.CancelledError:
+            for item in batch:
+                _fail(item.future, Overloaded(f"model {self.name} is shutting down; retry"))
+            raise
+        except Exception as exc:  # the model's failure is each caller's failure
+            self.stats.failed_batches += 1
+            log.error("batch of %d rows failed in model %s: %r", rows, self.name, exc)
+            error = (
+                exc
+                if isinstance(exc, InferdError)
+                else ModelError(
+                    f"model {self.name} failed on a batch of {rows} rows: "
+                    f"{type(exc).__name__}: {str(exc)[:200]}"
+                )
+            )
+            for item in batch:
+                _fail(item.future, error)
+        else:
+            for item, part in zip(batch, parts, strict=True):
+                if not item.future.done():
+                    item.future.set_result((part, rows))
+        finally:
+            elapsed = time.perf_counter() - started
+            self._running -= 1
+            self.stats.batches += 1
+            self.stats.rows += rows
+            self.stats.last_batch_size = rows
+            if self._on_batch is not None:
+                self._on_batch(rows, elapsed)
+            self._wake.set()
+            if not self._queue and not self._running:
+                self._idle.set()
+
+
+def _expire(future: asyncio.Future[Any], name: str) -> None:
+    if not future.done():
+        future.set_exception(DeadlineExceeded(f"model {name} did not answer before the deadline"))
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -1,0 +1,260 @@
+"""The ``inferd`` command line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from inferd import __version__
+from inferd.errors import ConfigError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="inferd",
+    help="Serve machine-learning models over HTTP with micro-batching and load shedding.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+models_app = typer.Typer(help="Inspect the model repository and create the demo models.")
+app.add_typer(models_app, name="models")
+
+err = Console(stderr=True, soft_wrap=True)
+out = Console()
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML settings file (keys are the setting names)."),
+]
+ModelsDirOpt = Annotated[
+    Path | None,
+    typer.Option("--models-dir", "-m", help="Model repository folder [INFERD_MODELS_DIR]."),
+]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    """Print ``error: message`` (never wrapped, never read as markup) and return the exit."""
+    err.print("error:", style="bold red", end=" ")
+    err.print(message, markup=False, highlight=False)
+    return typer.Exit(code)
+
+
+def _settings(config: Path | None, **overrides: Any) -> Any:
+    from inferd.settings import Settings
+
+    try:
+        return Settings.load(config, **overrides)
+    except ConfigError as exc:
+        raise _fail(exc.message, 2) from None
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+) -> None:
+    if version:
+        out.print(f"inferd {__version__}")
+        raise typer.Exit()
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address [INFERD_HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [INFERD_PORT].")] = None,
+    models_dir: ModelsDirOpt = None,
+    config: ConfigOpt = None,
+    default_model: Annotated[
+        str | None, typer.Option(help="Model for POST /predict [INFERD_DEFAULT_MODEL].")
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug, info, warning or error [INFERD_LOG_LEVEL].")
+    ] = None,
+    log_format: Annotated[
+        str | None, typer.Option(help="json or console [INFERD_LOG_FORMAT].")
+    ] = None,
+) -> None:
+    """Serve the models of the repository over HTTP."""
+    settings = _settings(
+        config,
+        host=host,
+        port=port,
+        models_dir=models_dir,
+        default_model=default_model,
+        log_level=log_level,
+        log_format=log_format,
+    )
+    from inferd.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
+
+    import uvicorn
+
+    from inferd.app import create_app
+    from inferd.models.repository import ModelRepository
+
+    try:  # fail fast, before binding, on a missing repository, model.toml or artifact
+        entries = ModelRepository(settings.models_dir).entries(settings.models)
+        if not entries:
+            raise ConfigError(
+                f"no models in {settings.models_dir}; run `inferd models train-demo` first"
+            )
+    except ConfigError as exc:
+        raise _fail(exc.message, 2) from None
+
+    failed: list[BaseException] = []
+    server: Any = None
+    _Server = _server_class()
+
+    def on_fatal(exc: BaseException) -> None:
+        failed.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    asgi = create_app(settings, on_fatal=on_fatal)
+    server = _Server(
+        uvicorn.Config(
+            asgi,
+            host=settings.host,
+            port=settings.port,
+            lifespan="on",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=10,
+        )
+    )
+    server.run()
+    if failed:
+        raise _fail(getattr(failed[0], "message", None) or repr(failed[0]), 1)
+
+
+def _server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, exiting 0 after a graceful stop on SIGTERM or SIGINT.
+
+        The first signal stops taking connections and drains in-flight requests (within
+        ``timeout_graceful_shutdown``); a second one exits at once.
+        """
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in _SIGNALS}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@models_app.command("list")
+def models_list(
+    models_dir: ModelsDirOpt = None,
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the models in the repository with their versions and inputs."""
+    settings = _settings(config, models_dir=models_dir)
+    from inferd.models.repository import ModelRepository
+
+    repo = ModelRepository(settings.models_dir)
+    try:
+        entries = repo.entries()
+    except ConfigError as exc:
+        raise _fail(exc.message, 2) from None
+    rows: list[dict[str, Any]] = [
+        {
+            "name": e.name,
+            "versions": list(e.versions),
+            "served_version": e.latest,
+            "runtime": e.spec.runtime,
+            "task": e.spec.task,
+            "features": e.spec.input.features,
+            "labels": e.spec.output.labels,
+            "description": e.spec.description,
+        }
+        for e in entries
+    ]
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    if not rows:
+        out.print(f"no models in {repo.root}; run `inferd models train-demo`")
+        return
+    table = Table(title=f"models in {repo.root}")
+    for column in ("name", "versions", "runtime", "task", "inputs", "description"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["name"],
+            ", ".join(str(v) for v in row["versions"]),
+            row["runtime"],
+            row["task"],
+            str(len(row["features"])),
+            row["description"],
+        )
+    out.print(table)
+
+
+@models_app.command("train-demo")
+def models_train_demo(
+    models_dir: ModelsDirOpt = None,
+    config: ConfigOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Retrain models already present.")] = False,
+) -> None:
+    """Train the demo models (iris, iris-forest) into the repository."""
+    settings = _settings(config, models_dir=models_dir)
+    from inferd.models.demo import DEMO_MODELS, train_demo
+
+    target: Path = settings.models_dir
+    target.mkdir(parents=True, exist_ok=True)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("training demo models", total=len(DEMO_MODELS) * 2)
+
+        def step(message: str) -> None:
+            progress.update(task, description=message, advance=1)
+
+        results = train_demo(target, force=force, progress=step)
+        progress.update(task, completed=len(DEMO_MODELS) * 2)
+    for result in results:
+        out.print(
+            f"[green]✓[/] {result.name} v{result.version}: accuracy {result.accuracy:.3f} "
+            f"→ {result.path}"
+        )
+    if not results:
+        out.print(f"demo models already in {target} (use --force to retrain)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Pure-ASGI middleware: request id, timing, access log and request metrics for every route.
+
+``BaseHTTPMiddleware`` halves the throughput of the prediction path, so this is written
+against ASGI directly. It puts a :class:`RequestContext` in ``scope["inferd"]``; handlers fill
+in what the access line should say (model, queue depth, batch size, detail).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from typing import Any, Protocol
+
+from inferd.errors import InferdError
+from inferd.http.responses import send_error
+from inferd.logs import AccessLog, get_logger
+from inferd.metrics import Metrics
+
+__all__ = ["FastPath", "RequestContext", "RequestContextMiddleware"]
+
+log = get_logger("inferd.http")
+
+_MAX_ID = 128
+
+
+class _RequestIds:
+    """Unique ids without a random draw per request: a random process prefix and a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}-{next(self._counter):x}"
+
+
+class RequestContext:
+    """What one request's access line and metrics need; handlers write into it."""
+
+    __slots__ = (
+        "batch_size",
+        "detail",
+        "endpoint",
+        "model",
+        "queue_depth",
+        "request_id",
+        "started",
+        "started_loop",
+        "status",
+        "version",
+    )
+
+    def __init__(self, request_id: str, started: float, started_loop: float) -> None:
+        self.request_id = request_id
+        self.started = started
+        self.started_loop = started_loop
+        self.endpoint: str | None = None
+        self.status = 0
+        self.queue_depth: int | None = None
+        self.batch_size: int | None = None
+        self.detail: str | None = None
+        self.model: str | None = None
+        self.version: str | None = None
+
+
+def _incoming_id(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for key, value in headers:
+        if key == b"x-request-id":
+            if 0 < len(value) <= _MAX_ID and value.isascii():
+                text = value.decode("ascii")
+                if text.isprintable():
+                    return text
+            return None
+    return None
+
+
+class FastPath(Protocol):
+    """Routes answered without the framework (see :mod:`inferd.http.hotpath`)."""
+
+    def match(self, scope: dict[str, Any]) -> str | None:
+        """A route key if this path serves the request, else None."""
+
+    async def serve(
+        self, scope: dict[str, Any], receive: Any, send: Any, route: str, ctx: RequestContext
+    ) -> None:
+        """Answer the request; set ``ctx.status`` and send ``x-request-id``."""
+
+
+class _IdSender:
+    """Adds ``x-request-id`` to the response and records its status in the context."""
+
+    __slots__ = ("ctx", "send")
+
+    def __init__(self, send: Any, ctx: RequestContext) -> None:
+        self.send = send
+        self.ctx = ctx
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.ctx.status = message["status"]
+            headers = list(message.get("headers", ()))
+            headers.append((b"x-request-id", self.ctx.request_id.encode()))
+            message = {**message, "headers": headers}
+        await self.send(message)
+
+
+class RequestContextMiddleware:
+    """Wraps the whole app: ``X-Request-ID`` in and out, access log, request metrics."""
+
+    def __init__(
+        self, app: Any, metrics: Metrics, access_log: AccessLog, fast: FastPath | None = None
+    ) -> None:
+        self.app = app
+        self.fast = fast
+        self.metrics = metrics
+        self.access_log = access_log
+        self._new_id = _RequestIds()
+        self._children: dict[tuple[str, str, int], Any] = {}
+        self._durations: dict[tuple[str, str], Any] = {}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = _incoming_id(scope["headers"]) or self._new_id()
+        ctx = RequestContext(request_id, started, asyncio.get_running_loop().time())
+        scope["inferd"] = ctx
+        fast = self.fast
+        route = fast.match(scope) if fast is not None else None
+        try:
+            if route is not None and fast is not None:
+                # The hot path sets the status and the request-id header itself.
+                await fast.serve(scope, receive, send, route, ctx)
+            else:
+                await self.app(scope, receive, _IdSender(send, ctx))
+        except Exception as exc:
+            log.exception("unhandled error", request_id=ctx.request_id, path=scope["path"])
+            ctx.detail = f"unhandled {type(exc).__name__}"
+            if not ctx.status:
+                await send_with_id_error(_IdSender(send, ctx), ctx)
+        finally:
+            self._finish(scope, ctx)
+
+    def _finish(self, scope: dict[str, Any], ctx: RequestContext) -> None:
+        elapsed = time.perf_counter() - ctx.started
+        method = scope["method"]
+        endpoint = ctx.endpoint
+        if endpoint is None:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+        status = ctx.status or 499  # client went away before any answer
+        key = (endpoint, method, status)
+        counter = self._children.get(key)
+        if counter is None:
+            counter = self._children[key] = self.metrics.requests.labels(
+                endpoint, method, str(status)
+            )
+        counter.inc()
+        dkey = (endpoint, method)
+        duration = self._durations.get(dkey)
+        if duration is None:
+            duration = self._durations[dkey] = self.metrics.request_duration.labels(
+                endpoint, method
+            )
+        duration.observe(elapsed)
+        if self.access_log.enabled:
+            self.access_log.request(
+                request_id=ctx.request_id,
+                method=method,
+                path=scope["path"],
+                status_code=status,
+                latency_ms=round(elapsed * 1000.0, 3),
+                queue_depth=ctx.queue_depth,
+                batch_size=ctx.batch_size,
+                model=ctx.model,
+                model_version=ctx.version,
+                detail=ctx.detail,
+            )
+
+
+async def send_with_id_error(send: Any, ctx: RequestContext) -> None:
+    error = InferdError(f"internal server error; quote request id {ctx.request_id}")
+    await send_error(send, error)

@@ -1,0 +1,271 @@
+"""The prediction hot path as plain ASGI, in front of FastAPI.
+
+``POST /predict`` and ``POST /v1/models/{name}/predict`` are answered here without the
+framework: route by string checks, admission before the body is read, hand-written JSON
+validation, the batcher, orjson. FastAPI documents the two routes in its OpenAPI schema and,
+if a request reaches it (the hot path can be bypassed), serves them through this same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+
+from inferd.codec import parse_predict, render_rows
+from inferd.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    InferdError,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from inferd.http.context import RequestContext
+from inferd.http.responses import error_body
+from inferd.models.registry import LoadedModel, ModelRegistry
+from inferd.settings import Settings
+
+__all__ = ["DEFAULT_ROUTE", "HotPath"]
+
+DEFAULT_ROUTE = ""  # route key of POST /predict: not a valid model name
+_PREFIX = "/v1/models/"
+_SUFFIX = "/predict"
+_DEFAULT_ENDPOINT = "/predict"
+_MODEL_ENDPOINT = "/v1/models/{name}/predict"
+_WATCH_AFTER = 0.002  # seconds a request waits before its disconnect watch starts
+_JSON = (b"content-type", b"application/json")
+
+
+class _ClientGone(Exception):
+    """The client disconnected while its request waited; there is nobody to answer."""
+
+
+class HotPath:
+    """The lean prediction routes (see :class:`~inferd.http.context.FastPath`)."""
+
+    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
+        self.registry = registry
+        self.max_body = settings.max_body_bytes
+        self.max_instances = settings.max_instances
+        self.timeout = settings.request_timeout_ms / 1000.0
+
+    def match(self, scope: dict[str, Any]) -> str | None:
+        if scope["method"] != "POST":
+            return None
+        path: str = scope["path"]
+        if path == _DEFAULT_ENDPOINT:
+            return DEFAULT_ROUTE
+        if path.startswith(_PREFIX) and path.endswith(_SUFFIX):
+            name = path[len(_PREFIX) : -len(_SUFFIX)]
+            if name and "/" not in name:
+                return name
+        return None
+
+    async def serve(
+        self,
+        scope: dict[str, Any],
+        receive: Any,
+        send: Any,
+        route: str,
+        ctx: RequestContext,
+        add_id: bool = True,
+    ) -> None:
+        """Answer one prediction request; ``route`` is a model name or :data:`DEFAULT_ROUTE`."""
+        ctx.endpoint = _DEFAULT_ENDPOINT if route == DEFAULT_ROUTE else _MODEL_ENDPOINT
+        try:
+            status, body, extra = await self._answer(scope, receive, route, ctx)
+        except _ClientGone:
+            ctx.detail = "client disconnected; dropped before the model ran"
+            return
+        except InferdError as error:
+            ctx.detail = error.message
+            status, body = error.status_code, error_body(error)
+            extra = [(k.encode(), v.encode()) for k, v in error.headers().items()]
+        headers = [_JSON, (b"content-length", b"%d" % len(body)), *extra]
+        if add_id:
+            headers.append((b"x-request-id", ctx.request_id.encode()))
+        ctx.status = status
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _answer(
+        self, scope: dict[str, Any], receive: Any, route: str, ctx: RequestContext
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        registry = self.registry
+        loaded = registry.get_default() if route == DEFAULT_ROUTE else registry.get(route)
+        batcher = loaded.batcher
+        ctx.model, ctx.version = loaded.name, loaded.version_str
+        batcher.check_admission()  # shed before reading the body
+
+        timeout = self.timeout
+        content_type = b""
+        length = -1
+        for key, value in scope["headers"]:
+            if key == b"content-type":
+                content_type = value
+            elif key == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    raise BadRequest("Content-Length is not a number") from None
+            elif key == b"x-request-timeout-ms":
+                timeout = min(timeout, _parse_timeout(value))
+        if content_type != b"application/json" and not _is_json_type(content_type):
+            raise UnsupportedMediaType(
+                f"Content-Type must be application/json, got {content_type.decode('latin-1')!r}"
+                if content_type
+                else "Content-Type must be application/json"
+            )
+        if length > self.max_body:
+            raise PayloadTooLarge(
+                f"request body of {length} bytes is over the limit of {self.max_body} bytes"
+            )
+        body = await self._read_body(receive)
+        spec = loaded.spec
+        parsed = parse_predict(
+            body, spec.n_features, spec.input.features, self.max_instances, route != DEFAULT_ROUTE
+        )
+        ctx.queue_depth = batcher.depth
+        if parsed.request_id is not None:
+            ctx.request_id = parsed.request_id
+        rows = parsed.rows
+        output = await self._infer(
+            loaded, rows, rows.shape[0], ctx.started_loop + timeout, receive, ctx
+        )
+
+        results = render_rows(output, spec.task, loaded.classes, loaded.labels)
+        children = loaded.metrics_children
+        observe = children["prediction"].observe
+        for row in results:
+            confidence = row["confidence"]
+            observe(confidence if confidence is not None else row["prediction"])
+        if route == DEFAULT_ROUTE:
+            row = results[0]
+            payload: dict[str, Any] = {
+                "prediction": row["prediction"],
+                "confidence": row["confidence"],
+                "model_version": loaded.version_str,
+                "request_id": ctx.request_id,
+            }
+        elif parsed.batch:
+            payload = {
+                "model": loaded.name,
+                "model_version": loaded.version_str,
+                "predictions": results,
+                "request_id": ctx.request_id,
+            }
+        else:
+            payload = {
+                "model": loaded.name,
+                "model_version": loaded.version_str,
+                **results[0],
+                "request_id": ctx.request_id,
+            }
+        children["latency"].observe(time.perf_counter() - ctx.started)
+        return 200, orjson.dumps(payload), []
+
+    async def _infer(
+        self,
+        loaded: LoadedModel,
+        rows: Any,
+        n: int,
+        deadline: float,
+        receive: Any,
+        ctx: RequestContext,
+    ) -> Any:
+        """Queue the rows, wait for the batch, and give up at the deadline or on disconnect."""
+        future = loaded.batcher.submit(rows, n, deadline)
+        guard = _Guard(future, receive, deadline)
+        try:
+            output, batch_rows = await future
+        except DeadlineExceeded:
+            loaded.metrics_children["timeouts"].inc()
+            ctx.detail = "deadline exceeded"
+            raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if future.cancelled() and task is not None and not task.cancelling():
+                loaded.metrics_children["disconnects"].inc()
+                raise _ClientGone from None
+            raise
+        finally:
+            guard.close()
+        ctx.batch_size = batch_rows
+        return output
+
+    async def _read_body(self, receive: Any) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > self.max_body:
+                    raise PayloadTooLarge(
+                        f"request body is over the limit of {self.max_body} bytes"
+                    )
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class _Guard:
+    """One timer per request: fails the future at its deadline, and if the answer is slow to
+    come (queued behind others), starts a task that cancels the future when the client leaves,
+    so the batcher drops it before the model runs. Most answers arrive before either fires."""
+
+    __slots__ = ("deadline", "future", "handle", "receive", "task")
+
+    def __init__(self, future: asyncio.Future[Any], receive: Any, deadline: float) -> None:
+        self.future = future
+        self.receive = receive
+        self.deadline = deadline
+        self.task: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
+        self.handle = loop.call_at(min(deadline, loop.time() + _WATCH_AFTER), self._fire)
+
+    def _fire(self) -> None:
+        future = self.future
+        if future.done():
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self.deadline:
+            future.set_exception(DeadlineExceeded("the model did not answer before the deadline"))
+            return
+        if self.task is None:
+            self.task = loop.create_task(self._watch())
+        self.handle = loop.call_at(self.deadline, self._fire)
+
+    async def _watch(self) -> None:
+        message = await self.receive()
+        if message["type"] == "http.disconnect" and not self.future.done():
+            self.future.cancel()
+
+    def close(self) -> None:
+        self.handle.cancel()
+        if self.task is not None:
+            self.task.cancel()
+        if not self.future.done():
+            self.future.cancel()
+
+
+def _is_json_type(value: bytes) -> bool:
+    return value.split(b";", 1)[0].strip().lower() == b"application/json"
+
+
+def _parse_timeout(value: bytes) -> float:
+    try:
+        ms = float(value)
+    except ValueError:
+        raise BadRequest(
+            f"X-Request-Timeout-Ms must be a positive number of milliseconds, got {value!r}"
+        ) from None
+    if not 0 < ms < 1e9:
+        raise BadRequest("X-Request-Timeout-Ms must be a positive number of milliseconds")
+    return ms / 1000.0

@@ -1,0 +1,181 @@
+"""JSON logs through structlog, one object per line, for inferd's own events and uvicorn's.
+
+Access lines carry: ``timestamp``, ``level``, ``request_id``,
+``method``, ``path``, ``status_code``, ``latency_ms``, ``queue_depth``, ``batch_size``,
+``detail``. Never pass a secret to a logger.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+import time
+from typing import Any, Literal
+
+import orjson
+import structlog
+
+__all__ = ["AccessLog", "configure_logging", "get_logger"]
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}  # fmt: skip
+
+
+_default_stream: Any = None
+
+
+def _orjson_dumps(obj: Any, default: Any = None) -> bytes:
+    return orjson.dumps(obj, default=default or str)
+
+
+def _orjson_str(obj: Any, default: Any = None) -> str:
+    return orjson.dumps(obj, default=default or str).decode()
+
+
+def configure_logging(
+    level: str = "info", fmt: Literal["json", "console"] = "json", stream: Any = None
+) -> None:
+    """Route structlog and the standard library (uvicorn included) to one stream."""
+    global _default_stream
+    out = stream if stream is not None else sys.stdout
+    _default_stream = out
+    numeric = _LEVELS.get(level, logging.INFO)
+    shared: list[Any] = [
+        _logger_key,
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+    ]
+    renderer: Any
+    if fmt == "json" and hasattr(out, "buffer"):
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+        logger_factory: Any = structlog.BytesLoggerFactory(out.buffer)
+    elif fmt == "json":  # a text-only stream
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_str)
+        logger_factory = structlog.PrintLoggerFactory(out)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        logger_factory = structlog.PrintLoggerFactory(out)
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=logger_factory,
+        cache_logger_on_first_use=True,
+    )
+
+    # The standard library's records (uvicorn, warnings, libraries) become the same JSON lines.
+    std_renderer: Any = (
+        structlog.processors.JSONRenderer(serializer=_orjson_str)
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, std_renderer],
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    logging.getLogger("uvicorn.access").disabled = True  # inferd writes its own access lines
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger tagged with ``logger=name``."""
+    # A lazy proxy: the configuration in force at the first call is used, not at import.
+    return structlog.wrap_logger(None, logger_factory_args=(name,), logger_name=name)
+
+
+def _logger_key(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """``logger_name`` (bound lazily, see :func:`get_logger`) is shown as ``logger``."""
+    name = event.pop("logger_name", None)
+    if name is not None:
+        event["logger"] = name
+    return event
+
+
+class _BufferedSink:
+    """structlog's logger protocol over a byte stream, flushed every ``interval`` seconds.
+
+    The access log writes one line per request; a write system call per line costs as much as
+    the rest of the logging, so lines are gathered and written together. At most ``interval``
+    seconds of lines sit in memory; :meth:`flush` runs on a timer and at shutdown.
+    """
+
+    def __init__(self, stream: Any, interval: float = 0.1, limit: int = 64 * 1024) -> None:
+        self._stream = getattr(stream, "buffer", stream)
+        self._text = isinstance(self._stream, io.TextIOBase)
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._interval = interval
+        self._limit = limit
+        self._first = 0.0
+
+    def msg(self, message: bytes) -> None:
+        lines = self._lines
+        if not lines:
+            self._first = time.monotonic()
+        lines.append(message)
+        self._size += len(message) + 1
+        if self._size >= self._limit or time.monotonic() - self._first >= self._interval:
+            self.flush()
+
+    info = debug = warning = error = critical = msg
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        data = b"\n".join(self._lines) + b"\n"
+        self._lines.clear()
+        self._size = 0
+        try:
+            self._stream.write(data.decode() if self._text else data)
+            self._stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream must not fail requests
+            pass
+
+
+class _Timestamp:
+    """ISO-8601 UTC timestamps, formatting the date part once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, logger: Any, method: str, event: Any) -> Any:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        return event
+
+
+class AccessLog:
+    """The per-request access lines, one JSON object each.
+
+    The lines go through structlog's renderer, but not through a bound logger: its per-call
+    machinery cost more than the rest of the request's Python work on the prediction path.
+    """
+
+    def __init__(self, stream: Any = None, enabled: bool = True, level: str = "info") -> None:
+        self.enabled = enabled and _LEVELS.get(level, logging.INFO) <= logging.INFO
+        self._sink = _BufferedSink(stream or _default_stream or sys.stdout)
+        self._stamp = _Timestamp()
+        self._render = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+
+    def request(self, **fields: Any) -> None:
+        """Write one access line with ``fields``."""
+        event = self._stamp(None, "info", {"event": "request", "level": "info", **fields})
+        line = self._render(None, "info", event)
+        self._sink.msg(line if isinstance(line, bytes) else line.encode())
+
+    def flush(self) -> None:
+        self._sink.flush()

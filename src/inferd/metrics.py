@@ -1,0 +1,132 @@
+"""Every Prometheus metric inferd exports, in one place.
+
+Each app owns a :class:`Metrics` on its own registry, so several apps (tests) can live in one
+process. Labelled children are cached by the components that use them on the hot path.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+__all__ = ["LATENCY_BUCKETS", "Metrics"]
+
+# Millisecond-scale buckets: the interesting region is 0.5 ms .. 100 ms (the deadline).
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+    0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class Metrics:
+    """The metric families of one inferd process."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        mv = ("model", "version")
+
+        # The serving path: latency, batching, queue, shedding, deadlines.
+        self.request_latency = Histogram(
+            "inference_request_latency_seconds",
+            "End-to-end latency of a prediction request, queue wait and inference included.",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "inference_batch_size",
+            "Rows per batch handed to the model.",
+            mv,
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.batch_latency = Histogram(
+            "inference_batch_latency_seconds",
+            "Model time per batch, queue wait excluded.",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "inference_queue_depth",
+            "Requests waiting in the model's queue.",
+            mv,
+            registry=r,
+        )
+        self.queue_rejections = Counter(
+            "inference_queue_rejections_total",
+            "Requests rejected by load shedding (reason=shed) or a full queue (reason=full).",
+            (*mv, "reason"),
+            registry=r,
+        )
+        self.request_timeouts = Counter(
+            "inference_request_timeouts_total",
+            "Requests whose deadline passed before the model answered (504).",
+            mv,
+            registry=r,
+        )
+
+        # Per-route HTTP traffic, prediction values and the served versions.
+        self.requests = Counter(
+            "inference_requests_total",
+            "HTTP requests by route template, method and status code.",
+            ("endpoint", "method", "status"),
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "inference_request_duration_seconds",
+            "HTTP request duration by route template, as the server saw it.",
+            ("endpoint", "method"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prediction_value = Histogram(
+            "prediction_value_distribution",
+            "Confidence of each prediction (top class probability), or the value for regressors.",
+            mv,
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.model_version_info = Gauge(
+            "model_version_info",
+            "1 for each model version being served, with its runtime; 0 once unloaded.",
+            (*mv, "runtime"),
+            registry=r,
+        )
+
+        # Readiness and loading.
+        self.model_ready = Gauge(
+            "inference_model_ready",
+            "1 when the model version is loaded, warmed up and taking requests.",
+            mv,
+            registry=r,
+        )
+        self.model_load_seconds = Gauge(
+            "inference_model_load_seconds",
+            "Seconds the last load (read, validate, warm up) of the model version took.",
+            mv,
+            registry=r,
+        )
+        self.model_load_failures = Counter(
+            "inference_model_load_failures_total",
+            "Failed loads of a model version.",
+            mv,
+            registry=r,
+        )
+        self.client_disconnects = Counter(
+            "inference_client_disconnects_total",
+            "Prediction requests whose client went away before the answer; dropped unrun.",
+            mv,
+            registry=r,
+        )

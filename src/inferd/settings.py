@@ -1,0 +1,151 @@
+"""Settings: environment (``INFERD_*``), an optional ``.env`` file and an optional TOML file.
+
+Precedence, highest first: explicit arguments (CLI flags), environment variables, ``.env``,
+the TOML file named by ``--config`` or ``INFERD_CONFIG_FILE``, then the defaults below.
+Nothing is read from the environment at import time: call :meth:`Settings.load`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from inferd.errors import ConfigError
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Every knob of an inferd process. Field docstrings are the reference documentation."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="INFERD_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        use_attribute_docstrings=True,
+        validate_default=True,
+    )
+
+    # --- server -------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds to."""
+
+    port: int = Field(default=8000, ge=0, le=65535)
+    """TCP port the HTTP server listens on (0 picks a free port)."""
+
+    # --- models -------------------------------------------------------------------------------
+    models_dir: Path = Path("models")
+    """Model repository folder: ``<models_dir>/<name>/model.toml`` and ``<name>/<version>/``.
+    Only this folder is ever read for artifacts, because loading an artifact runs code."""
+
+    models: list[str] | None = None
+    """Names of the models to serve; unset serves every model in the repository."""
+
+    default_model: str | None = None
+    """Model that ``POST /predict`` serves; unset picks ``iris`` if present, else the first name."""
+
+    # --- batching and admission ---------------------------------------------------------------
+    max_batch_size: int = Field(default=32, ge=1)
+    """Most rows the micro-batcher hands the model at once (a model.toml may override it)."""
+
+    batch_window_ms: float = Field(default=5.0, ge=0)
+    """How long a partial batch may wait for companions while another batch of the same model is
+    running. An idle model takes a lone request at once; this never delays it."""
+
+    batch_concurrency: int = Field(default=1, ge=1, le=64)
+    """Batches of one model version that may run at the same time (threads)."""
+
+    max_queue_size: int = Field(default=2000, ge=1)
+    """Bound of each model version's request queue; a full queue rejects with 503."""
+
+    shed_threshold: float = Field(default=0.8, gt=0, le=1)
+    """Fraction of ``max_queue_size`` past which new requests are shed with 503."""
+
+    request_timeout_ms: float = Field(default=100.0, gt=0)
+    """Deadline of a synchronous prediction; past it the caller gets 504. A client may ask for
+    less (never more) with the ``X-Request-Timeout-Ms`` header."""
+
+    retry_after_s: int = Field(default=1, ge=0)
+    """Value of the ``Retry-After`` header sent with 503 responses."""
+
+    max_body_bytes: int = Field(default=1_048_576, ge=64)
+    """Largest request body accepted on prediction routes; larger bodies get 413."""
+
+    max_instances: int = Field(default=1024, ge=1)
+    """Most rows in one batch-form request (``{"instances": [...]}``); more gets 413."""
+
+    gc_freeze: bool = True
+    """After the models are loaded, move every object alive then out of the garbage collector's
+    view (``gc.freeze()``). A full collection of a process with scikit-learn and FastAPI loaded
+    pauses it for 50-100 ms, which would turn into a burst of 504s under load."""
+
+    # --- observability ------------------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level that is logged."""
+
+    log_format: Literal["json", "console"] = "json"
+    """``json``: one JSON object per line (production); ``console``: coloured text for people."""
+
+    access_log: bool = True
+    """Log one JSON line per HTTP request with the request id, status, latency, queue depth and
+    batch size."""
+
+    # --- storage ------------------------------------------------------------------------------
+    data_dir: Path = Path(".inferd")
+    """Folder for the embedded state of this process."""
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            names = [part.strip() for part in value.split(",") if part.strip()]
+            return names or None
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+            TomlConfigSettingsSource(settings_cls),
+            file_secret_settings,
+        )
+
+    @classmethod
+    def load(cls, config_file: Path | str | None = None, **overrides: Any) -> Settings:
+        """Build settings from every source; ``overrides`` (CLI flags) win over all of them.
+
+        ``config_file`` (or ``INFERD_CONFIG_FILE``) names a TOML file whose top-level keys are the
+        field names above.
+        """
+        path = config_file or os.environ.get("INFERD_CONFIG_FILE") or None
+        target: type[Settings] = cls
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist")
+            config = SettingsConfigDict(**{**cls.model_config, "toml_file": path})
+            target = type("Settings", (cls,), {"model_config": config, "__doc__": cls.__doc__})
+        clean = {key: value for key, value in overrides.items() if value is not None}
+        try:
+            return target(**clean)
+        except ValueError as exc:
+            raise ConfigError(f"invalid settings: {exc}") from exc

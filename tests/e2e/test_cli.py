@@ -1,0 +1,90 @@
+"""The command line and the server process, used as the README says."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.e2e.conftest import run_cli
+
+
+def test_train_demo_then_list(tmp_path: Path) -> None:
+    trained = run_cli("models", "train-demo", "--models-dir", "models", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert "iris v1" in trained.stdout
+    assert (tmp_path / "models" / "iris" / "1" / "model.joblib").is_file()
+    assert (tmp_path / "models" / "iris-forest" / "model.toml").is_file()
+    again = run_cli("models", "train-demo", "--models-dir", "models", cwd=tmp_path)
+    assert again.returncode == 0
+    assert "already" in again.stdout
+    listed = run_cli("models", "list", "--models-dir", "models", "--json", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert [r["name"] for r in rows] == ["iris", "iris-forest"]
+    assert rows[0]["served_version"] == 1
+    table = run_cli("models", "list", "--models-dir", "models", cwd=tmp_path)
+    assert "iris-forest" in table.stdout
+
+
+def test_serve_answers_over_http_and_stops_cleanly(start_server: Any, models_dir: Path) -> None:
+    server = start_server(["--models-dir", str(models_dir)])
+    server.wait_ready()
+    r = httpx.post(
+        server.url + "/predict",
+        json={"features": [5.1, 3.5, 1.4, 0.2], "request_id": "test-001"},
+    )
+    assert r.status_code == 200
+    assert r.json()["request_id"] == "test-001"
+    assert r.json()["prediction"] == 0
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "inference_request_latency_seconds_bucket" in metrics
+    assert httpx.get(server.url + "/docs").status_code == 200
+    assert server.stop(signal.SIGTERM) == 0
+    lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+    access = [line for line in lines if line.get("event") == "request"]
+    assert any(line["request_id"] == "test-001" and line["status_code"] == 200 for line in access)
+    assert all({"timestamp", "level"} <= set(line) for line in lines)
+
+
+def test_config_file_and_env(start_server: Any, models_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "inferd.toml"
+    config.write_text(f'models_dir = "{models_dir}"\ndefault_model = "iris-forest"\n')
+    server = start_server(["--config", str(config)])
+    server.wait_ready()
+    listing = httpx.get(server.url + "/v1/models").json()
+    assert listing["default"] == "iris-forest"
+
+
+def test_missing_repository_fails_fast(tmp_path: Path) -> None:
+    result = run_cli("serve", "--models-dir", "nowhere", "--port", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "nowhere" in result.stderr
+    assert "train-demo" in result.stderr
+
+
+def test_missing_artifact_fails_fast(tmp_path: Path, models_dir: Path) -> None:
+    (models_dir / "iris" / "1" / "model.joblib").unlink()
+    result = run_cli("serve", "--models-dir", str(models_dir), "--port", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "iris/1/model.joblib" in result.stderr
+    assert "missing" in result.stderr
+
+
+def test_corrupt_artifact_fails_start_up(start_server: Any, models_dir: Path) -> None:
+    (models_dir / "iris" / "1" / "model.joblib").write_bytes(b"\x80\x04garbage")
+    server = start_server(["--models-dir", str(models_dir)])
+    code = server.proc.wait(60)
+    output = server.output()
+    assert code == 1
+    assert "iris/1/model.joblib" in output
+    assert "corrupt" in output
+
+
+def test_bad_setting_is_reported(tmp_path: Path) -> None:
+    result = run_cli("serve", "--port", "99999", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "port" in result.stderr

@@ -1,0 +1,80 @@
+"""Models for tests, served through the ``python`` runtime.
+
+Each reads ``behaviour.json`` from its version folder: ``delay_s`` (per batch),
+``load_delay_s``, ``fail_on`` (a first-feature value that makes the whole batch raise).
+Every batch it computes is recorded in :data:`BATCHES` under the model's name.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BATCHES: dict[str, list[list[float]]] = {}
+_LOCK = threading.Lock()
+
+
+class ScriptedModel:
+    """Three classes; the probabilities follow the first feature so answers are checkable."""
+
+    def __init__(self, spec: Any, version: int, path: Path) -> None:
+        self.spec = spec
+        self.version = version
+        self.path = path
+        self.behaviour: dict[str, Any] = {}
+
+    def load(self) -> None:
+        config = self.path / "behaviour.json"
+        self.behaviour = json.loads(config.read_text()) if config.is_file() else {}
+        time.sleep(float(self.behaviour.get("load_delay_s", 0.0)))
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        firsts = [float(v) for v in batch[:, 0]]
+        with _LOCK:
+            BATCHES.setdefault(self.spec.name, []).append(firsts)
+        fail_on = self.behaviour.get("fail_on")
+        if fail_on is not None and fail_on in firsts:
+            raise ValueError(f"cannot score a row whose first feature is {fail_on}")
+        time.sleep(float(self.behaviour.get("delay_s", 0.0)))
+        out = np.full((batch.shape[0], 3), 0.1)
+        out[np.arange(batch.shape[0]), batch[:, 0].astype(int) % 3] = 0.8
+        return out
+
+    def classes(self) -> list[int | str]:
+        return [0, 1, 2]
+
+    def unload(self) -> None:
+        self.behaviour = {}
+
+
+def write_scripted_model(
+    root: Path,
+    name: str,
+    version: int = 1,
+    batching: dict[str, Any] | None = None,
+    **behaviour: Any,
+) -> Path:
+    """Write ``root/name`` as a scripted model and return its version folder."""
+    folder = root / name
+    (folder / str(version)).mkdir(parents=True, exist_ok=True)
+    lines = [
+        'runtime = "python"',
+        'class = "tests.support.models:ScriptedModel"',
+        'description = "scripted test model"',
+        "[input]",
+        'features = ["a", "b", "c", "d"]',
+        "example = [0.0, 0.0, 0.0, 0.0]",
+        "[output]",
+        'labels = ["zero", "one", "two"]',
+    ]
+    if batching:
+        lines.append("[batching]")
+        lines.extend(f"{key} = {value!r}" for key, value in batching.items())
+    (folder / "model.toml").write_text("\n".join(lines) + "\n")
+    (folder / str(version) / "behaviour.json").write_text(json.dumps(behaviour))
+    return folder / str(version)

@@ -1,0 +1,306 @@
+"""The micro-batcher: batching, window, idle dispatch, expiry, cancellation, errors, bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from inferd.batching import Batcher
+from inferd.errors import DeadlineExceeded, ModelError, Overloaded
+
+
+class Recorder:
+    """A model that records each batch, optionally blocking until released."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[list[float]] = []
+        self.threads: set[str] = set()
+        self.delay = delay
+        self.gate: threading.Event | None = None
+        self.gated: set[float] | None = None  # only batches holding one of these wait
+        self.entered = threading.Event()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.threads.add(threading.current_thread().name)
+        self.batches.append([float(v) for v in batch[:, 0]])
+        self.entered.set()
+        if self.gate is not None and (self.gated is None or self.gated & set(batch[:, 0])):
+            self.gate.wait(5)
+        if self.delay:
+            time.sleep(self.delay)
+        return batch * 2
+
+
+def row(value: float) -> np.ndarray:
+    return np.array([[value, 0.0]])
+
+
+@pytest.fixture
+async def make() -> AsyncIterator[Callable[..., Batcher[Any, Any]]]:
+    made: list[Batcher[Any, Any]] = []
+
+    def build(fn: Callable[[Any], Any], **kwargs: Any) -> Batcher[Any, Any]:
+        batcher: Batcher[Any, Any] = Batcher(fn, name="test", **kwargs)
+        batcher.start()
+        made.append(batcher)
+        return batcher
+
+    yield build
+    for batcher in made:
+        await batcher.stop(grace=1)
+
+
+def far() -> float:
+    return asyncio.get_running_loop().time() + 10
+
+
+async def wait_entered(model: Recorder) -> None:
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, model.entered.wait, 5)
+
+
+async def test_concurrent_requests_share_a_batch(make: Callable[..., Batcher[Any, Any]]) -> None:
+    model = Recorder()
+    model.gate = threading.Event()
+    batcher = make(model, max_batch_size=32)
+    first = asyncio.ensure_future(batcher.infer(row(0), 1, far()))
+    await wait_entered(model)  # the model is busy with request 0
+    rest = [asyncio.ensure_future(batcher.infer(row(i), 1, far())) for i in range(1, 11)]
+    await asyncio.sleep(0.01)
+    model.gate.set()
+    results = await asyncio.gather(first, *rest)
+    assert model.batches == [[0.0], [float(i) for i in range(1, 11)]]
+    assert [r[0, 0] for r in results] == [2.0 * i for i in range(11)]
+
+
+async def test_lone_request_does_not_wait_for_the_window(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    batcher = make(Recorder(), window=2.0)
+    started = time.perf_counter()
+    await batcher.infer(row(1), 1, far())
+    assert time.perf_counter() - started < 1.0  # a 2 s window would have held it
+
+
+async def test_batches_never_exceed_max_batch_size(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    model = Recorder()
+    model.gate = threading.Event()
+    batcher = make(model, max_batch_size=4)
+    blocker = asyncio.ensure_future(batcher.infer(row(-1), 1, far()))
+    await wait_entered(model)
+    waiting = [asyncio.ensure_future(batcher.infer(row(i), 1, far())) for i in range(10)]
+    await asyncio.sleep(0.01)
+    model.gate.set()
+    await asyncio.gather(blocker, *waiting)
+    assert [len(b) for b in model.batches] == [1, 4, 4, 2]
+    assert sum(model.batches[1:], []) == [float(i) for i in range(10)]  # FIFO order
+
+
+async def test_multi_row_requests_are_split_back(make: Callable[..., Batcher[Any, Any]]) -> None:
+    model = Recorder()
+    model.gate = threading.Event()
+    batcher = make(model, max_batch_size=8)
+    blocker = asyncio.ensure_future(batcher.infer(row(-1), 1, far()))
+    await wait_entered(model)
+    three = np.array([[1.0, 0], [2.0, 0], [3.0, 0]])
+    a = asyncio.ensure_future(batcher.infer(three, 3, far()))
+    b = asyncio.ensure_future(batcher.infer(row(4), 1, far()))
+    await asyncio.sleep(0.01)
+    model.gate.set()
+    await blocker
+    assert (await a)[:, 0].tolist() == [2.0, 4.0, 6.0]
+    assert (await b)[:, 0].tolist() == [8.0]
+    assert model.batches[1] == [1.0, 2.0, 3.0, 4.0]
+
+
+async def test_window_lets_a_partial_batch_gather_when_another_runs(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    model = Recorder()
+    model.gate = threading.Event()
+    model.gated = {0.0}
+    batcher = make(model, max_batch_size=8, window=0.2, concurrency=2)
+    first = asyncio.ensure_future(batcher.infer(row(0), 1, far()))
+    await wait_entered(model)  # one batch runs; a second slot is free
+    later = [asyncio.ensure_future(batcher.infer(row(1), 1, far()))]
+    await asyncio.sleep(0.05)  # within the window: row 1 is still waiting for companions
+    assert len(model.batches) == 1
+    later.append(asyncio.ensure_future(batcher.infer(row(2), 1, far())))
+    await asyncio.gather(*later)  # the window expires and both go together
+    assert model.batches[1] == [1.0, 2.0]
+    model.gate.set()
+    await first
+    assert len(model.threads) == 2
+
+
+async def test_work_runs_off_the_event_loop(make: Callable[..., Batcher[Any, Any]]) -> None:
+    model = Recorder()
+    batcher = make(model)
+    await batcher.infer(row(1), 1, far())
+    assert threading.main_thread().name not in model.threads
+
+
+async def test_expired_requests_are_dropped_before_the_model(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    model = Recorder()
+    model.gate = threading.Event()
+    batcher = make(model)
+    blocker = asyncio.ensure_future(batcher.infer(row(-1), 1, far()))
+    await wait_entered(model)
+    loop = asyncio.get_running_loop()
+    doomed = asyncio.ensure_future(batcher.infer(row(7), 1, loop.time() + 0.02))
+    with pytest.raises(DeadlineExceeded):
+        await doomed  # fails at its deadline while the model is still busy
+    model.gate.set()
+    await blocker
+    await batcher.infer(row(8), 1, far())
+    assert [7.0] not in model.batches and 7.0 not in sum(model.batches, [])
+    assert model.batches[-1] == [8.0]
+    assert batcher.stats.dropped_cancelled + batcher.stats.dropped_expired == 1
+
+
+async def test_cancelled_requests_are_dropped_before_the_model(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    model = Recorder()
+    model.gate = threading.Event()
+    batcher = make(model)
+    blocker = asyncio.ensure_future(batcher.infer(row(-1), 1, far()))
+    await wait_entered(model)
+    gone = asyncio.ensure_future(batcher.infer(row(5), 1, far()))
+    kept = asyncio.ensure_future(batcher.infer(row(6), 1, far()))
+    await asyncio.sleep(0.01)
+    gone.cancel()  # the caller went away
+    model.gate.set()
+    await asyncio.gather(blocker, kept)
+    assert 5.0 not in sum(model.batches, [])
+    assert model.batches[-1] == [6.0]
+    assert batcher.stats.dropped_cancelled == 1
+
+
+async def test_a_failing_batch_fails_each_caller_and_the_batcher_goes_on(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    calls = 0
+    gate = threading.Event()
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        gate.wait(5)
+        if 13.0 in batch[:, 0]:
+            raise ValueError("unlucky row")
+        return batch
+
+    batcher = make(model)
+    first = asyncio.ensure_future(batcher.infer(row(0), 1, far()))
+    await asyncio.sleep(0.05)
+    bad = [asyncio.ensure_future(batcher.infer(row(v), 1, far())) for v in (12, 13, 14)]
+    await asyncio.sleep(0.01)
+    gate.set()
+    await first
+    outcomes = await asyncio.gather(*bad, return_exceptions=True)
+    assert all(isinstance(o, ModelError) for o in outcomes)
+    assert "ValueError: unlucky row" in str(outcomes[0])
+    assert "3 rows" in str(outcomes[0])
+    assert (await batcher.infer(row(1), 1, far()))[0, 0] == 1.0
+    assert batcher.stats.failed_batches == 1
+
+
+async def test_shedding_past_the_mark_and_full_queue(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    rejections: list[str] = []
+    model = Recorder()
+    model.gate = threading.Event()
+    batcher = make(model, max_queue_size=10, shed_threshold=0.8, on_reject=rejections.append)
+    blocker = asyncio.ensure_future(batcher.infer(row(-1), 1, far()))
+    await wait_entered(model)
+    queued = [batcher.submit(row(i), 1, far()) for i in range(8)]
+    assert batcher.depth == 8
+    with pytest.raises(Overloaded) as caught:
+        batcher.submit(row(99), 1, far())
+    assert caught.value.status_code == 503
+    assert caught.value.headers() == {"retry-after": "1"}
+    assert "8 requests queued" in caught.value.message
+    with pytest.raises(Overloaded):
+        batcher.check_admission()
+    assert rejections == ["shed", "shed"]
+    model.gate.set()
+    await asyncio.gather(blocker, *queued)
+    batcher.check_admission()  # room again once the queue drained
+
+
+async def test_full_queue_rejects_when_shedding_is_off(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    rejections: list[str] = []
+    model = Recorder()
+    model.gate = threading.Event()
+    batcher = make(model, max_queue_size=3, shed_threshold=1.0, on_reject=rejections.append)
+    blocker = asyncio.ensure_future(batcher.infer(row(-1), 1, far()))
+    await wait_entered(model)
+    queued = [batcher.submit(row(i), 1, far()) for i in range(3)]
+    with pytest.raises(Overloaded):
+        batcher.submit(row(4), 1, far())
+    assert rejections == ["full"]
+    model.gate.set()
+    await asyncio.gather(blocker, *queued)
+
+
+async def test_stop_drains_queued_work_then_refuses(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    model = Recorder(delay=0.02)
+    batcher = make(model)
+    pending = [asyncio.ensure_future(batcher.infer(row(i), 1, far())) for i in range(5)]
+    await asyncio.sleep(0)
+    await batcher.stop(grace=5)
+    results = await asyncio.gather(*pending)
+    assert len(results) == 5
+    with pytest.raises(Overloaded, match="shutting down"):
+        batcher.submit(row(1), 1, far())
+
+
+async def test_stop_fails_what_cannot_finish_in_the_grace_period(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    model = Recorder()
+    model.gate = threading.Event()
+    batcher = make(model)
+    running = asyncio.ensure_future(batcher.infer(row(0), 1, far()))
+    await wait_entered(model)
+    queued = asyncio.ensure_future(batcher.infer(row(1), 1, far()))
+    await asyncio.sleep(0)
+    await batcher.stop(grace=0.1)
+    model.gate.set()
+    for future in (running, queued):
+        with pytest.raises(Overloaded):
+            await future
+
+
+async def test_batch_metrics_callback(make: Callable[..., Batcher[Any, Any]]) -> None:
+    seen: list[tuple[int, float]] = []
+    batcher = make(Recorder(delay=0.01), on_batch=lambda n, s: seen.append((n, s)))
+    await batcher.infer(np.zeros((3, 2)), 3, far())
+    assert len(seen) == 1
+    assert seen[0][0] == 3
+    assert seen[0][1] >= 0.01
+
+
+async def test_warm_up_runs_on_every_worker_thread() -> None:
+    threads: set[str] = set()
+    batcher: Batcher[Any, Any] = Batcher(lambda b: b, name="warm", concurrency=3)
+    await batcher.on_each_worker(lambda: threads.add(threading.current_thread().name))
+    assert len(threads) == 3
+    batcher.start()
+    await batcher.stop()
