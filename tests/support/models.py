@@ -1,7 +1,8 @@
 """Models for tests, served through the ``python`` runtime.
 
 Each reads ``behaviour.json`` from its version folder: ``delay_s`` (per batch),
-``load_delay_s``, ``fail_on`` (a first-feature value that makes the whole batch raise).
+``load_delay_s``, ``fail_on`` (a first-feature value that makes the whole batch raise),
+``record_to`` (a file that gets one line of first-feature values per batch).
 Every batch it computes is recorded in :data:`BATCHES` under the model's name.
 """
 
@@ -37,6 +38,10 @@ class ScriptedModel:
         firsts = [float(v) for v in batch[:, 0]]
         with _LOCK:
             BATCHES.setdefault(self.spec.name, []).append(firsts)
+            record = self.behaviour.get("record_to")
+            if record:  # for models served by another process
+                with open(record, "a") as out:
+                    out.write(" ".join(str(v) for v in firsts) + "\n")
         fail_on = self.behaviour.get("fail_on")
         if fail_on is not None and fail_on in firsts:
             raise ValueError(f"cannot score a row whose first feature is {fail_on}")

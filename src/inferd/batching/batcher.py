@@ -18,7 +18,10 @@ Policy, for each model version:
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -35,6 +38,8 @@ __all__ = ["Batcher", "BatcherStats"]
 
 log = logging.getLogger("inferd.batching")
 
+_TIMER_GRANULARITY = 0.001  # seconds; the deadline timer fires at most this often
+
 In = TypeVar("In")
 Out = TypeVar("Out")
 
@@ -46,6 +51,7 @@ class _Item(Generic[In]):
     future: asyncio.Future[Any]
     deadline: float
     enqueued: float
+    gone: Callable[[], bool] | None
 
 
 @dataclass(slots=True)
@@ -121,6 +127,11 @@ class Batcher(Generic[In, Out]):
             max_workers=concurrency, thread_name_prefix=f"inferd-{name}"
         )
         self._inflight: set[asyncio.Task[None]] = set()
+        self._deadlines: list[tuple[float, int, asyncio.Future[Any]]] = []
+        self._sequence = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -141,6 +152,7 @@ class Batcher(Generic[In, Out]):
         """Start the collector task on the running loop."""
         if self._task is not None:
             return
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.get_running_loop().create_task(
             self._collect(), name=f"batcher:{self.name}"
         )
@@ -177,6 +189,9 @@ class Batcher(Generic[In, Out]):
         while self._queue:
             item = self._queue.popleft()
             _fail(item.future, Overloaded(f"model {self.name} is shutting down; retry"))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _drained(self) -> None:
@@ -213,36 +228,67 @@ class Batcher(Generic[In, Out]):
             retry_after=self.retry_after,
         )
 
-    def submit(self, payload: In, rows: int, deadline: float) -> asyncio.Future[tuple[Out, int]]:
+    def submit(
+        self,
+        payload: In,
+        rows: int,
+        deadline: float,
+        gone: Callable[[], bool] | None = None,
+    ) -> asyncio.Future[tuple[Out, int]]:
         """Queue ``payload`` (``rows`` rows); the future gives its output and the row count of
-        the batch it ran in.
-
-        ``deadline`` is on the loop's clock; the caller enforces it (see :meth:`infer`).
+        the batch it ran in, or fails with :class:`DeadlineExceeded` at ``deadline`` (on the
+        loop's clock), whether the item is still queued or already in the model. ``gone``, if
+        given, says whether the caller has left; such items are dropped unrun.
         """
         depth = len(self._queue)
         if depth >= self.shed_limit or self._closing:
             self._reject(depth)
         if self._task is None:
             raise RuntimeError(f"batcher {self.name} is not started")
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         future: asyncio.Future[tuple[Out, int]] = loop.create_future()
-        self._queue.append(_Item(payload, rows, future, deadline, loop.time()))
+        self._queue.append(_Item(payload, rows, future, deadline, loop.time(), gone))
+        heapq.heappush(self._deadlines, (deadline, next(self._sequence), future))
+        if deadline < self._timer_at:
+            self._arm(deadline)
         if not self._wake.is_set():
             self._wake.set()
         return future
 
     async def infer(self, payload: In, rows: int, deadline: float) -> Out:
-        """Submit and wait, failing with :class:`DeadlineExceeded` at ``deadline``."""
+        """Submit and wait for the output."""
         future = self.submit(payload, rows, deadline)
-        loop = asyncio.get_running_loop()
-        timer = loop.call_at(deadline, _expire, future, self.name)
         try:
             output, _ = await future
             return output
         finally:
-            timer.cancel()
             if not future.done():  # our caller was cancelled: drop the item
                 future.cancel()
+
+    # ------------------------------------------------------------------ deadlines
+    # One timer per batcher instead of one per request: deadlines sit in a heap, the timer is
+    # armed for the earliest that may still matter, and entries whose request has finished are
+    # discarded when they reach the top. With a common timeout the heap stays in arrival order,
+    # so the timer fires about once per timeout period while traffic flows.
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._expire_due)
+
+    def _expire_due(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        heap = self._deadlines
+        now = self._loop.time()
+        while heap and (heap[0][0] <= now or heap[0][2].done()):
+            _, _, future = heapq.heappop(heap)
+            if not future.done():
+                future.set_exception(
+                    DeadlineExceeded("the model did not answer before the deadline")
+                )
+        if heap:
+            self._arm(max(heap[0][0], now + _TIMER_GRANULARITY))
 
     # ------------------------------------------------------------------ collector
     async def _collect(self) -> None:
@@ -293,6 +339,8 @@ class Batcher(Generic[In, Out]):
             if batch and rows + item.rows > self.max_batch_size:
                 break
             queue.popleft()
+            if item.gone is not None and item.gone():
+                item.future.cancel()
             if item.future.done():
                 self.stats.dropped_cancelled += 1
                 if self._on_drop is not None:
@@ -350,7 +398,7 @@ class Batcher(Generic[In, Out]):
 
 def _expire(future: asyncio.Future[Any], name: str) -> None:
     if not future.done():
-        future.set_exception(DeadlineExceeded(f"model {name} did not answer before the deadline"))
+        future.set_exception(DeadlineExceeded("the model did not answer before the deadline"))
 
 
 def _fail(future: asyncio.Future[Any], error: BaseException) -> None:

@@ -34,7 +34,6 @@ _PREFIX = "/v1/models/"
 _SUFFIX = "/predict"
 _DEFAULT_ENDPOINT = "/predict"
 _MODEL_ENDPOINT = "/v1/models/{name}/predict"
-_WATCH_AFTER = 0.002  # seconds a request waits before its disconnect watch starts
 _JSON = (b"content-type", b"application/json")
 
 
@@ -175,9 +174,20 @@ class HotPath:
         receive: Any,
         ctx: RequestContext,
     ) -> Any:
-        """Queue the rows, wait for the batch, and give up at the deadline or on disconnect."""
-        future = loaded.batcher.submit(rows, n, deadline)
-        guard = _Guard(future, receive, deadline)
+        """Queue the rows and wait for the batch; the batcher fails the future at the deadline.
+
+        A request whose client disconnects is dropped before the model runs it. Under uvicorn
+        the batcher asks the connection directly (no cost per request); under another server,
+        a request that will not make the next batch gets a task that waits for the disconnect.
+        """
+        batcher = loaded.batcher
+        gone = _disconnect_probe(receive)
+        watch = None
+        if gone is None and (batcher.depth >= batcher.max_batch_size or batcher.running):
+            future = batcher.submit(rows, n, deadline)
+            watch = asyncio.get_running_loop().create_task(_watch(receive, future))
+        else:
+            future = batcher.submit(rows, n, deadline, gone)
         try:
             output, batch_rows = await future
         except DeadlineExceeded:
@@ -191,7 +201,10 @@ class HotPath:
                 raise _ClientGone from None
             raise
         finally:
-            guard.close()
+            if watch is not None:
+                watch.cancel()
+            if not future.done():
+                future.cancel()
         ctx.batch_size = batch_rows
         return output
 
@@ -215,44 +228,20 @@ class HotPath:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-class _Guard:
-    """One timer per request: fails the future at its deadline, and if the answer is slow to
-    come (queued behind others), starts a task that cancels the future when the client leaves,
-    so the batcher drops it before the model runs. Most answers arrive before either fires."""
+def _disconnect_probe(receive: Any) -> Any:
+    """``() -> bool`` telling whether the client has gone, read from uvicorn's request cycle
+    (its ``disconnected`` flag, set when the connection is lost), or None elsewhere."""
+    cycle = getattr(receive, "__self__", None)
+    if cycle is None or not isinstance(getattr(cycle, "disconnected", None), bool):
+        return None
+    return lambda: cycle.disconnected
 
-    __slots__ = ("deadline", "future", "handle", "receive", "task")
 
-    def __init__(self, future: asyncio.Future[Any], receive: Any, deadline: float) -> None:
-        self.future = future
-        self.receive = receive
-        self.deadline = deadline
-        self.task: asyncio.Task[None] | None = None
-        loop = asyncio.get_running_loop()
-        self.handle = loop.call_at(min(deadline, loop.time() + _WATCH_AFTER), self._fire)
-
-    def _fire(self) -> None:
-        future = self.future
-        if future.done():
-            return
-        loop = asyncio.get_running_loop()
-        if loop.time() >= self.deadline:
-            future.set_exception(DeadlineExceeded("the model did not answer before the deadline"))
-            return
-        if self.task is None:
-            self.task = loop.create_task(self._watch())
-        self.handle = loop.call_at(self.deadline, self._fire)
-
-    async def _watch(self) -> None:
-        message = await self.receive()
-        if message["type"] == "http.disconnect" and not self.future.done():
-            self.future.cancel()
-
-    def close(self) -> None:
-        self.handle.cancel()
-        if self.task is not None:
-            self.task.cancel()
-        if not self.future.done():
-            self.future.cancel()
+async def _watch(receive: Any, future: asyncio.Future[Any]) -> None:
+    """Cancel ``future`` when the client disconnects."""
+    message = await receive()
+    if message["type"] == "http.disconnect" and not future.done():
+        future.cancel()
 
 
 def _is_json_type(value: bytes) -> bool:
