@@ -159,23 +159,22 @@ class _Timestamp:
 
 
 class AccessLog:
-    """The per-request access lines, one JSON object each.
+    """The per-request access lines, one JSON object each, in the same shape as structlog's.
 
-    The lines go through structlog's renderer, but not through a bound logger: its per-call
-    machinery cost more than the rest of the request's Python work on the prediction path.
+    On the prediction path a structlog bound logger cost more than the rest of the request's
+    Python work, so access lines are serialized by orjson directly and written in batches.
     """
 
     def __init__(self, stream: Any = None, enabled: bool = True, level: str = "info") -> None:
         self.enabled = enabled and _LEVELS.get(level, logging.INFO) <= logging.INFO
         self._sink = _BufferedSink(stream or _default_stream or sys.stdout)
         self._stamp = _Timestamp()
-        self._render = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
 
     def request(self, **fields: Any) -> None:
         """Write one access line with ``fields``."""
-        event = self._stamp(None, "info", {"event": "request", "level": "info", **fields})
-        line = self._render(None, "info", event)
-        self._sink.msg(line if isinstance(line, bytes) else line.encode())
+        fields["event"] = "request"
+        fields["level"] = "info"
+        self._sink.msg(orjson.dumps(self._stamp(None, "info", fields), default=str))
 
     def flush(self) -> None:
         self._sink.flush()
