@@ -10,13 +10,16 @@ __all__ = [
     "BadRequest",
     "ConfigError",
     "DeadlineExceeded",
+    "IdempotencyConflict",
     "InferdError",
     "ModelError",
     "ModelLoadError",
     "ModelNotFound",
     "ModelNotReady",
+    "NotFound",
     "Overloaded",
     "PayloadTooLarge",
+    "StoreUnavailable",
     "UnsupportedMediaType",
     "ValidationFailed",
 ]
@@ -118,3 +121,25 @@ class ModelLoadError(ConfigError):
     """A model's artifact is missing, corrupt, or does not match its declared schema."""
 
     code = "model_load_error"
+
+
+class NotFound(InferdError):
+    """No such resource (or it belongs to someone else)."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class IdempotencyConflict(InferdError):
+    """The idempotency key was used before with a different request body."""
+
+    status_code = 409
+    code = "idempotency_conflict"
+
+
+class StoreUnavailable(InferdError):
+    """The database could not be reached; the request was not accepted."""
+
+    status_code = 503
+    code = "store_unavailable"
+    retryable = True

@@ -1,0 +1,200 @@
+"""Long-running requests: the records, the events they emit, and the seams between parts.
+
+A request is accepted by the API (``RequestStore.create``: the record and its job in one
+transaction), leased by a worker (``JobQueue.claim``), run by the model's ``stream``, and
+every chunk it yields is stored (``JobQueue.append``) before followers are told about it
+(``EventBus.publish``). The store is the source of truth; the bus only wakes followers up.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+__all__ = [
+    "Event",
+    "EventBus",
+    "EventKind",
+    "JobQueue",
+    "Lease",
+    "Page",
+    "RequestRecord",
+    "RequestStatus",
+    "RequestStore",
+    "TERMINAL",
+]
+
+
+class RequestStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DEAD = "dead"
+
+
+TERMINAL = frozenset(
+    {RequestStatus.SUCCEEDED, RequestStatus.FAILED, RequestStatus.CANCELLED, RequestStatus.DEAD}
+)
+
+
+class EventKind(enum.StrEnum):
+    RESPONSE = "response"  # a chunk the model produced: data = {"response": ..., "sent_at": ...}
+    STATUS = "status"  # a status change: data = {"status": ..., "attempt": ..., "reason"?: ...}
+    DONE = "done"  # terminal success: data = {"status": "succeeded", "result": ...}
+    ERROR = "error"  # terminal failure: data = {"status": "failed"|"dead"|"cancelled", "error"}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One stored event of a request. ``seq`` starts at 1 and has no gaps per request; it is
+    the SSE ``id:`` and what ``Last-Event-ID`` resumes after."""
+
+    request_id: str
+    seq: int
+    kind: EventKind
+    data: dict[str, Any]
+    attempt: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """A request as stored. ``responses`` are the ``response`` events of the latest attempt,
+    as ``{"response": ..., "sent_at": ISO-8601}``, oldest first."""
+
+    id: str
+    user: str
+    model: str
+    version: str | None
+    input: Any
+    parameters: dict[str, Any]
+    status: RequestStatus
+    attempts: int
+    max_attempts: int
+    result: Any
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    cancel_requested: bool
+    idempotency_key: str | None
+    last_seq: int
+    responses: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a user's requests, newest first; ``next_cursor`` None on the last page."""
+
+    items: list[RequestRecord]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A worker's claim on one request's job. Every write made with it is fenced by ``token``:
+    once the lease has expired and been taken by another worker (or the request cancelled),
+    writes with the old token change nothing."""
+
+    request_id: str
+    token: str
+    attempt: int
+    expires_at: datetime
+    model: str
+    input: Any
+    parameters: dict[str, Any]
+
+
+class RequestStore(Protocol):
+    """The API's side: create, read, list, cancel, replay events."""
+
+    async def create(
+        self,
+        *,
+        user: str,
+        model: str,
+        input: Any,
+        parameters: dict[str, Any],
+        idempotency_key: str | None = None,
+        max_attempts: int = 3,
+    ) -> tuple[RequestRecord, bool]:
+        """Store the request and its job in one transaction. Returns (record, created).
+
+        With an ``idempotency_key`` already used by ``user``: the same model, input and
+        parameters return the existing record with ``created`` False; different ones raise
+        :class:`inferd.errors.IdempotencyConflict` (409)."""
+
+    async def get(self, request_id: str, user: str | None = None) -> RequestRecord | None:
+        """The record, or None if it does not exist (or belongs to another user)."""
+
+    async def page(self, user: str, cursor: str | None = None, limit: int = 20) -> Page:
+        """The user's requests, newest first. The cursor is opaque, stable under concurrent
+        inserts (keyset on created_at and id); a malformed cursor raises BadRequest (400)."""
+
+    async def events(self, request_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
+        """Stored events with ``seq > after``, in order."""
+
+    async def cancel(self, request_id: str, user: str | None = None) -> RequestRecord | None:
+        """Cancel: a queued request becomes ``cancelled`` at once (its job never runs); a
+        running one gets ``cancel_requested`` and its worker stops at its next heartbeat or
+        chunk. Terminal requests are returned unchanged. None if not found."""
+
+
+class JobQueue(Protocol):
+    """The workers' side: lease, heartbeat, write chunks, finish. All writes are fenced."""
+
+    async def claim(
+        self, worker_id: str, lease_seconds: float, models: list[str] | None = None
+    ) -> Lease | None:
+        """Atomically take the oldest runnable job (queued, ``run_at`` due) and mark the
+        request running; None when there is none. Expired leases are taken back first."""
+
+    async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
+        """Extend the lease. False if it was lost or the request was cancelled: stop."""
+
+    async def append(self, lease: Lease, data: dict[str, Any]) -> Event | None:
+        """Store one ``response`` event; None (nothing written) if the lease was lost."""
+
+    async def complete(self, lease: Lease, result: Any) -> Event | None:
+        """Mark succeeded with ``result`` and store the ``done`` event; None if lease lost."""
+
+    async def fail(self, lease: Lease, error: str, retryable: bool = True) -> Event | None:
+        """Record a failed attempt: requeue with exponential backoff and jitter if retryable
+        and attempts remain (a ``status`` event), else ``failed`` (not retryable) or ``dead``
+        (attempts exhausted) with an ``error`` event. None if the lease was lost."""
+
+    async def release(self, lease: Lease) -> bool:
+        """Give the job back without burning an attempt (graceful worker shutdown)."""
+
+    async def finish_cancelled(self, lease: Lease) -> Event | None:
+        """The worker stopped a cancelled request: mark it ``cancelled`` (``error`` event)."""
+
+    async def reap_expired(self) -> int:
+        """Requeue jobs whose lease expired (or mark them dead when out of attempts)."""
+
+    async def counts(self) -> dict[str, int]:
+        """Number of requests per status (for metrics and autoscaling)."""
+
+
+class EventBus(Protocol):
+    """Wakes SSE followers when a request has new events; may drop messages (the store is the
+    source of truth, followers re-read it)."""
+
+    async def publish(self, request_id: str, seq: int) -> None:
+        """Say that ``request_id`` has events up to ``seq``."""
+
+    def subscribe(self, request_id: str) -> AsyncIterator[int]:
+        """Yield the ``seq`` of each publish for ``request_id`` until the iterator is closed."""
+
+    async def close(self) -> None:
+        """Release connections."""
