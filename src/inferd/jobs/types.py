@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 __all__ = [
+    "TERMINAL",
     "Event",
     "EventBus",
     "EventKind",
@@ -24,7 +25,6 @@ __all__ = [
     "RequestRecord",
     "RequestStatus",
     "RequestStore",
-    "TERMINAL",
 ]
 
 
@@ -127,6 +127,7 @@ class RequestStore(Protocol):
         parameters: dict[str, Any],
         idempotency_key: str | None = None,
         max_attempts: int = 3,
+        version: str | None = None,
     ) -> tuple[RequestRecord, bool]:
         """Store the request and its job in one transaction. Returns (record, created).
 

@@ -1,0 +1,604 @@
+"""The SQL backend of long-running requests: one store for the API and the workers.
+
+:class:`SqlStore` implements both :class:`~inferd.jobs.types.RequestStore` and
+:class:`~inferd.jobs.types.JobQueue` on SQLAlchemy Core (async), with two databases:
+
+* SQLite through aiosqlite, the embedded default (``sqlite+aiosqlite:///path/inferd.db``). WAL
+  mode lets readers run beside the one writer. Every write transaction starts with
+  ``BEGIN IMMEDIATE``, so it takes the write lock before reading what it will change: a
+  deferred transaction that reads and then writes can fail at once with "database is
+  locked" (the busy timeout does not apply to a lock upgrade). Writers of one process also
+  queue on an asyncio lock, which is fairer and cheaper than SQLite's busy-wait polling;
+  writers of other processes wait in the busy timeout.
+* PostgreSQL through asyncpg. Claims use ``SELECT ... FOR UPDATE SKIP LOCKED`` so workers
+  never wait on each other. Every transaction that changes a request first locks its job
+  row, then its request row: one lock order, so concurrent changes cannot deadlock.
+
+Fencing: each worker-side write first locks the job row *if* it is still running with the
+lease's token and an unexpired lease; if not, nothing is written. On PostgreSQL the
+condition is re-checked on the newest row version once the lock is granted, so a write
+racing a reaper or a new claim cannot slip through.
+
+A request whose cancel was asked for is never requeued: where a retry, a reaped lease or a
+release would put it back in the queue, it becomes ``cancelled`` instead.
+
+The schema is created by the migrations (:func:`inferd.jobs.migrate.migrate`), not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeAlias
+
+from sqlalchemy import URL, Row, func, select, tuple_, update
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from inferd.errors import BadRequest, ConfigError, IdempotencyConflict, StoreUnavailable
+from inferd.jobs.ids import decode_cursor, encode_cursor, new_request_id
+from inferd.jobs.schema import (
+    UNAVAILABLE_ERRORS,
+    body_hash,
+    create_engine,
+    events,
+    iso,
+    jobs,
+    requests,
+    sqlite_url,
+    to_datetime,
+    to_event,
+    to_record,
+)
+from inferd.jobs.types import Event, EventKind, Lease, Page, RequestRecord, RequestStatus
+
+__all__ = ["CANCELLED_BY_USER", "SqlStore", "sqlite_url"]
+
+CANCELLED_BY_USER = "cancelled by the user"
+"""The error of a request cancelled by its user."""
+
+_US = 1_000_000
+_MAX_PAGE = 100
+_REAP_BATCH = 100  # expired leases taken back per claim; the rest wait for the next one
+_QUEUED = RequestStatus.QUEUED.value
+_RUNNING = RequestStatus.RUNNING.value
+
+_Row: TypeAlias = "Row[*tuple[Any, ...]]"  # any row (a string: Row is variadic on 2.1 only)
+
+
+class SqlStore:
+    """Requests, their events and their jobs in one SQL database (SQLite or PostgreSQL).
+
+    ``clock`` returns epoch seconds; tests inject one to move time instead of sleeping.
+    ``backoff_base`` and ``backoff_max`` (seconds) shape the retry delay of a failed attempt:
+    ``min(max, base * 2**(attempt-1))`` times a random factor in [0.5, 1], so that jobs
+    failing together do not retry together. The other options go to
+    :func:`inferd.jobs.schema.create_engine`. Constructing a store does no I/O (beyond
+    creating the folder of a SQLite file); :meth:`connect` also checks that it answers.
+    """
+
+    def __init__(
+        self,
+        url: str | URL,
+        *,
+        clock: Callable[[], float] = time.time,
+        backoff_base: float = 1.0,
+        backoff_max: float = 60.0,
+        pool_size: int = 5,
+        busy_timeout: float = 5.0,
+        connect_timeout: float = 10.0,
+        echo: bool = False,
+    ) -> None:
+        if backoff_base < 0 or backoff_max < 0:
+            raise ConfigError("backoff_base and backoff_max must not be negative")
+        self._engine = create_engine(
+            url,
+            pool_size=pool_size,
+            busy_timeout=busy_timeout,
+            connect_timeout=connect_timeout,
+            echo=echo,
+        )
+        self._clock = clock
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._postgres = self._engine.dialect.name == "postgresql"
+        self._write_lock: contextlib.AbstractAsyncContextManager[Any] = (
+            contextlib.nullcontext() if self._postgres else asyncio.Lock()
+        )
+
+    @classmethod
+    async def connect(cls, url: str | URL, **options: Any) -> SqlStore:
+        """A store on ``url`` whose database has answered; StoreUnavailable if it does not."""
+        store = cls(url, **options)
+        try:
+            await store.ping()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The underlying engine (for health checks and tests)."""
+        return self._engine
+
+    async def ping(self) -> None:
+        """Run a trivial query; raises StoreUnavailable when the database does not answer."""
+        async with self._read() as tx:
+            await tx.conn.execute(select(1))
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        await self._engine.dispose()
+
+    # --- transactions -------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _available(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except UNAVAILABLE_ERRORS as exc:
+            raise StoreUnavailable(
+                "the request store is unavailable; try again later", retry_after=1
+            ) from exc
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[_Tx]:
+        async with self._available(), self._write_lock, self._engine.begin() as conn:
+            # The time is read once the write lock is held: leases are judged at that instant.
+            yield _Tx(conn, round(self._clock() * _US), self._postgres)
+
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[_Tx]:
+        async with self._available(), self._engine.connect() as conn:
+            if self._postgres:
+                # One snapshot for the several statements that build a record.
+                await conn.execution_options(isolation_level="REPEATABLE READ")
+            else:
+                await conn.execution_options(inferd_read_only=True)  # a deferred BEGIN
+            async with conn.begin():
+                yield _Tx(conn, round(self._clock() * _US), self._postgres)
+
+    # --- the API's side -----------------------------------------------------------------------
+
+    async def create(
+        self,
+        *,
+        user: str,
+        model: str,
+        input: Any,
+        parameters: dict[str, Any],
+        idempotency_key: str | None = None,
+        max_attempts: int = 3,
+        version: str | None = None,
+    ) -> tuple[RequestRecord, bool]:
+        """Store the request, its job and its first event in one transaction.
+
+        Returns (record, created). An ``idempotency_key`` already used by ``user`` returns
+        the existing record (created False) when the body is the same, and raises
+        IdempotencyConflict when it is not. Concurrent creates with one key are settled by
+        the unique (user, key) constraint: the losers read the winner's record.
+
+        ``version`` (beyond the protocol) records a pinned model version; it is part of the
+        body that an idempotent retry must repeat.
+        """
+        if max_attempts < 1:
+            raise BadRequest("max_attempts must be at least 1")
+        # The version that will serve is not part of the body: a retry with the same key
+        # after a model update is still the same request.
+        digest = body_hash(model, None, input, parameters)
+        if idempotency_key is not None:
+            existing = await self._find_idempotent(user, idempotency_key, digest)
+            if existing is not None:
+                return existing, False
+        try:
+            async with self._write() as tx:
+                row: dict[str, Any] = {
+                    "id": new_request_id(tx.now // 1000),
+                    "user_id": user,
+                    "model": model,
+                    "version": version,
+                    "input": input,
+                    "parameters": parameters,
+                    "body_hash": digest,
+                    "idempotency_key": idempotency_key,
+                    "status": _QUEUED,
+                    "attempts": 0,
+                    "max_attempts": max_attempts,
+                    "cancel_requested": False,
+                    "last_seq": 1,
+                    "created_at": tx.now,
+                    "updated_at": tx.now,
+                } | dict.fromkeys(("result", "error", "started_at", "finished_at"))
+                await tx.conn.execute(requests.insert(), row)
+                job = {"request_id": row["id"], "model": model, "state": _QUEUED}
+                await tx.conn.execute(jobs.insert(), job | {"run_at": tx.now})
+                first = {"status": _QUEUED, "attempt": 0}
+                await tx.insert_event(row["id"], 1, 0, EventKind.STATUS, first)
+        except sa_exc.IntegrityError:
+            if idempotency_key is None:
+                raise
+            existing = await self._find_idempotent(user, idempotency_key, digest)
+            if existing is None:
+                raise
+            return existing, False
+        return to_record(row, []), True
+
+    async def _find_idempotent(self, user: str, key: str, digest: str) -> RequestRecord | None:
+        query = select(requests).where(
+            requests.c.user_id == user, requests.c.idempotency_key == key
+        )
+        async with self._read() as tx:
+            row = (await tx.conn.execute(query)).first()
+            if row is None:
+                return None
+            if row.body_hash != digest:
+                raise IdempotencyConflict(
+                    f"the Idempotency-Key {key!r} was already used with a different request "
+                    "body (model, input or parameters); use a new key for a new request"
+                )
+            return await tx.record(row)
+
+    async def get(self, request_id: str, user: str | None = None) -> RequestRecord | None:
+        """The record, or None if it does not exist (or belongs to another user)."""
+        async with self._read() as tx:
+            row = await tx.request_row(request_id, user)
+            return None if row is None else await tx.record(row)
+
+    async def page(self, user: str, cursor: str | None = None, limit: int = 20) -> Page:
+        """The user's requests, newest first, keyset-paginated on (created_at, id)."""
+        if not 1 <= limit <= _MAX_PAGE:
+            raise BadRequest(f"limit must be between 1 and {_MAX_PAGE}, not {limit}")
+        query = select(requests).where(requests.c.user_id == user)
+        if cursor is not None:
+            created_us, last_id = decode_cursor(cursor)
+            position = tuple_(requests.c.created_at, requests.c.id)
+            query = query.where(position < tuple_(created_us, last_id))
+        newest_first = (requests.c.created_at.desc(), requests.c.id.desc())
+        query = query.order_by(*newest_first).limit(limit + 1)  # one more: is there a next?
+        async with self._read() as tx:
+            rows = list((await tx.conn.execute(query)).all())
+            more = len(rows) > limit
+            rows = rows[:limit]
+            responses = await tx.responses(rows)
+        items = [to_record(row._mapping, responses.get(row.id, [])) for row in rows]
+        last = rows[-1] if more else None
+        return Page(items, None if last is None else encode_cursor(last.created_at, last.id))
+
+    async def events(self, request_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
+        """Stored events with ``seq > after``, in order, at most ``limit`` of them."""
+        query = (
+            select(events)
+            .where(events.c.request_id == request_id, events.c.seq > after)
+            .order_by(events.c.seq)
+            .limit(max(1, limit))
+        )
+        async with self._read() as tx:
+            return [to_event(row._mapping) for row in await tx.conn.execute(query)]
+
+    async def cancel(self, request_id: str, user: str | None = None) -> RequestRecord | None:
+        """Cancel: queued becomes cancelled at once, running gets ``cancel_requested``."""
+        async with self._write() as tx:
+            await tx.lock_job(request_id)
+            row = await tx.request_row(request_id, user)
+            if row is None:
+                return None
+            if row.status == _QUEUED:
+                await tx.cancelled(request_id)
+            elif row.status == _RUNNING and not row.cancel_requested:
+                await tx.conn.execute(
+                    update(requests)
+                    .where(requests.c.id == request_id)
+                    .values(cancel_requested=True, updated_at=tx.now)
+                )
+            else:
+                return await tx.record(row)  # terminal, or asked for already
+            changed = await tx.request_row(request_id)
+            assert changed is not None  # locked and changed in this very transaction
+            return await tx.record(changed)
+
+    # --- the workers' side --------------------------------------------------------------------
+
+    async def claim(
+        self, worker_id: str, lease_seconds: float, models: list[str] | None = None
+    ) -> Lease | None:
+        """Take the oldest due job (of ``models`` if given) after reaping expired leases."""
+        if lease_seconds <= 0:
+            raise ValueError("lease_seconds must be positive")
+        if models is not None and not models:
+            return None
+        token = secrets.token_urlsafe(24)
+        async with self._write() as tx:
+            await tx.reap()
+            expires = tx.now + round(lease_seconds * _US)
+            due = select(jobs.c.request_id).where(jobs.c.state == _QUEUED, jobs.c.run_at <= tx.now)
+            if models is not None:
+                due = due.where(jobs.c.model.in_(models))
+            due = due.order_by(jobs.c.run_at, jobs.c.request_id).limit(1)
+            take = update(jobs).values(
+                state=_RUNNING, lease_token=token, lease_expires_at=expires, worker_id=worker_id
+            )
+            if self._postgres:
+                # Lock the candidate, skipping rows other claimers hold: no claimer waits.
+                chosen = due.with_for_update(skip_locked=True).cte("chosen")
+                take = take.where(jobs.c.request_id == chosen.c.request_id)
+            else:
+                # BEGIN IMMEDIATE holds the database's write lock: one statement suffices.
+                take = take.where(jobs.c.request_id == due.scalar_subquery())
+            taken = await tx.conn.execute(take.returning(jobs.c.request_id))
+            request_id = taken.scalar_one_or_none()
+            if request_id is None:
+                return None
+            values = {
+                "status": _RUNNING,
+                "attempts": requests.c.attempts + 1,
+                "started_at": func.coalesce(requests.c.started_at, tx.now),
+            }
+            extra = (requests.c.model, requests.c.input, requests.c.parameters)
+            row = await tx.bump(request_id, values, extra)
+            data = {"status": _RUNNING, "attempt": row.attempts}
+            await tx.insert_event(request_id, row.last_seq, row.attempts, EventKind.STATUS, data)
+        return Lease(
+            request_id=request_id,
+            token=token,
+            attempt=row.attempts,
+            expires_at=to_datetime(expires),
+            model=row.model,
+            input=row.input,
+            parameters=row.parameters,
+        )
+
+    async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
+        """Extend the lease. False if it was lost, or if the request was cancelled (then the
+        lease is still extended, so that the worker has time to call finish_cancelled)."""
+        if lease_seconds <= 0:
+            raise ValueError("lease_seconds must be positive")
+        async with self._write() as tx:
+            held = await tx.hold(lease)
+            if held is None:
+                return False
+            await tx.conn.execute(
+                update(jobs)
+                .where(jobs.c.request_id == lease.request_id)
+                .values(lease_expires_at=tx.now + round(lease_seconds * _US))
+            )
+            return not held.cancel_requested
+
+    async def append(self, lease: Lease, data: dict[str, Any]) -> Event | None:
+        """Store one ``response`` event (``sent_at`` added when missing); None if lease lost."""
+        async with self._write() as tx:
+            if await tx.hold(lease) is None:
+                return None
+            payload = {"sent_at": iso(tx.now)} | data
+            return await tx.emit(lease.request_id, EventKind.RESPONSE, payload)
+
+    async def complete(self, lease: Lease, result: Any) -> Event | None:
+        """Mark succeeded with ``result`` (``done`` event); None if the lease was lost."""
+        async with self._write() as tx:
+            if await tx.hold(lease) is None:
+                return None
+            data = {"status": RequestStatus.SUCCEEDED.value, "result": result}
+            return await tx.finish(
+                lease.request_id, EventKind.DONE, data, result=result, error=None
+            )
+
+    async def fail(self, lease: Lease, error: str, retryable: bool = True) -> Event | None:
+        """Requeue with backoff if retryable and attempts remain, else ``failed`` (not
+        retryable) or ``dead`` (attempts exhausted); None if the lease was lost."""
+        async with self._write() as tx:
+            held = await tx.hold(lease)
+            if held is None:
+                return None
+            rid = lease.request_id
+            if not retryable or held.attempts >= held.max_attempts:
+                status = RequestStatus.FAILED if not retryable else RequestStatus.DEAD
+                data = {"status": status.value, "error": error}
+                return await tx.finish(rid, EventKind.ERROR, data, error=error)
+            if held.cancel_requested:
+                return await tx.cancelled(rid)
+            run_at = tx.now + round(self._backoff(held.attempts) * _US)
+            return await tx.requeue(rid, run_at, error, error=error)
+
+    async def release(self, lease: Lease) -> bool:
+        """Requeue without burning an attempt (graceful shutdown); False if lease lost."""
+        async with self._write() as tx:
+            held = await tx.hold(lease)
+            if held is None:
+                return False
+            if held.cancel_requested:
+                await tx.cancelled(lease.request_id)
+            else:
+                reason = "worker shut down"
+                await tx.requeue(lease.request_id, tx.now, reason, attempts_delta=-1)
+            return True
+
+    async def finish_cancelled(self, lease: Lease) -> Event | None:
+        """Mark the request ``cancelled`` (``error`` event); None if the lease was lost."""
+        async with self._write() as tx:
+            if await tx.hold(lease) is None:
+                return None
+            return await tx.cancelled(lease.request_id)
+
+    async def reap_expired(self) -> int:
+        """Requeue jobs whose lease expired, or end them when they cannot run again."""
+        async with self._write() as tx:
+            return await tx.reap()
+
+    async def counts(self) -> dict[str, int]:
+        """Number of requests per status, every status included."""
+        query = select(requests.c.status, func.count()).group_by(requests.c.status)
+        async with self._read() as tx:
+            rows = (await tx.conn.execute(query)).all()
+        counts = {status.value: 0 for status in RequestStatus}
+        counts.update({status: int(n) for status, n in rows})
+        return counts
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self._backoff_max, self._backoff_base * 2.0 ** min(attempt - 1, 62))
+        return ceiling * random.uniform(0.5, 1.0)
+
+
+class _Tx:
+    """One transaction of the store: its connection, and the instant it acts at."""
+
+    def __init__(self, conn: AsyncConnection, now: int, postgres: bool) -> None:
+        self.conn = conn
+        self.now = now
+        self.postgres = postgres
+
+    async def request_row(self, request_id: str, user: str | None = None) -> _Row | None:
+        query = select(requests).where(requests.c.id == request_id)
+        if user is not None:
+            query = query.where(requests.c.user_id == user)
+        return (await self.conn.execute(query)).first()
+
+    async def record(self, row: _Row) -> RequestRecord:
+        responses = await self.responses([row])
+        return to_record(row._mapping, responses.get(row.id, []))
+
+    async def responses(self, rows: Sequence[_Row]) -> dict[str, list[dict[str, Any]]]:
+        """The ``response`` events of each request's latest attempt, oldest first."""
+        if not rows:
+            return {}
+        latest = tuple_(events.c.request_id, events.c.attempt).in_(
+            [(row.id, row.attempts) for row in rows]
+        )
+        query = (
+            select(events.c.request_id, events.c.data, events.c.created_at)
+            .where(latest, events.c.kind == EventKind.RESPONSE.value)
+            .order_by(events.c.request_id, events.c.seq)
+        )
+        found: dict[str, list[dict[str, Any]]] = {}
+        for row in await self.conn.execute(query):
+            sent_at = row.data.get("sent_at") or iso(row.created_at)
+            found.setdefault(row.request_id, []).append(
+                {"response": row.data.get("response"), "sent_at": sent_at}
+            )
+        return found
+
+    async def state(self, request_id: str) -> _Row:
+        """What decides a request's next step: attempts, max_attempts, cancel_requested."""
+        query = select(
+            requests.c.attempts, requests.c.max_attempts, requests.c.cancel_requested
+        ).where(requests.c.id == request_id)
+        return (await self.conn.execute(query)).one()
+
+    async def lock_job(self, request_id: str) -> None:
+        # The job row is the first lock of every change to a request (see the module doc).
+        query = select(jobs.c.request_id).where(jobs.c.request_id == request_id)
+        await self.conn.execute(query.with_for_update())
+
+    async def hold(self, lease: Lease) -> _Row | None:
+        """Lock the lease's job if the lease is still valid: its request's state, else None."""
+        valid = select(jobs.c.request_id).where(
+            jobs.c.request_id == lease.request_id,
+            jobs.c.state == _RUNNING,
+            jobs.c.lease_token == lease.token,
+            jobs.c.lease_expires_at > self.now,
+        )
+        if (await self.conn.execute(valid.with_for_update())).first() is None:
+            return None
+        # A separate statement: on PostgreSQL it sees whatever committed while we waited for
+        # the lock (a cancel, say), which a join in the locking statement would not.
+        return await self.state(lease.request_id)
+
+    async def bump(
+        self, request_id: str, values: dict[str, Any], extra: Sequence[Any] = ()
+    ) -> _Row:
+        """Apply ``values`` to the request and take its next event seq, in one statement."""
+        stmt = (
+            update(requests)
+            .where(requests.c.id == request_id)
+            .values(updated_at=self.now, last_seq=requests.c.last_seq + 1, **values)
+            .returning(requests.c.last_seq, requests.c.attempts, *extra)
+        )
+        return (await self.conn.execute(stmt)).one()
+
+    async def insert_event(
+        self, request_id: str, seq: int, attempt: int, kind: EventKind, data: dict[str, Any]
+    ) -> Event:
+        """Store an event whose ``seq`` the request row has taken (see :meth:`bump`)."""
+        row = {
+            "request_id": request_id,
+            "seq": seq,
+            "kind": kind.value,
+            "attempt": attempt,
+            "data": data,
+            "created_at": self.now,
+        }
+        await self.conn.execute(events.insert(), row)
+        return to_event(row)
+
+    async def emit(
+        self, request_id: str, kind: EventKind, data: dict[str, Any], **values: Any
+    ) -> Event:
+        """Change the request with ``values`` and store one event, with the next seq."""
+        bumped = await self.bump(request_id, values)
+        return await self.insert_event(request_id, bumped.last_seq, bumped.attempts, kind, data)
+
+    async def finish(
+        self, request_id: str, kind: EventKind, data: dict[str, Any], **values: Any
+    ) -> Event:
+        """End the request with ``data["status"]``: its job goes, a terminal event is stored."""
+        await self.conn.execute(jobs.delete().where(jobs.c.request_id == request_id))
+        ended = {"status": data["status"], "finished_at": self.now, **values}
+        return await self.emit(request_id, kind, data, **ended)
+
+    async def cancelled(self, request_id: str) -> Event:
+        """End the request as cancelled by its user."""
+        data = {"status": RequestStatus.CANCELLED.value, "error": CANCELLED_BY_USER}
+        values = {"error": CANCELLED_BY_USER, "cancel_requested": True}
+        return await self.finish(request_id, EventKind.ERROR, data, **values)
+
+    async def requeue(
+        self, request_id: str, run_at: int, reason: str, *, attempts_delta: int = 0, **values: Any
+    ) -> Event:
+        """Put the job back in the queue, due at ``run_at`` (a ``status`` event)."""
+        await self.conn.execute(
+            update(jobs)
+            .where(jobs.c.request_id == request_id)
+            .values(
+                state=_QUEUED,
+                run_at=run_at,
+                lease_token=None,
+                lease_expires_at=None,
+                worker_id=None,
+            )
+        )
+        values["status"] = _QUEUED
+        if attempts_delta:
+            values["attempts"] = requests.c.attempts + attempts_delta
+        bumped = await self.bump(request_id, values)
+        data: dict[str, Any] = {"status": _QUEUED, "attempt": bumped.attempts, "reason": reason}
+        if run_at > self.now:
+            data["retry_at"] = iso(run_at)
+        seq, attempt = bumped.last_seq, bumped.attempts
+        return await self.insert_event(request_id, seq, attempt, EventKind.STATUS, data)
+
+    async def reap(self) -> int:
+        """Take back expired leases: requeue, or end the request if it cannot run again."""
+        expired = (
+            select(jobs.c.request_id)
+            .where(jobs.c.state == _RUNNING, jobs.c.lease_expires_at <= self.now)
+            .order_by(jobs.c.lease_expires_at)
+            .limit(_REAP_BATCH)
+        )
+        if self.postgres:
+            # Another claimer reaping the same rows is doing the same work: leave them to it.
+            expired = expired.with_for_update(skip_locked=True)
+        request_ids = list((await self.conn.execute(expired)).scalars())
+        for request_id in request_ids:
+            state = await self.state(request_id)
+            if state.cancel_requested:
+                await self.cancelled(request_id)
+            elif state.attempts >= state.max_attempts:
+                error = "lease expired on the last attempt"
+                data = {"status": RequestStatus.DEAD.value, "error": error}
+                await self.finish(request_id, EventKind.ERROR, data, error=error)
+            else:
+                await self.requeue(request_id, self.now, "lease expired")
+        return len(request_ids)

@@ -1,0 +1,658 @@
+"""The contract of the SQL request store and job queue, run against SQLite and PostgreSQL.
+
+Time is an injected clock moved by the tests: leases expire and retries come due without
+sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Connection, column, select, table, text
+
+from inferd.errors import BadRequest, IdempotencyConflict, StoreUnavailable
+from inferd.jobs.ids import encode_cursor
+from inferd.jobs.migrate import migrate
+from inferd.jobs.schema import VERSION_TABLE, metadata
+from inferd.jobs.sql import SqlStore, sqlite_url
+from inferd.jobs.types import EventKind, Lease, RequestRecord, RequestStatus
+
+BACKENDS = ["sqlite", "postgres"]
+STATUSES = ["queued", "running", "succeeded", "failed", "cancelled", "dead"]
+
+
+class Clock:
+    """Epoch seconds that move only when told to."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated, empty database of each backend."""
+    if request.param == "sqlite":
+        path = tmp_path / "inferd.db"
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
+        return sqlite_url(path)
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+async def make_store(store_url: str, clock: Clock) -> AsyncIterator[Callable[..., Any]]:
+    """``await make_store(**options)``: a store on the empty database, closed at the end."""
+    made: list[SqlStore] = []
+
+    async def make(**options: Any) -> SqlStore:
+        store = await SqlStore.connect(store_url, clock=clock, pool_size=10, **options)
+        made.append(store)
+        if len(made) == 1 and store.engine.dialect.name == "postgresql":
+            async with store.engine.begin() as conn:  # the database is the session's
+                await conn.execute(text("DELETE FROM inferd_requests"))  # cascades
+        return store
+
+    try:
+        yield make
+    finally:
+        for store in made:
+            await store.close()
+
+
+@pytest.fixture
+async def store(make_store: Callable[..., Any]) -> SqlStore:
+    store: SqlStore = await make_store()
+    return store
+
+
+async def submit(store: SqlStore, user: str = "alice", **overrides: Any) -> str:
+    fields: dict[str, Any] = {"model": "echo", "input": {"text": "hi"}, "parameters": {}}
+    fields.update(overrides)
+    record, created = await store.create(user=user, **fields)
+    assert created
+    return record.id
+
+
+async def claim(store: SqlStore, lease_seconds: float = 30, **kwargs: Any) -> Lease:
+    lease = await store.claim("worker-1", lease_seconds, **kwargs)
+    assert lease is not None
+    return lease
+
+
+async def fetch(store: SqlStore, request_id: str) -> RequestRecord:
+    record = await store.get(request_id)
+    assert record is not None
+    return record
+
+
+async def kinds(store: SqlStore, request_id: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(event.kind.value, event.data) for event in await store.events(request_id)]
+
+
+# --- create, get, page ------------------------------------------------------------------------
+
+
+async def test_create_then_get(store: SqlStore, clock: Clock) -> None:
+    record, created = await store.create(
+        user="alice", model="echo", input=[1, "two", None], parameters={"t": 0.5}
+    )
+    assert created
+    assert record.id.startswith("req_") and record.status is RequestStatus.QUEUED
+    assert (record.attempts, record.max_attempts, record.last_seq) == (0, 3, 1)
+    assert record.created_at.tzinfo is not None
+    assert abs(record.created_at.timestamp() - clock.now) < 1e-5
+    assert await store.get(record.id) == record
+    assert await store.get(record.id, "alice") == record
+    assert await store.get(record.id, "mallory") is None
+    assert await store.get("req_01ARZ3NDEKTSV4RRFFQ69G5FAV") is None
+    assert await kinds(store, record.id) == [("status", {"status": "queued", "attempt": 0})]
+
+
+@pytest.mark.parametrize("value", [None, "text", 3.5, [1, [2, {"a": None}]], {"nested": {}}])
+async def test_input_may_be_any_json_value(store: SqlStore, value: Any) -> None:
+    request_id = await submit(store, input=value)
+    record = await fetch(store, request_id)
+    assert record.input == value
+    assert (await claim(store)).input == value
+
+
+async def test_ids_sort_by_creation_time(store: SqlStore, clock: Clock) -> None:
+    ids = []
+    for step in (0.0, 0.0, 0.0, 0.001, 0.5, 0.0, 2.0):
+        clock.advance(step)
+        ids.append(await submit(store))
+    assert ids == sorted(ids)
+
+
+async def test_page_newest_first_with_cursor(store: SqlStore, clock: Clock) -> None:
+    ids = []
+    for _ in range(7):
+        clock.advance(0.01)
+        ids.append(await submit(store))
+    await submit(store, user="bob")
+    seen, cursor, sizes = [], None, []
+    while True:
+        page = await store.page("alice", cursor, limit=3)
+        sizes.append(len(page.items))
+        seen += [item.id for item in page.items]
+        assert all(item.user == "alice" for item in page.items)
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == ids[::-1]
+    assert sizes == [3, 3, 1]
+    assert len((await store.page("bob")).items) == 1
+    assert (await store.page("nobody")).items == []
+
+
+async def test_page_cursor_is_stable_under_concurrent_inserts(store: SqlStore) -> None:
+    # All at one instant: the id breaks the tie, which must not disturb the keyset.
+    ids = [await submit(store) for _ in range(10)]
+    first = await store.page("alice", limit=4)
+    assert [i.id for i in first.items] == ids[::-1][:4]
+    rest: list[str] = []
+    cursor = first.next_cursor
+
+    async def follow() -> None:
+        nonlocal cursor
+        while cursor is not None:
+            page = await store.page("alice", cursor, limit=2)
+            rest.extend(item.id for item in page.items)
+            cursor = page.next_cursor
+
+    await asyncio.gather(follow(), *(submit(store) for _ in range(10)))
+    assert rest == ids[::-1][4:]
+
+
+GOOD_CURSOR = encode_cursor(1_735_689_600_000_000, "req_01JGFJJZ000000000000000000")
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "",
+        "not a cursor",
+        "AAAA",
+        "x" * 500,
+        GOOD_CURSOR[:-3],  # truncated
+        GOOD_CURSOR + "A",
+        GOOD_CURSOR[:10] + ("A" if GOOD_CURSOR[10] != "A" else "B") + GOOD_CURSOR[11:],
+    ],
+)
+async def test_page_refuses_a_bad_cursor(store: SqlStore, cursor: str) -> None:
+    with pytest.raises(BadRequest, match="invalid cursor") as info:
+        await store.page("alice", cursor)
+    assert info.value.status_code == 400
+
+
+@pytest.mark.parametrize("limit", [0, -1, 101])
+async def test_page_limit_is_validated(store: SqlStore, limit: int) -> None:
+    with pytest.raises(BadRequest, match="limit"):
+        await store.page("alice", None, limit)
+
+
+# --- idempotency ------------------------------------------------------------------------------
+
+
+async def test_same_key_same_body_returns_the_first_request(store: SqlStore) -> None:
+    body: dict[str, Any] = {"model": "echo", "input": {"b": 1, "a": [1, 2]}, "parameters": {}}
+    first, created = await store.create(user="alice", idempotency_key="k1", **body)
+    # The same body with its keys in another order is the same body.
+    again, created_again = await store.create(
+        user="alice",
+        idempotency_key="k1",
+        model="echo",
+        input={"a": [1, 2], "b": 1},
+        parameters={},
+    )
+    assert created and not created_again
+    assert again.id == first.id
+    assert (await store.counts())["queued"] == 1
+
+
+async def test_same_key_other_body_conflicts(store: SqlStore) -> None:
+    await store.create(user="alice", model="echo", input=1, parameters={}, idempotency_key="k")
+    for changed in ({"input": 2}, {"model": "other"}, {"parameters": {"p": 1}}):
+        fields: dict[str, Any] = {"model": "echo", "input": 1, "parameters": {}} | changed
+        with pytest.raises(IdempotencyConflict, match="different request body") as info:
+            await store.create(user="alice", idempotency_key="k", **fields)
+        assert info.value.status_code == 409
+    # Keys belong to a user: another user's identical key is another request.
+    _, created = await store.create(
+        user="bob", model="echo", input=2, parameters={}, idempotency_key="k"
+    )
+    assert created
+
+
+async def test_concurrent_creates_with_one_key_make_one_request(store: SqlStore) -> None:
+    async def create() -> tuple[str, bool]:
+        record, created = await store.create(
+            user="alice", model="echo", input="x", parameters={}, idempotency_key="same"
+        )
+        return record.id, created
+
+    results = await asyncio.gather(*(create() for _ in range(100)))
+    assert len({request_id for request_id, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    assert sum((await store.counts()).values()) == 1
+
+
+# --- claiming ---------------------------------------------------------------------------------
+
+
+async def test_claim_takes_the_oldest_job_and_marks_it_running(
+    store: SqlStore, clock: Clock
+) -> None:
+    ids: list[str] = []
+    for _ in range(3):
+        ids.append(await submit(store, input=len(ids)))
+        clock.advance(0.01)
+    leases = [await claim(store, 60) for _ in ids]
+    assert [lease.request_id for lease in leases] == ids
+    assert await store.claim("worker-1", 60) is None
+    lease = leases[0]
+    assert (lease.attempt, lease.model, lease.input, lease.parameters) == (1, "echo", 0, {})
+    assert abs(lease.expires_at.timestamp() - (clock.now + 60)) < 1e-5
+    assert len({lease.token for lease in leases}) == 3
+    record = await fetch(store, ids[0])
+    assert (record.status, record.attempts, record.started_at) == (
+        RequestStatus.RUNNING,
+        1,
+        record.updated_at,
+    )
+    assert (await kinds(store, ids[0]))[-1] == ("status", {"status": "running", "attempt": 1})
+
+
+async def test_concurrent_claimers_take_each_job_exactly_once(store: SqlStore) -> None:
+    ids = {await submit(store, input=n) for n in range(20)}
+    taken: list[str] = []
+
+    async def worker(n: int) -> None:
+        while (lease := await store.claim(f"w{n}", 30)) is not None:
+            taken.append(lease.request_id)
+
+    await asyncio.gather(*(worker(n) for n in range(30)))
+    assert sorted(taken) == sorted(ids)
+
+
+async def test_claim_can_be_restricted_to_models(store: SqlStore) -> None:
+    a = await submit(store, model="a")
+    b = await submit(store, model="b")
+    assert await store.claim("w", 30, models=[]) is None
+    assert await store.claim("w", 30, models=["c"]) is None
+    assert (await claim(store, models=["b", "c"])).request_id == b
+    assert await store.claim("w", 30, models=["b"]) is None
+    assert (await claim(store)).request_id == a
+
+
+async def test_heartbeat_extends_the_lease(store: SqlStore, clock: Clock) -> None:
+    await submit(store)
+    lease = await claim(store, 10)
+    clock.advance(8)
+    assert await store.heartbeat(lease, 10)
+    clock.advance(8)  # past the first expiry, within the extended one
+    assert await store.append(lease, {"response": "still mine"}) is not None
+    assert await store.claim("worker-2", 10) is None
+    clock.advance(3)
+    assert await store.append(lease, {"response": "too late"}) is None
+    assert not await store.heartbeat(lease, 10)
+
+
+async def test_an_expired_lease_writes_nothing_once_reclaimed(
+    store: SqlStore, clock: Clock
+) -> None:
+    request_id = await submit(store)
+    old = await claim(store, 5)
+    assert await store.append(old, {"response": "a"}) is not None
+    clock.advance(6)
+    new = await store.claim("worker-2", 5)
+    assert new is not None and new.request_id == request_id and new.attempt == 2
+    before = await store.get(request_id)
+    assert await store.append(old, {"response": "stale"}) is None
+    assert await store.complete(old, "stale") is None
+    assert await store.fail(old, "stale") is None
+    assert await store.finish_cancelled(old) is None
+    assert not await store.heartbeat(old, 5)
+    assert not await store.release(old)
+    assert await store.get(request_id) == before
+    assert (await store.complete(new, "fresh")) is not None
+    record = await fetch(store, request_id)
+    assert record.result == "fresh"
+    history = await kinds(store, request_id)
+    assert [data.get("response") for kind, data in history if kind == "response"] == ["a"]
+    assert [item for item in history if item[0] != "response"] == [
+        ("status", {"status": "queued", "attempt": 0}),
+        ("status", {"status": "running", "attempt": 1}),
+        ("status", {"status": "queued", "attempt": 1, "reason": "lease expired"}),
+        ("status", {"status": "running", "attempt": 2}),
+        ("done", {"status": "succeeded", "result": "fresh"}),
+    ]
+
+
+async def test_an_expired_lease_writes_nothing_even_before_reclaim(
+    store: SqlStore, clock: Clock
+) -> None:
+    request_id = await submit(store)
+    lease = await claim(store, 5)
+    clock.advance(5)  # expiry is exclusive: at expires_at the lease is gone
+    assert await store.complete(lease, "late") is None
+    record = await fetch(store, request_id)
+    assert record.status is RequestStatus.RUNNING
+
+
+# --- events and responses ---------------------------------------------------------------------
+
+
+async def test_event_seqs_are_contiguous_and_resumable(store: SqlStore, clock: Clock) -> None:
+    request_id = await submit(store)
+    lease = await claim(store)
+    for n in range(5):
+        event = await store.append(lease, {"response": n})
+        assert event is not None and event.seq == 3 + n and event.kind is EventKind.RESPONSE
+    await store.fail(lease, "boom")
+    clock.advance(60)
+    lease = await claim(store)
+    await store.append(lease, {"response": "again"})
+    done = await store.complete(lease, {"n": 6})
+    assert done is not None and done.kind is EventKind.DONE
+    stored = await store.events(request_id)
+    assert [event.seq for event in stored] == list(range(1, done.seq + 1))
+    assert [e.seq for e in await store.events(request_id, after=4, limit=3)] == [5, 6, 7]
+    assert await store.events(request_id, after=done.seq) == []
+    record = await fetch(store, request_id)
+    assert record.last_seq == done.seq
+    assert [e.attempt for e in stored] == [0, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2]
+
+
+async def test_responses_are_those_of_the_latest_attempt(store: SqlStore, clock: Clock) -> None:
+    request_id = await submit(store)
+    lease = await claim(store)
+    await store.append(lease, {"response": "a"})
+    await store.append(lease, {"response": "b", "sent_at": "2025-01-01T00:00:00Z"})
+    record = await fetch(store, request_id)
+    assert [r["response"] for r in record.responses] == ["a", "b"]
+    assert record.responses[1]["sent_at"] == "2025-01-01T00:00:00Z"
+    assert record.responses[0]["sent_at"].endswith("Z")
+    await store.fail(lease, "transient")
+    record = await fetch(store, request_id)  # attempt 1 is still the latest until 2 starts
+    assert [r["response"] for r in record.responses] == ["a", "b"]
+    clock.advance(60)
+    lease = await claim(store)
+    record = await fetch(store, request_id)
+    assert record.responses == []
+    await store.append(lease, {"response": "c"})
+    record = await fetch(store, request_id)
+    assert [r["response"] for r in record.responses] == ["c"]
+    (listed,) = (await store.page("alice")).items
+    assert listed.responses == record.responses
+
+
+# --- failures and retries ---------------------------------------------------------------------
+
+
+async def test_retry_waits_for_its_backoff(store: SqlStore, clock: Clock) -> None:
+    request_id = await submit(store)
+    lease = await claim(store)
+    event = await store.fail(lease, "flaky")
+    assert event is not None and event.kind is EventKind.STATUS
+    assert event.data["status"] == "queued" and event.data["attempt"] == 1
+    assert event.data["reason"] == "flaky"
+    record = await fetch(store, request_id)
+    assert record.status is RequestStatus.QUEUED
+    assert record.error == "flaky"
+    # Attempt 1 waits 1 s scaled by a jitter in [0.5, 1].
+    clock.advance(0.49)
+    assert await store.claim("w", 30) is None
+    clock.advance(0.51)
+    lease = await claim(store)
+    assert lease.attempt == 2
+    # Attempt 2 waits 2 s scaled by [0.5, 1].
+    event = await store.fail(lease, "flaky again")
+    assert event is not None
+    clock.advance(0.99)
+    assert await store.claim("w", 30) is None
+    clock.advance(1.01)
+    assert (await claim(store)).attempt == 3
+
+
+async def test_retry_at_is_announced(make_store: Callable[..., Any], clock: Clock) -> None:
+    store = await make_store(backoff_base=10, backoff_max=15)
+    await submit(store, max_attempts=5)
+    delays = []
+    for _ in range(3):
+        event = await store.fail(await claim(store), "again")
+        assert event is not None
+        retry_at = event.created_at.fromisoformat(event.data["retry_at"])
+        delays.append((retry_at - event.created_at).total_seconds())
+        clock.advance(15)
+    assert 5 <= delays[0] <= 10 and 7.5 <= delays[1] <= 15 and 7.5 <= delays[2] <= 15
+
+
+async def test_dead_after_exactly_max_attempts(store: SqlStore, clock: Clock) -> None:
+    request_id = await submit(store, max_attempts=3)
+    for attempt in (1, 2, 3):
+        lease = await claim(store)
+        assert lease.attempt == attempt
+        event = await store.fail(lease, f"failure {attempt}")
+        clock.advance(60)
+    assert event is not None and event.kind is EventKind.ERROR
+    assert event.data == {"status": "dead", "error": "failure 3"}
+    record = await fetch(store, request_id)
+    assert (record.status, record.attempts, record.error) == (RequestStatus.DEAD, 3, "failure 3")
+    assert record.finished_at is not None and record.terminal
+    assert await store.claim("w", 30) is None
+
+
+async def test_dead_after_max_attempts_of_expired_leases(store: SqlStore, clock: Clock) -> None:
+    request_id = await submit(store, max_attempts=2)
+    await claim(store, 5)
+    clock.advance(6)
+    assert await store.reap_expired() == 1
+    assert (await kinds(store, request_id))[-1] == (
+        "status",
+        {"status": "queued", "attempt": 1, "reason": "lease expired"},
+    )
+    assert await store.reap_expired() == 0
+    assert (await claim(store, 5)).attempt == 2
+    clock.advance(6)
+    assert await store.claim("w", 5) is None  # the claim reaps first, then finds nothing
+    record = await fetch(store, request_id)
+    assert record.status is RequestStatus.DEAD
+    assert record.error == "lease expired on the last attempt"
+    assert (await kinds(store, request_id))[-1] == (
+        "error",
+        {"status": "dead", "error": "lease expired on the last attempt"},
+    )
+
+
+async def test_non_retryable_failure_fails_at_once(store: SqlStore) -> None:
+    request_id = await submit(store)
+    event = await store.fail(await claim(store), "bad input", retryable=False)
+    assert event is not None and event.data == {"status": "failed", "error": "bad input"}
+    record = await fetch(store, request_id)
+    assert record.status is RequestStatus.FAILED and record.attempts == 1
+
+
+async def test_release_gives_the_job_back_without_burning_an_attempt(store: SqlStore) -> None:
+    request_id = await submit(store, max_attempts=1)
+    assert await store.release(await claim(store))
+    record = await fetch(store, request_id)
+    assert (record.status, record.attempts) == (RequestStatus.QUEUED, 0)
+    assert (await kinds(store, request_id))[-1] == (
+        "status",
+        {"status": "queued", "attempt": 0, "reason": "worker shut down"},
+    )
+    lease = await claim(store)
+    assert lease.attempt == 1
+    assert await store.complete(lease, "ok") is not None
+
+
+# --- cancel -----------------------------------------------------------------------------------
+
+
+async def test_cancel_a_queued_request(store: SqlStore) -> None:
+    request_id = await submit(store)
+    assert await store.cancel(request_id, "mallory") is None
+    record = await store.cancel(request_id, "alice")
+    assert record is not None and record.status is RequestStatus.CANCELLED
+    assert record.finished_at is not None and record.error == "cancelled by the user"
+    assert (await kinds(store, request_id))[-1] == (
+        "error",
+        {"status": "cancelled", "error": "cancelled by the user"},
+    )
+    assert await store.claim("w", 30) is None
+
+
+async def test_cancel_a_running_request(store: SqlStore) -> None:
+    request_id = await submit(store)
+    lease = await claim(store)
+    record = await store.cancel(request_id, "alice")
+    assert record is not None
+    assert record.status is RequestStatus.RUNNING and record.cancel_requested
+    assert record.last_seq == 2  # no event until the worker stops
+    assert not await store.heartbeat(lease, 30)  # the signal to stop
+    assert await store.append(lease, {"response": "last words"}) is not None
+    event = await store.finish_cancelled(lease)
+    assert event is not None
+    assert event.data == {"status": "cancelled", "error": "cancelled by the user"}
+    record = await fetch(store, request_id)
+    assert record.status is RequestStatus.CANCELLED
+    assert record.error == "cancelled by the user" and record.finished_at is not None
+
+
+async def test_a_cancelled_request_is_not_requeued(store: SqlStore, clock: Clock) -> None:
+    failing, released, expiring = [await submit(store) for _ in range(3)]
+    leases = [await claim(store, 5) for _ in range(3)]
+    for request_id in (failing, released, expiring):
+        await store.cancel(request_id)
+    await store.fail(leases[0], "transient")
+    assert await store.release(leases[1])
+    clock.advance(6)
+    assert await store.reap_expired() == 1
+    for request_id in (failing, released, expiring):
+        record = await fetch(store, request_id)
+        assert record.status is RequestStatus.CANCELLED
+        assert record.error == "cancelled by the user"
+        assert (await kinds(store, request_id))[-1][0] == "error"
+
+
+async def test_cancel_a_terminal_request_changes_nothing(store: SqlStore) -> None:
+    request_id = await submit(store)
+    await store.complete(await claim(store), 42)
+    before = await store.get(request_id)
+    assert await store.cancel(request_id) == before
+    assert await store.cancel("req_01ARZ3NDEKTSV4RRFFQ69G5FAV") is None
+
+
+# --- counts, migrations, availability ---------------------------------------------------------
+
+
+async def test_counts_every_status(store: SqlStore) -> None:
+    assert await store.counts() == dict.fromkeys(STATUSES, 0)
+    for _ in range(5):
+        await submit(store)
+    await store.complete(await claim(store), None)
+    await store.fail(await claim(store), "no", retryable=False)
+    await claim(store)
+    (queued, *_) = (await store.page("alice")).items
+    await store.cancel(queued.id)
+    assert await store.counts() == dict.fromkeys(STATUSES, 1) | {"dead": 0}
+
+
+history = table(VERSION_TABLE, column("version_num"))
+
+
+def _schema_diff(connection: Connection) -> list[Any]:
+    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    return list(compare_metadata(context, metadata))
+
+
+async def test_migrations_are_idempotent_and_match_the_schema(store_url: str) -> None:
+    # The database was migrated once already (a fresh copy of it, for SQLite).
+    await migrate(store_url)
+    await migrate(store_url)
+    store = SqlStore(store_url)
+    try:
+        async with store.engine.connect() as conn:
+            assert await conn.run_sync(_schema_diff) == []
+            version = await conn.scalar(select(column("version_num")).select_from(history))
+        assert version == "0001"
+    finally:
+        await store.close()
+
+
+async def test_migrate_creates_the_folder_of_a_new_sqlite_file(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "folder" / "inferd.db"
+    await migrate(sqlite_url(path))
+    store = await SqlStore.connect(sqlite_url(path))
+    try:
+        assert await store.counts() == dict.fromkeys(STATUSES, 0)
+    finally:
+        await store.close()
+
+
+async def test_sqlite_connections_are_configured(tmp_path: Path, sqlite_template: Path) -> None:
+    path = tmp_path / "inferd.db"
+    shutil.copyfile(sqlite_template, path)
+    store = SqlStore(sqlite_url(path), busy_timeout=2.5)
+    try:
+        async with store.engine.connect() as conn:
+            pragmas = [
+                await conn.scalar(text("PRAGMA journal_mode")),
+                await conn.scalar(text("PRAGMA busy_timeout")),
+                await conn.scalar(text("PRAGMA synchronous")),  # 1: NORMAL
+                await conn.scalar(text("PRAGMA foreign_keys")),
+            ]
+    finally:
+        await store.close()
+    assert pragmas == ["wal", 2500, 1, 1]
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_database_down_is_store_unavailable() -> None:
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:{_closed_port()}/inferd"
+    store = SqlStore(url, connect_timeout=2)
+    calls: list[Callable[[], Any]] = [
+        lambda: store.create(user="a", model="m", input=1, parameters={}),
+        lambda: store.get("req_01ARZ3NDEKTSV4RRFFQ69G5FAV", "a"),
+        lambda: store.page("a"),
+        lambda: store.events("req_01ARZ3NDEKTSV4RRFFQ69G5FAV"),
+        lambda: store.cancel("req_01ARZ3NDEKTSV4RRFFQ69G5FAV", "a"),
+        lambda: store.claim("w", 30),
+        lambda: store.counts(),
+    ]
+    try:
+        for call in calls:
+            with pytest.raises(StoreUnavailable) as info:
+                await call()
+            assert info.value.status_code == 503 and info.value.retryable
+    finally:
+        await store.close()
+    with pytest.raises(StoreUnavailable):
+        await SqlStore.connect(url, connect_timeout=2)
+    with pytest.raises(StoreUnavailable):
+        await migrate(url)
