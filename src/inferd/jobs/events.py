@@ -1,0 +1,376 @@
+"""Event buses: tell SSE followers that a request has new events.
+
+A bus only wakes followers up; the store stays the source of truth and followers re-read it,
+so a bus may coalesce or drop notifications. :class:`InProcessEventBus` serves one process;
+:class:`RedisEventBus` spans processes through Redis pub/sub.
+
+Redis outages: ``publish`` never raises (it logs once per outage, counts each failure in
+``publish_errors`` and still wakes this process's own subscribers). Subscriptions survive a
+Redis restart: one reader task holds a single pub/sub connection for all channels and
+reconnects with jittered backoff, resubscribing every channel in use; notifications sent while
+it was away are lost, which followers cover by polling the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import weakref
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from inferd.errors import ConfigError
+from inferd.jobs.types import EventBus
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import PubSub
+
+__all__ = [
+    "InProcessEventBus",
+    "RedisEventBus",
+    "Subscription",
+    "SupportsReady",
+    "create_event_bus",
+]
+
+log = logging.getLogger("inferd.jobs.events")
+
+
+@runtime_checkable
+class SupportsReady(Protocol):
+    """A subscription that can say when publishes reach it (Redis subscribes asynchronously)."""
+
+    async def ready(self) -> None:
+        """Return once publishes are delivered, or after a bounded wait if they cannot be."""
+
+
+class _Slot:
+    """One subscriber's mailbox: only the highest seq is kept, so a lagging reader costs O(1)."""
+
+    __slots__ = ("closed", "latest", "wake")
+
+    def __init__(self) -> None:
+        self.latest: int | None = None
+        self.closed = False
+        self.wake = asyncio.Event()
+
+    def offer(self, seq: int) -> None:
+        if self.latest is None or seq > self.latest:
+            self.latest = seq
+        self.wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake.set()
+
+
+def _why(exc: BaseException) -> str:
+    # redis-py's exceptions have a terse repr ("network:ConnectionError"); say what happened.
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Subscription(AsyncIterator[int]):
+    """The seqs published for one request (while the reader lags, only the highest is kept).
+    Leaves its bus on :meth:`aclose`, when the bus closes, or when garbage-collected."""
+
+    def __init__(self, bus: InProcessEventBus, request_id: str) -> None:
+        self.request_id = request_id
+        self._bus, self._slot = bus, _Slot()
+        bus._add(request_id, self._slot)  # registered now, not on first anext: no gap
+        # The finalizer holds the bus and the slot, never the subscription itself.
+        self._finalizer = weakref.finalize(self, bus._discard_soon, request_id, self._slot)
+
+    async def __anext__(self) -> int:
+        slot = self._slot
+        while not slot.closed:
+            if slot.latest is not None:
+                seq, slot.latest = slot.latest, None
+                slot.wake.clear()
+                return seq
+            await slot.wake.wait()
+        raise StopAsyncIteration
+
+    async def ready(self) -> None:
+        """Return once publishes reach this subscription (a bounded wait)."""
+        if not self._slot.closed:
+            await self._bus._ready(self.request_id)
+
+    async def aclose(self) -> None:
+        """End the iteration and leave the bus."""
+        self._slot.close()
+        if self._finalizer.detach() is not None:
+            self._bus._discard(self.request_id, self._slot)
+
+
+class InProcessEventBus:
+    """An :class:`~inferd.jobs.types.EventBus` for followers in this process."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, set[_Slot]] = {}
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def publish(self, request_id: str, seq: int) -> None:
+        """Wake every current subscriber of ``request_id``."""
+        self._wake(request_id, seq)
+
+    def subscribe(self, request_id: str) -> Subscription:
+        """Subscribe now (call on the event loop); iterate the result to receive seqs."""
+        return Subscription(self, request_id)
+
+    def subscriber_count(self, request_id: str | None = None) -> int:
+        """Subscribers of ``request_id``, or of every request."""
+        if request_id is not None:
+            return len(self._slots.get(request_id, ()))
+        return sum(len(slots) for slots in self._slots.values())
+
+    async def close(self) -> None:
+        """End every subscription."""
+        self._closed = True
+        for request_id, slots in list(self._slots.items()):
+            for slot in list(slots):
+                self._discard(request_id, slot)
+
+    def _wake(self, request_id: str, seq: int) -> None:
+        for slot in tuple(self._slots.get(request_id, ())):
+            slot.offer(seq)
+
+    def _add(self, request_id: str, slot: _Slot) -> None:
+        if self._closed:
+            slot.close()
+            return
+        self._loop = asyncio.get_running_loop()
+        if request_id not in self._slots:
+            self._slots[request_id] = set()
+            self._first(request_id)
+        self._slots[request_id].add(slot)
+
+    def _discard(self, request_id: str, slot: _Slot) -> None:
+        slot.close()
+        slots = self._slots.get(request_id)
+        if slots is not None and slot in slots:
+            slots.discard(slot)
+            if not slots:
+                del self._slots[request_id]
+                self._last(request_id)
+
+    def _discard_soon(self, request_id: str, slot: _Slot) -> None:
+        # Garbage collection may run this in any thread, or in the middle of a publish: hand
+        # the removal to the event loop, or do it now if that loop is gone.
+        try:
+            if self._loop is None:
+                raise RuntimeError("no event loop")
+            self._loop.call_soon_threadsafe(self._discard, request_id, slot)
+        except RuntimeError:
+            self._discard(request_id, slot)
+
+    # Hooks for buses that must act when a request gains its first or loses its last follower.
+    def _first(self, request_id: str) -> None:
+        pass
+
+    def _last(self, request_id: str) -> None:
+        pass
+
+    async def _ready(self, request_id: str) -> None:
+        pass
+
+
+class RedisEventBus(InProcessEventBus):
+    """An :class:`~inferd.jobs.types.EventBus` across processes: channel
+    ``<prefix><request_id>``, payload the seq as text. One connection publishes; one pub/sub
+    connection, owned by a reader task, carries every channel this process follows.
+
+    A subscription's ``ready()`` waits (at most ``timeout``) until Redis acknowledged its
+    SUBSCRIBE, and returns at once while Redis is unreachable. ``connected`` tells whether the
+    pub/sub connection is up, ``disconnects`` how often it was lost, ``publish_errors`` how
+    many publishes did not reach Redis."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "inferd:events:",
+        timeout: float = 1.0,
+        ping_interval: float = 5.0,
+        reconnect_delay: tuple[float, float] = (0.1, 5.0),
+    ) -> None:
+        try:
+            from redis.asyncio import Redis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ConfigError("the Redis event bus needs: pip install 'inferd[redis]'") from exc
+        super().__init__()
+        self._prefix, self._timeout, self._ping = prefix, timeout, ping_interval
+        self._delays = reconnect_delay
+        opts: dict[str, Any] = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
+        # One retry lets a publish ride over a connection that died in a Redis restart.
+        self._pub: Redis = Redis.from_url(url, retry=Retry(NoBackoff(), 1), **opts)
+        # The reader rebuilds its connection itself; redis-py's own retries would race it.
+        self._sub: Redis = Redis.from_url(url, retry=Retry(NoBackoff(), 0), **opts)
+        self._wanted: set[str] = set()  # request ids with subscribers in this process
+        self._active: set[str] = set()  # SUBSCRIBE sent on the current connection
+        self._confirmed: dict[str, asyncio.Event] = {}  # set once Redis acknowledged it
+        self._dirty = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+        self._publish_down, self._publish_retry_at = False, 0.0
+        self._unreachable = False  # the last connection attempt failed, or the connection died
+        self.connected = False
+        self.disconnects = 0
+        self.publish_errors = 0
+
+    async def publish(self, request_id: str, seq: int) -> None:
+        """Publish to Redis; on failure log (once per outage), count, and wake local followers.
+        Never raises: the event is already stored and followers poll the store."""
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        if self._publish_down and loop.time() < self._publish_retry_at:
+            # Redis failed moments ago: do not make every chunk wait for it to fail again.
+            self.publish_errors += 1
+            self._wake(request_id, seq)
+            return
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._pub.publish(self._prefix + request_id, str(seq))
+        except Exception as exc:  # best effort by design: the store is the source of truth
+            self.publish_errors += 1
+            self._publish_retry_at = loop.time() + self._delays[0]
+            if not self._publish_down:
+                log.warning(
+                    "event bus: publish to Redis failed; followers will poll: %s", _why(exc)
+                )
+            self._publish_down = True
+            self._wake(request_id, seq)
+        else:
+            if self._publish_down:
+                log.info("event bus: publishing to Redis again")
+            self._publish_down = False
+
+    async def _ready(self, request_id: str) -> None:
+        confirmed = self._confirmed.get(request_id)
+        if confirmed is None or self._unreachable:
+            return  # in an outage there is nothing to wait for: followers poll
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._timeout):
+                await confirmed.wait()
+
+    def _first(self, request_id: str) -> None:
+        self._wanted.add(request_id)
+        confirmed = self._confirmed.setdefault(request_id, asyncio.Event())
+        if request_id in self._active:
+            confirmed.set()  # came back before the reader got to UNSUBSCRIBE it
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._run())
+        self._dirty.set()
+
+    def _last(self, request_id: str) -> None:
+        self._wanted.discard(request_id)
+        if request_id not in self._active:
+            self._confirmed.pop(request_id, None)
+        self._dirty.set()
+
+    async def _run(self) -> None:
+        delay = self._delays[0]
+        while not self._closed:
+            pubsub = self._sub.pubsub()
+            try:
+                await pubsub.connect()  # type: ignore[no-untyped-call]
+                self.connected, self._unreachable, delay = True, False, self._delays[0]
+                if self.disconnects:
+                    log.info("event bus: Redis pub/sub reconnected")
+                await self._serve(pubsub)
+            except Exception as exc:  # any failure: rebuild the connection from scratch
+                if self.connected:
+                    self.disconnects += 1
+                    log.warning("event bus: Redis pub/sub lost; reconnecting: %s", _why(exc))
+                else:
+                    log.debug("event bus: Redis pub/sub unreachable: %s", _why(exc))
+            finally:
+                self.connected, self._unreachable = False, True
+                self._active.clear()
+                old, self._confirmed = self._confirmed, {r: asyncio.Event() for r in self._wanted}
+                for confirmed in old.values():
+                    confirmed.set()  # release ready() waiters: the next connection may be far off
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter spreads processes
+            delay = min(delay * 2, self._delays[1])
+
+    async def _serve(self, pubsub: PubSub) -> None:
+        loop = asyncio.get_running_loop()
+        heard, pinged = loop.time(), False
+        # One read stays pending across iterations (cancelling a read mid-reply would
+        # desynchronise the connection); SUBSCRIBE and PING are written while it waits.
+        read: asyncio.Task[Any] | None = None
+        try:
+            while True:
+                self._dirty.clear()
+                await self._sync(pubsub)
+                if read is None:
+                    read = loop.create_task(pubsub.get_message(timeout=None))
+                idle = loop.time() - heard
+                if idle >= 2 * self._ping:
+                    raise ConnectionError("Redis did not answer PING")
+                if idle >= self._ping and not pinged:
+                    await pubsub.ping()  # a half-open TCP connection only shows as silence
+                    pinged = True
+                dirty = loop.create_task(self._dirty.wait())
+                timeout = (2 if pinged else 1) * self._ping - idle
+                await asyncio.wait({read, dirty}, timeout=timeout, return_when="FIRST_COMPLETED")
+                dirty.cancel()
+                if read.done():
+                    message, read = read.result(), None
+                    heard, pinged = loop.time(), False
+                    if message is not None:
+                        self._handle(message)
+        finally:
+            if read is not None:
+                read.cancel()
+
+    async def _sync(self, pubsub: PubSub) -> None:
+        add, drop = self._wanted - self._active, self._active - self._wanted
+        if add:
+            self._active |= add
+            await pubsub.subscribe(*(self._prefix + r for r in add))
+        if drop:
+            self._active -= drop
+            for request_id in drop:
+                self._confirmed.pop(request_id, None)
+            await pubsub.unsubscribe(*(self._prefix + r for r in drop))
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        channel, prefix = message.get("channel"), self._prefix.encode()
+        if not isinstance(channel, bytes) or not channel.startswith(prefix):
+            return  # pong
+        request_id = channel[len(prefix) :].decode()
+        if message["type"] == "message":
+            try:
+                self._wake(request_id, int(message["data"]))
+            except (TypeError, ValueError):
+                log.debug("event bus: ignoring payload %r on %r", message["data"], channel)
+        elif message["type"] == "subscribe" and request_id in self._active:
+            # An acknowledgement from before an UNSUBSCRIBE/SUBSCRIBE pair may land here; the
+            # newer SUBSCRIBE is already on the wire, so at worst one publish waits for a poll.
+            self._confirmed.get(request_id, asyncio.Event()).set()
+
+    async def close(self) -> None:
+        """End every subscription and close both connections."""
+        await super().close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        await self._sub.aclose()
+        await self._pub.aclose()
+
+
+def create_event_bus(redis_url: str | None) -> EventBus:
+    """A :class:`RedisEventBus` when ``redis_url`` is set, else an :class:`InProcessEventBus`."""
+    if redis_url:
+        return RedisEventBus(redis_url)
+    return InProcessEventBus()
