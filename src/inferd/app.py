@@ -2,7 +2,10 @@
 
 request ─▶ RequestContextMiddleware (id, access log, request metrics)
          ─▶ HotPath (POST /predict, /v1/models/{name}/predict)
-         ─▶ FastAPI (health, metrics, metadata, docs)
+         ─▶ FastAPI (health, metrics, metadata, docs, /v1/requests)
+
+Long-running requests: RequestService (API side) and in-process Workers over one SqlStore
+(SQLite by default, PostgreSQL to scale out) and an EventBus (in-process, or Redis).
 """
 
 from __future__ import annotations
@@ -19,6 +22,12 @@ from inferd.errors import InferdError
 from inferd.http.api import build_api
 from inferd.http.context import RequestContextMiddleware
 from inferd.http.hotpath import HotPath
+from inferd.http.requests_api import build_requests_router
+from inferd.jobs.events import create_event_bus
+from inferd.jobs.runner import ModelExecutor
+from inferd.jobs.service import RequestService
+from inferd.jobs.sql import SqlStore
+from inferd.jobs.worker import Worker
 from inferd.logs import AccessLog, get_logger
 from inferd.metrics import Metrics
 from inferd.models.registry import ModelRegistry
@@ -41,7 +50,37 @@ class InferdApp:
         self.on_fatal = on_fatal
         self._loader: asyncio.Task[None] | None = None
         self.hot = HotPath(self.registry, settings)
+        self.store = SqlStore(
+            settings.effective_database_url,
+            backoff_base=settings.retry_base_seconds,
+            backoff_max=settings.retry_max_seconds,
+        )
+        self.bus = create_event_bus(settings.redis_url)
+        self.executor = ModelExecutor(self.registry, settings.max_instances)
+        self.worker: Worker | None = None
+        if settings.workers > 0:
+            self.worker = Worker(
+                self.store,
+                self.bus,
+                self.executor,
+                concurrency=settings.workers,
+                lease_seconds=settings.lease_seconds,
+                heartbeat_seconds=settings.heartbeat_seconds,
+                poll_seconds=settings.poll_seconds,
+                on_outcome=self._count_outcome,
+            )
+        self.requests = RequestService(
+            self.store,
+            self.bus,
+            self.executor,
+            max_attempts=settings.max_attempts,
+            sse_keepalive=settings.sse_keepalive_seconds,
+            sse_retry_ms=settings.sse_retry_ms,
+            on_submit=self.worker.wake if self.worker is not None else None,
+        )
         self.api: FastAPI = build_api(self.registry, self.metrics, self.hot, self._lifespan)
+        self.api.include_router(build_requests_router(self.requests, settings.max_body_bytes))
+        self._worker_task: asyncio.Task[None] | None = None
         self.access_log = AccessLog(enabled=settings.access_log, level=settings.log_level)
         self._asgi = RequestContextMiddleware(
             self.api, self.metrics, self.access_log, fast=self.hot
@@ -54,21 +93,70 @@ class InferdApp:
     @contextlib.asynccontextmanager
     async def _lifespan(self, api: FastAPI) -> AsyncIterator[None]:
         entries = self.registry.plan()  # a wrong repository fails start-up right here
+        try:
+            await self._prepare_database()
+        except InferdError as exc:
+            log.critical("start-up failed: the request store is not usable", detail=exc.message)
+            if self.on_fatal is None:
+                raise
+            self.registry.failure = exc.message
+            self.on_fatal(exc)  # the server stops with this message instead of a traceback
+            entries = []
         loop = asyncio.get_running_loop()
         self._loader = loop.create_task(self._load(entries), name="model-loader")
         self._flusher = loop.create_task(self._flush_access_log(), name="access-log-flusher")
+        self._counter = loop.create_task(self._watch_jobs(), name="job-counter")
         try:
             yield
         finally:
-            self._flusher.cancel()
-            self.access_log.flush()
             if self._loader is not None and not self._loader.done():
                 self._loader.cancel()
                 await asyncio.gather(self._loader, return_exceptions=True)
+            if self.worker is not None:
+                await self.worker.stop(grace=self.settings.shutdown_grace_seconds)
+            if self._worker_task is not None:
+                self._worker_task.cancel()
+                await asyncio.gather(self._worker_task, return_exceptions=True)
             await self.registry.stop(grace=5.0)
+            await self.bus.close()
+            await self.store.close()
             log.info("stopped")
+            self._counter.cancel()
+            self._flusher.cancel()
+            self.access_log.flush()
+
+    def _count_outcome(self, model: str, outcome: str, seconds: float) -> None:
+        self.metrics.job_runs.labels(model, outcome).inc()
+        self.metrics.job_seconds.labels(model).observe(seconds)
+
+    async def _watch_jobs(self) -> None:
+        """Keep ``inference_jobs`` current (a gauge cannot await a query at scrape time)."""
+        while True:
+            try:
+                for status, count in (await self.store.counts()).items():
+                    self.metrics.jobs.labels(status).set(count)
+            except Exception as exc:
+                log.warning("could not count jobs", detail=repr(exc))
+            await asyncio.sleep(5.0)
+
+    async def _prepare_database(self) -> None:
+        from inferd.jobs.migrate import migrate
+
+        if self.settings.database_url is None:
+            self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.settings.auto_migrate:
+            await migrate(self.settings.effective_database_url)
+
+    def _start_worker(self) -> None:
+        if self.worker is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.worker.run(), name="worker")
+        task.add_done_callback(_watch("in-process worker"))
+        self._worker_task = task
 
     async def _load(self, entries: Any) -> None:
+        if self.registry.failure:
+            return
         try:
             await self.registry.load_all(entries)
         except InferdError as exc:
@@ -82,6 +170,7 @@ class InferdApp:
             if self.on_fatal is not None:
                 self.on_fatal(exc)
         else:
+            self._start_worker()
             if self.settings.gc_freeze:
                 gc.collect()
                 gc.freeze()
@@ -102,6 +191,16 @@ class InferdApp:
             if loop.time() > end:
                 raise TimeoutError("models did not become ready in time")
             await asyncio.sleep(0.01)
+
+
+def _watch(what: str) -> Callable[[asyncio.Task[None]], None]:
+    """A done-callback that says loudly when a background task dies."""
+
+    def done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical(f"{what} died", detail=repr(task.exception()), exc_info=task.exception())
+
+    return done
 
 
 def create_app(

@@ -17,7 +17,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from inferd import __version__
-from inferd.errors import ConfigError
+from inferd.errors import ConfigError, InferdError
 
 __all__ = ["app", "main"]
 
@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Inspect the model repository and create the demo models.")
 app.add_typer(models_app, name="models")
+db_app = typer.Typer(help="The database of long-running requests.")
+app.add_typer(db_app, name="db")
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console()
@@ -83,6 +85,18 @@ def serve(
     log_format: Annotated[
         str | None, typer.Option(help="json or console [INFERD_LOG_FORMAT].")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="In-process workers for long-running requests; 0: none [INFERD_WORKERS]."
+        ),
+    ] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="Database of requests [INFERD_DATABASE_URL].")
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis for events across processes [INFERD_REDIS_URL].")
+    ] = None,
 ) -> None:
     """Serve the models of the repository over HTTP."""
     settings = _settings(
@@ -93,6 +107,9 @@ def serve(
         default_model=default_model,
         log_level=log_level,
         log_format=log_format,
+        workers=workers,
+        database_url=database_url,
+        redis_url=redis_url,
     )
     from inferd.logs import configure_logging
 
@@ -138,6 +155,66 @@ def serve(
     server.run()
     if failed:
         raise _fail(getattr(failed[0], "message", None) or repr(failed[0]), 1)
+    if not server.started:
+        raise _fail("start-up failed; the log above says why", 1)
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", "-n", help="Jobs run at once [INFERD_WORKERS].")
+    ] = None,
+    models_dir: ModelsDirOpt = None,
+    config: ConfigOpt = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="Database of requests [INFERD_DATABASE_URL].")
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis for waking API processes [INFERD_REDIS_URL].")
+    ] = None,
+    burst: Annotated[
+        bool, typer.Option("--burst", help="Exit once no job is left to run.")
+    ] = False,
+) -> None:
+    """Run long-running requests from the shared queue (scale these out)."""
+    import asyncio
+
+    settings = _settings(
+        config, models_dir=models_dir, database_url=database_url, redis_url=redis_url
+    )
+    from inferd.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
+    from inferd.jobs.process import run_worker
+
+    try:
+        ran = asyncio.run(run_worker(settings, concurrency or max(settings.workers, 1), burst))
+    except InferdError as exc:
+        raise _fail(exc.message, 2) from None
+    if burst:
+        out.print(f"ran {ran} job(s)")
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    config: ConfigOpt = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="Database of requests [INFERD_DATABASE_URL].")
+    ] = None,
+) -> None:
+    """Create or migrate the schema to the latest version."""
+    import asyncio
+
+    settings = _settings(config, database_url=database_url)
+    from inferd.jobs.migrate import migrate
+
+    if settings.database_url is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        asyncio.run(migrate(settings.effective_database_url))
+    except InferdError as exc:
+        raise _fail(exc.message, 2) from None
+    out.print("database schema is up to date")
 
 
 def _server_class() -> Any:

@@ -14,7 +14,7 @@ import orjson
 from inferd.errors import BadRequest, PayloadTooLarge, ValidationFailed
 from inferd.models.base import FloatArray
 
-__all__ = ["ParsedRequest", "parse_predict", "render_rows"]
+__all__ = ["ParsedRequest", "parse_predict", "parse_predict_doc", "render_rows"]
 
 _MAX_REQUEST_ID = 128
 _NUMBER = (int, float)
@@ -49,6 +49,17 @@ def parse_predict(
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise BadRequest(f"request body must be a JSON object, got {_kind(doc)}")
+    return parse_predict_doc(doc, n_features, feature_names, max_instances, allow_batch)
+
+
+def parse_predict_doc(
+    doc: dict[str, Any],
+    n_features: int,
+    feature_names: list[str],
+    max_instances: int,
+    allow_batch: bool,
+) -> ParsedRequest:
+    """Validate an already-decoded prediction object (see :func:`parse_predict`)."""
     request_id = doc.get("request_id")
     if request_id is not None and (
         not isinstance(request_id, str) or not 0 < len(request_id) <= _MAX_REQUEST_ID

@@ -84,6 +84,7 @@ def configure_logging(
         logger.handlers.clear()
         logger.propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # inferd writes its own access lines
+    logging.getLogger("alembic").setLevel(max(numeric, logging.WARNING))  # one line per plugin
 
 
 def get_logger(name: str) -> Any:

@@ -124,6 +124,27 @@ class Metrics:
             mv,
             registry=r,
         )
+        # Long-running requests.
+        self.jobs = Gauge(
+            "inference_jobs",
+            "Long-running requests by status (queued, running, succeeded, failed, cancelled, dead),"
+            " read from the database; the queue depth to autoscale workers on.",
+            ("status",),
+            registry=r,
+        )
+        self.job_runs = Counter(
+            "inference_job_runs_total",
+            "Attempts run by this process's workers, by model and outcome.",
+            ("model", "outcome"),
+            registry=r,
+        )
+        self.job_seconds = Histogram(
+            "inference_job_seconds",
+            "Time a worker spent on one attempt of a long-running request.",
+            ("model",),
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
         self.client_disconnects = Counter(
             "inference_client_disconnects_total",
             "Prediction requests whose client went away before the answer; dropped unrun.",

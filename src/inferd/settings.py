@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -102,7 +102,54 @@ class Settings(BaseSettings):
 
     # --- storage ------------------------------------------------------------------------------
     data_dir: Path = Path(".inferd")
-    """Folder for the embedded state of this process."""
+    """Folder for the embedded state of this process (the SQLite database by default)."""
+
+    database_url: str | None = None
+    """Where long-running requests, their events and jobs are stored. Unset: an embedded SQLite
+    file ``<data_dir>/inferd.db``. Scale-out: ``postgresql+asyncpg://user:pass@host/db``."""
+
+    redis_url: str | None = None
+    """Redis for fan-out of request events across API processes (``redis://host:6379/0``).
+    Unset: events are fanned out inside this process only."""
+
+    auto_migrate: bool = True
+    """Bring the database schema up to date at start-up (``inferd db upgrade`` does it alone)."""
+
+    # --- long-running requests ----------------------------------------------------------------
+    workers: int = Field(default=2, ge=0, le=256)
+    """Requests this process runs at the same time with in-process workers. 0: none (an API-only
+    replica; run ``inferd worker`` processes instead)."""
+
+    lease_seconds: float = Field(default=30.0, gt=0)
+    """How long a worker's claim on a job lasts without a heartbeat before another worker may
+    take the job over."""
+
+    heartbeat_seconds: float = Field(default=1.0, gt=0)
+    """How often a worker extends its lease and checks for cancellation; must be well under
+    ``lease_seconds``."""
+
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    """Attempts a request gets before it is ``dead``."""
+
+    retry_base_seconds: float = Field(default=1.0, ge=0)
+    """First retry delay; doubles with each attempt (with jitter) up to ``retry_max_seconds``."""
+
+    retry_max_seconds: float = Field(default=60.0, ge=0)
+    """Longest retry delay."""
+
+    poll_seconds: float = Field(default=0.5, gt=0)
+    """How often an idle worker looks for queued jobs (in-process workers are also woken at
+    once when this process accepts a request)."""
+
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    """On SIGTERM, how long running jobs may take to finish before they are handed back to the
+    queue (without burning an attempt)."""
+
+    sse_keepalive_seconds: float = Field(default=15.0, gt=0)
+    """Seconds between keep-alive comments on an idle event stream."""
+
+    sse_retry_ms: int = Field(default=1000, ge=0)
+    """The ``retry:`` hint sent to event-stream clients (reconnection delay)."""
 
     @field_validator("models", mode="before")
     @classmethod
@@ -111,6 +158,24 @@ class Settings(BaseSettings):
             names = [part.strip() for part in value.split(",") if part.strip()]
             return names or None
         return value
+
+    @property
+    def effective_database_url(self) -> str:
+        """``database_url``, or the embedded SQLite file under ``data_dir``."""
+        if self.database_url:
+            return self.database_url
+        from inferd.jobs.schema import sqlite_url
+
+        return sqlite_url((self.data_dir / "inferd.db").resolve())
+
+    @model_validator(mode="after")
+    def _heartbeat_under_lease(self) -> Settings:
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_seconds ({self.heartbeat_seconds}) must be less than lease_seconds "
+                f"({self.lease_seconds}), or leases expire between heartbeats"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

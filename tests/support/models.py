@@ -83,3 +83,86 @@ def write_scripted_model(
     (folder / "model.toml").write_text("\n".join(lines) + "\n")
     (folder / str(version) / "behaviour.json").write_text(json.dumps(behaviour))
     return folder / str(version)
+
+
+class ScriptedStreamer:
+    """A streaming model for long-running requests.
+
+    ``input`` is a string; the model yields ``parameters["chunks"]`` (default 3) pieces
+    ``"<input>-<i>"``, sleeping ``behaviour["chunk_delay_s"]`` before each. ``input == "boom"``
+    raises on every attempt; ``"flaky:N"`` raises on the first N attempts of that request
+    (counted in ``behaviour["state_dir"]``). It stops between chunks when asked to.
+    """
+
+    can_stream = True
+
+    def __init__(self, spec: Any, version: int, path: Path) -> None:
+        self.spec = spec
+        self.version = version
+        self.path = path
+        self.behaviour: dict[str, Any] = {}
+
+    def load(self) -> None:
+        config = self.path / "behaviour.json"
+        self.behaviour = json.loads(config.read_text()) if config.is_file() else {}
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        out = np.full((batch.shape[0], 3), 0.1)
+        out[:, 0] = 0.8
+        return out
+
+    def classes(self) -> list[int | str]:
+        return [0, 1, 2]
+
+    def validate_request(self, input: Any, parameters: dict[str, Any]) -> None:
+        from inferd.errors import ValidationFailed
+
+        if not isinstance(input, str):
+            raise ValidationFailed("input must be a string")
+        unknown = set(parameters) - {"chunks"}
+        if unknown:
+            raise ValidationFailed(f"unknown parameters: {', '.join(sorted(unknown))}")
+
+    def stream(self, input: str, parameters: dict[str, Any], should_stop: Any) -> Any:
+        if input == "boom":
+            raise RuntimeError("the model exploded")
+        if input.startswith("flaky:"):
+            state = Path(self.behaviour["state_dir"]) / input.replace(":", "_")
+            seen = int(state.read_text()) if state.exists() else 0
+            state.write_text(str(seen + 1))
+            if seen < int(input.split(":", 1)[1]):
+                raise RuntimeError(f"flaky failure {seen + 1}")
+        delay = float(self.behaviour.get("chunk_delay_s", 0.0))
+        for i in range(int(parameters.get("chunks", 3))):
+            if should_stop():
+                return
+            time.sleep(delay)
+            if should_stop():
+                return
+            yield f"{input}-{i}"
+
+    def unload(self) -> None:
+        self.behaviour = {}
+
+
+def write_streaming_model(root: Path, name: str = "streamer", **behaviour: Any) -> Path:
+    """Write ``root/name`` as a :class:`ScriptedStreamer` and return its version folder."""
+    folder = root / name
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    (folder / "model.toml").write_text(
+        "\n".join(
+            [
+                'runtime = "python"',
+                'class = "tests.support.models:ScriptedStreamer"',
+                'description = "scripted streaming test model"',
+                "[input]",
+                'features = ["x", "y", "z", "w"]',
+                "example = [0.0, 0.0, 0.0, 0.0]",
+                "[output]",
+                'labels = ["a", "b", "c"]',
+            ]
+        )
+        + "\n"
+    )
+    (folder / "1" / "behaviour.json").write_text(json.dumps(behaviour))
+    return folder / "1"

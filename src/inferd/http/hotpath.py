@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from inferd.batching import Batcher
 from inferd.codec import parse_predict, render_rows
 from inferd.errors import (
     BadRequest,
@@ -21,6 +22,7 @@ from inferd.errors import (
     InferdError,
     PayloadTooLarge,
     UnsupportedMediaType,
+    ValidationFailed,
 )
 from inferd.http.context import RequestContext
 from inferd.http.responses import error_body
@@ -96,6 +98,11 @@ class HotPath:
         loaded = registry.get_default() if route == DEFAULT_ROUTE else registry.get(route)
         batcher = loaded.batcher
         ctx.model, ctx.version = loaded.name, loaded.version_str
+        if batcher is None:
+            raise ValidationFailed(
+                f"model {loaded.name!r} generates text; submit it with POST /v1/requests and "
+                "follow its events"
+            )
         batcher.check_admission()  # shed before reading the body
 
         timeout = self.timeout
@@ -131,7 +138,7 @@ class HotPath:
             ctx.request_id = parsed.request_id
         rows = parsed.rows
         output = await self._infer(
-            loaded, rows, rows.shape[0], ctx.started_loop + timeout, receive, ctx
+            loaded, batcher, rows, rows.shape[0], ctx.started_loop + timeout, receive, ctx
         )
 
         results = render_rows(output, spec.task, loaded.classes, loaded.labels)
@@ -168,6 +175,7 @@ class HotPath:
     async def _infer(
         self,
         loaded: LoadedModel,
+        batcher: Batcher[Any, Any],
         rows: Any,
         n: int,
         deadline: float,
@@ -180,7 +188,6 @@ class HotPath:
         the batcher asks the connection directly (no cost per request); under another server,
         a request that will not make the next batch gets a task that waits for the disconnect.
         """
-        batcher = loaded.batcher
         gone = _disconnect_probe(receive)
         watch = None
         if gone is None and (batcher.depth >= batcher.max_batch_size or batcher.running):

@@ -55,6 +55,21 @@ class PythonModel:
         result: FloatArray = self._impl.predict(batch)
         return result
 
+    @property
+    def request_validator(self) -> Any:
+        """The user's ``validate_request(input, parameters)``, if it has one."""
+        validate = getattr(self._impl, "validate_request", None)
+        return validate if callable(validate) else None
+
+    @property
+    def can_stream(self) -> bool:
+        """True when the user's class has a ``stream(input, parameters, should_stop)``."""
+        return callable(getattr(self._impl, "stream", None))
+
+    def stream(self, input: Any, parameters: dict[str, Any], should_stop: Any) -> Any:
+        """Delegate to the user's ``stream``."""
+        return self._impl.stream(input, parameters, should_stop)
+
     def classes(self) -> list[int | str] | None:
         classes = getattr(self._impl, "classes", None)
         if callable(classes):

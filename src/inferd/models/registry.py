@@ -41,6 +41,10 @@ def create_model(spec: ModelSpec, version: int, path: Path) -> Model:
         return SklearnModel(spec, version, path)
     if spec.runtime == "python":
         return PythonModel(spec, version, path)
+    if spec.runtime == "transformers":
+        from inferd.models.textgen import TextGenerationModel
+
+        return TextGenerationModel(spec, version, path)
     raise ModelLoadError(f"model {spec.name!r}: unknown runtime {spec.runtime!r}")
 
 
@@ -51,7 +55,8 @@ class LoadedModel:
     entry: ModelEntry
     version: int
     model: Model
-    batcher: Batcher[FloatArray, FloatArray]
+    batcher: Batcher[FloatArray, FloatArray] | None
+    """None for text generation: those models serve long-running requests only."""
     state: ModelState = ModelState.LOADING
     error: str | None = None
     load_seconds: float | None = None
@@ -81,18 +86,30 @@ class LoadedModel:
             "runtime": spec.runtime,
             "task": spec.task,
             "description": spec.description,
+            "load_seconds": self.load_seconds,
+            "error": self.error,
+            **self._io(),
+        }
+
+    def _io(self) -> dict[str, Any]:
+        spec, batcher = self.spec, self.batcher
+        if batcher is None:
+            return {
+                "inputs": {"type": spec.input.type, "max_chars": spec.input.max_chars},
+                "generation": spec.generation.model_dump() if spec.generation else None,
+                "endpoint": "/v1/requests",
+            }
+        return {
             "inputs": {"features": spec.input.features, "example": spec.input.example},
             "outputs": {"labels": self.labels, "classes": self.classes},
             "batching": {
-                "max_batch_size": self.batcher.max_batch_size,
-                "batch_window_ms": self.batcher.window * 1000.0,
-                "max_queue_size": self.batcher.max_queue_size,
-                "shed_at": self.batcher.shed_limit,
-                "concurrency": self.batcher.concurrency,
+                "max_batch_size": batcher.max_batch_size,
+                "batch_window_ms": batcher.window * 1000.0,
+                "max_queue_size": batcher.max_queue_size,
+                "shed_at": batcher.shed_limit,
+                "concurrency": batcher.concurrency,
             },
-            "queue_depth": self.batcher.depth,
-            "load_seconds": self.load_seconds,
-            "error": self.error,
+            "queue_depth": batcher.depth,
         }
 
 
@@ -196,19 +213,21 @@ class ModelRegistry:
         def on_reject(reason: str) -> None:
             m.queue_rejections.labels(spec.name, vstr, reason).inc()
 
-        batcher: Batcher[FloatArray, FloatArray] = Batcher(
-            model.predict,
-            name=f"{spec.name}:{version}",
-            max_batch_size=b.max_batch_size or s.max_batch_size,
-            window=(b.batch_window_ms if b.batch_window_ms is not None else s.batch_window_ms)
-            / 1000.0,
-            max_queue_size=b.max_queue_size or s.max_queue_size,
-            shed_threshold=s.shed_threshold,
-            concurrency=b.concurrency or s.batch_concurrency,
-            retry_after=s.retry_after_s,
-            on_batch=on_batch,
-            on_reject=on_reject,
-        )
+        batcher: Batcher[FloatArray, FloatArray] | None = None
+        if not spec.generates_text:
+            batcher = Batcher(
+                model.predict,
+                name=f"{spec.name}:{version}",
+                max_batch_size=b.max_batch_size or s.max_batch_size,
+                window=(b.batch_window_ms if b.batch_window_ms is not None else s.batch_window_ms)
+                / 1000.0,
+                max_queue_size=b.max_queue_size or s.max_queue_size,
+                shed_threshold=s.shed_threshold,
+                concurrency=b.concurrency or s.batch_concurrency,
+                retry_after=s.retry_after_s,
+                on_batch=on_batch,
+                on_reject=on_reject,
+            )
         loaded = LoadedModel(
             entry=entry,
             version=version,
@@ -221,8 +240,11 @@ class ModelRegistry:
         m.model_ready.labels(spec.name, vstr).set(0)
         started = time.perf_counter()
         try:
-            await run_blocking(self._load_and_check, loaded)
-            await batcher.on_each_worker(lambda: self._warm_up(loaded))
+            if batcher is None:
+                await run_blocking(self._load_streaming, loaded)
+            else:
+                await run_blocking(self._load_and_check, loaded)
+                await batcher.on_each_worker(lambda: self._warm_up(loaded))
         except Exception as exc:
             loaded.state = ModelState.FAILED
             loaded.error = exc.message if isinstance(exc, InferdError) else repr(exc)
@@ -233,8 +255,9 @@ class ModelRegistry:
             raise ModelLoadError(f"model {spec.name!r} version {version}: {exc!r}") from exc
         loaded.load_seconds = time.perf_counter() - started
         loaded.loaded_at = time.time()
-        batcher.start()
-        m.queue_depth.labels(spec.name, vstr).set_function(lambda: batcher.depth)
+        if batcher is not None:
+            batcher.start()
+            m.queue_depth.labels(spec.name, vstr).set_function(lambda: batcher.depth)
         m.model_load_seconds.labels(spec.name, vstr).set(loaded.load_seconds)
         m.model_version_info.labels(spec.name, vstr, spec.runtime).set(1)
         m.model_ready.labels(spec.name, vstr).set(1)
@@ -262,6 +285,15 @@ class ModelRegistry:
         _validate_output(loaded, batch, model.predict(batch))
 
     @staticmethod
+    def _load_streaming(loaded: LoadedModel) -> None:
+        """Blocking: load a text model and run one short generation through it."""
+        model = loaded.model
+        model.load()
+        warm_up = getattr(model, "warm_up", None)
+        if callable(warm_up):
+            warm_up()
+
+    @staticmethod
     def _warm_up(loaded: LoadedModel) -> None:
         """Blocking: one full batch through the model, in the thread that will serve it."""
         loaded.model.predict(_sample_batch(loaded))
@@ -271,7 +303,10 @@ class ModelRegistry:
         models = list(self._models.values())
         for loaded in models:
             loaded.state = ModelState.UNLOADING
-        await asyncio.gather(*(m.batcher.stop(grace) for m in models), return_exceptions=True)
+        await asyncio.gather(
+            *(m.batcher.stop(grace) for m in models if m.batcher is not None),
+            return_exceptions=True,
+        )
         for loaded in models:
             self.metrics.model_ready.labels(loaded.name, loaded.version_str).set(0)
             self.metrics.model_version_info.labels(
@@ -284,7 +319,8 @@ class ModelRegistry:
 def _sample_batch(loaded: LoadedModel) -> FloatArray:
     spec = loaded.spec
     row = spec.input.example or [0.0] * spec.n_features
-    return np.tile(np.asarray(row, dtype=np.float64), (loaded.batcher.max_batch_size, 1))
+    rows = loaded.batcher.max_batch_size if loaded.batcher is not None else 1
+    return np.tile(np.asarray(row, dtype=np.float64), (rows, 1))
 
 
 def _validate_output(loaded: LoadedModel, batch: FloatArray, out: FloatArray) -> None:

@@ -1,0 +1,106 @@
+"""The long-running requests API as plain methods: what the HTTP routes call."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from inferd.concurrency import run_blocking
+from inferd.errors import NotFound, ValidationFailed
+from inferd.jobs.runner import ModelExecutor
+from inferd.jobs.types import EventBus, Page, RequestRecord, RequestStore
+
+__all__ = ["RequestService"]
+
+_MAX_KEY = 255
+
+
+class RequestService:
+    """Submit, read, list, cancel and follow long-running requests."""
+
+    def __init__(
+        self,
+        store: RequestStore,
+        bus: EventBus,
+        executor: ModelExecutor,
+        *,
+        max_attempts: int = 3,
+        sse_keepalive: float = 15.0,
+        sse_retry_ms: int = 1000,
+        on_submit: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.executor = executor
+        self.max_attempts = max_attempts
+        self.sse_keepalive = sse_keepalive
+        self.sse_retry_ms = sse_retry_ms
+        self.on_submit = on_submit
+
+    async def submit(
+        self, user: str, body: Any, idempotency_key: str | None = None
+    ) -> tuple[RequestRecord, bool]:
+        """Validate and store a request; returns (record, created)."""
+        if not isinstance(body, dict):
+            raise ValidationFailed('the body must be a JSON object {"model", "input", ...}')
+        unknown = set(body) - {"model", "input", "parameters"}
+        if unknown:
+            raise ValidationFailed(
+                f"unknown field(s) {', '.join(sorted(map(repr, unknown)))}; "
+                "expected 'model', 'input' and optionally 'parameters'"
+            )
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ValidationFailed("'model' must be the name of a served model")
+        if "input" not in body:
+            raise ValidationFailed("missing field 'input'")
+        parameters = body.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise ValidationFailed("'parameters' must be an object")
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= _MAX_KEY:
+            raise ValidationFailed(f"Idempotency-Key must be 1 to {_MAX_KEY} characters")
+        # Off the loop: a text model's check tokenizes the prompt.
+        await run_blocking(self.executor.validate, model, body["input"], parameters)
+        record, created = await self.store.create(
+            user=user,
+            model=model,
+            version=self.executor.version_of(model),
+            input=body["input"],
+            parameters=parameters,
+            idempotency_key=idempotency_key,
+            max_attempts=self.max_attempts,
+        )
+        if created and self.on_submit is not None:
+            self.on_submit()
+        return record, created
+
+    async def get(self, user: str, request_id: str) -> RequestRecord:
+        record = await self.store.get(request_id, user)
+        if record is None:
+            raise NotFound(f"request {request_id!r} does not exist")
+        return record
+
+    async def page(self, user: str, cursor: str | None, limit: int) -> Page:
+        return await self.store.page(user, cursor, limit)
+
+    async def cancel(self, user: str, request_id: str) -> RequestRecord:
+        record = await self.store.cancel(request_id, user)
+        if record is None:
+            raise NotFound(f"request {request_id!r} does not exist")
+        if record.last_seq:
+            await self.bus.publish(request_id, record.last_seq)
+        return record
+
+    async def follow(self, user: str, request_id: str, after: int) -> AsyncIterator[bytes]:
+        """The SSE frames of a request, from ``after`` until its terminal event."""
+        from inferd.http.sse import follow
+
+        await self.get(user, request_id)  # 404 for another user's request, before streaming
+        return follow(
+            self.store,
+            self.bus,
+            request_id,
+            after,
+            keepalive=self.sse_keepalive,
+            retry_ms=self.sse_retry_ms,
+        )
