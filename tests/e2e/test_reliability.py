@@ -329,3 +329,20 @@ def test_bad_input_is_refused_clearly(cluster: Cluster) -> None:
     assert oversize.status_code == 413
     assert cursor.status_code == 400
     assert "cursor" in cursor.json()["error"]["message"]
+
+
+def test_sigterm_hands_running_jobs_back_without_burning_an_attempt(cluster: Cluster) -> None:
+    cluster.write_config(shutdown_grace_seconds=0.3)
+    api = cluster.api()
+    leaving = cluster.worker()
+    request_id = submit(api, "term", chunks=12)
+    wait_for(api, request_id, lambda r: r["status"] == "running" and r["responses"])
+    leaving.send_signal(signal.SIGTERM)
+    assert leaving.wait(30) == 0
+    handed_back = record(api, request_id)
+    assert handed_back["status"] == "queued"
+    assert handed_back["attempts"] == 0
+    cluster.worker()
+    done = wait_for(api, request_id, terminal)
+    assert done["status"] == "succeeded"
+    assert done["attempts"] == 1
