@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 BIN := $(VENV)/bin
 
-.PHONY: run test lint unit integration e2e bench models clean
+.PHONY: run test lint unit integration e2e deploy promtool bench models clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,11 +33,24 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-test: lint
+test: lint promtool
 	$(BIN)/pytest
 
 unit integration e2e: $(VENV)/.installed-dev
 	$(BIN)/pytest tests/$@
+
+deploy: $(VENV)/.installed-dev promtool
+	$(BIN)/pytest tests/deploy
+
+# tests/deploy run promtool and prometheus, from Debian's prometheus package.
+promtool:
+	@{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } \
+	    || echo "could not install prometheus; try: apt-get install -y prometheus" >&2; \
+	  else echo "tests/deploy need promtool and prometheus:" \
+	    "sudo apt-get install -y --no-install-recommends prometheus" >&2; fi; }
 
 bench: $(VENV)/.installed-dev
 	@command -v wrk >/dev/null 2>&1 || { \

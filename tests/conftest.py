@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each test by its folder: unit, integration or e2e."""
+    """Mark each test by its folder: unit, integration, e2e or deploy."""
     for item in items:
         parts = Path(str(item.fspath)).parts
-        for tier in ("unit", "integration", "e2e"):
+        for tier in ("unit", "integration", "e2e", "deploy"):
             if tier in parts:
                 item.add_marker(getattr(pytest.mark, tier))
 
