@@ -16,7 +16,7 @@ import gc
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from inferd.errors import InferdError
 from inferd.http.api import build_api
@@ -32,6 +32,10 @@ from inferd.logs import AccessLog, get_logger
 from inferd.metrics import Metrics
 from inferd.models.registry import ModelRegistry
 from inferd.settings import Settings
+from inferd.tenancy.auth import KEYS_CHANNEL, Authenticator
+from inferd.tenancy.enforce import Enforcer
+from inferd.tenancy.keys import KeyStore
+from inferd.tenancy.limits import create_limiter
 
 __all__ = ["InferdApp", "create_app"]
 
@@ -49,7 +53,11 @@ class InferdApp:
         self.registry = ModelRegistry(settings, self.metrics)
         self.on_fatal = on_fatal
         self._loader: asyncio.Task[None] | None = None
-        self.hot = HotPath(self.registry, settings)
+        self.limiter = create_limiter(
+            settings.redis_url, settings.limits_fail_open, timeout=settings.limits_timeout_seconds
+        )
+        self.enforcer = Enforcer(self.limiter, self.metrics)
+        self.hot = HotPath(self.registry, settings, self.enforcer)
         self.store = SqlStore(
             settings.effective_database_url,
             backoff_base=settings.retry_base_seconds,
@@ -77,15 +85,34 @@ class InferdApp:
             sse_keepalive=settings.sse_keepalive_seconds,
             sse_retry_ms=settings.sse_retry_ms,
             on_submit=self.worker.wake if self.worker is not None else None,
+            enforcer=self.enforcer,
         )
         self.api: FastAPI = build_api(self.registry, self.metrics, self.hot, self._lifespan)
         self.api.include_router(build_requests_router(self.requests, settings.max_body_bytes))
+        self.api.add_api_route(
+            "/v1/usage",
+            self._usage,
+            methods=["GET"],
+            tags=["tenancy"],
+            summary="The caller's limits and what is left of them today",
+        )
         self._worker_task: asyncio.Task[None] | None = None
         self.access_log = AccessLog(enabled=settings.access_log, level=settings.log_level)
+        self.keys = KeyStore(self.store.engine)
+        self.auth = (
+            Authenticator(self.keys, settings.key_cache_seconds) if settings.auth_required else None
+        )
         self._asgi = RequestContextMiddleware(
-            self.api, self.metrics, self.access_log, fast=self.hot
+            self.api,
+            self.metrics,
+            self.access_log,
+            fast=self.hot,
+            auth=self.auth,
+            enforcer=self.enforcer,
         )
         self._flusher: asyncio.Task[None] | None = None
+        self._counter: asyncio.Task[None] | None = None
+        self._revocations: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         await self._asgi(scope, receive, send)
@@ -106,24 +133,41 @@ class InferdApp:
         self._loader = loop.create_task(self._load(entries), name="model-loader")
         self._flusher = loop.create_task(self._flush_access_log(), name="access-log-flusher")
         self._counter = loop.create_task(self._watch_jobs(), name="job-counter")
+        self._revocations = loop.create_task(self._watch_revocations(), name="key-revocations")
         try:
             yield
         finally:
-            if self._loader is not None and not self._loader.done():
-                self._loader.cancel()
-                await asyncio.gather(self._loader, return_exceptions=True)
-            if self.worker is not None:
-                await self.worker.stop(grace=self.settings.shutdown_grace_seconds)
-            if self._worker_task is not None:
-                self._worker_task.cancel()
-                await asyncio.gather(self._worker_task, return_exceptions=True)
-            await self.registry.stop(grace=5.0)
-            await self.bus.close()
-            await self.store.close()
-            log.info("stopped")
-            self._counter.cancel()
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        """Stop in stages: background tasks, then workers (finish or hand back), then the
+        batchers (drain), and only then the connections they all use."""
+        # The watchers query the store and the bus: they must be gone before those close,
+        # or a query cut off mid-way can leave a task that never finishes.
+        watchers = [t for t in (self._loader, self._counter, self._revocations) if t is not None]
+        for task in watchers:
+            task.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+        if self.worker is not None:
+            await self.worker.stop(grace=self.settings.shutdown_grace_seconds)
+        if self._worker_task is not None:
+            self._worker_task.cancel()
+            await asyncio.gather(self._worker_task, return_exceptions=True)
+        await self.registry.stop(grace=5.0)
+        await self.bus.close()
+        await self.limiter.close()
+        await self.store.close()
+        log.info("stopped")
+        if self._flusher is not None:
             self._flusher.cancel()
-            self.access_log.flush()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        self.access_log.flush()
+
+    async def _usage(self, request: Request) -> dict[str, Any]:
+        key = request.scope.get("inferd.key")
+        if key is None:
+            return {"user": "anonymous", "auth": "off", "rate": None, "daily_tokens": None}
+        return await self.enforcer.usage(key)
 
     def _count_outcome(self, model: str, outcome: str, seconds: float) -> None:
         self.metrics.job_runs.labels(model, outcome).inc()
@@ -138,6 +182,18 @@ class InferdApp:
             except Exception as exc:
                 log.warning("could not count jobs", detail=repr(exc))
             await asyncio.sleep(5.0)
+
+    async def _watch_revocations(self) -> None:
+        """Forget cached keys as soon as any process says a key was revoked."""
+        if self.auth is None:
+            return
+        while True:
+            try:
+                async for _ in self.bus.subscribe(KEYS_CHANNEL):
+                    self.auth.clear()
+            except Exception as exc:
+                log.warning("key revocation feed interrupted", detail=repr(exc))
+            await asyncio.sleep(1.0)
 
     async def _prepare_database(self) -> None:
         from inferd.jobs.migrate import migrate

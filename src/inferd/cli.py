@@ -31,6 +31,8 @@ models_app = typer.Typer(help="Inspect the model repository and create the demo 
 app.add_typer(models_app, name="models")
 db_app = typer.Typer(help="The database of long-running requests.")
 app.add_typer(db_app, name="db")
+keys_app = typer.Typer(help="API keys: create (shown once), list, revoke.")
+app.add_typer(keys_app, name="keys")
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console()
@@ -215,6 +217,120 @@ def db_upgrade(
     except InferdError as exc:
         raise _fail(exc.message, 2) from None
     out.print("database schema is up to date")
+
+
+async def _with_keys(settings: Any, action: Any) -> Any:
+    from inferd.jobs.migrate import migrate
+    from inferd.jobs.sql import SqlStore
+    from inferd.tenancy.keys import KeyStore
+
+    if settings.database_url is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    await migrate(settings.effective_database_url)
+    store = SqlStore(settings.effective_database_url)
+    try:
+        return await action(KeyStore(store.engine))
+    finally:
+        await store.close()
+
+
+@keys_app.command("create")
+def keys_create(
+    user: Annotated[str, typer.Option(help="Whose key: requests are stored under this user.")],
+    scopes: Annotated[
+        str, typer.Option(help="Comma-separated: predict, requests, admin.")
+    ] = "predict,requests",
+    rate: Annotated[
+        str | None, typer.Option(help="Request rate limit, e.g. 50/s or 600/m.")
+    ] = None,
+    daily_tokens: Annotated[int | None, typer.Option(help="Token budget per UTC day.")] = None,
+    name: Annotated[str | None, typer.Option(help="A label for people.")] = None,
+    config: ConfigOpt = None,
+    database_url: Annotated[str | None, typer.Option(help="[INFERD_DATABASE_URL]")] = None,
+) -> None:
+    """Create a key and print it once; only its hash is stored."""
+    import asyncio
+
+    settings = _settings(config, database_url=database_url)
+    wanted = [s.strip() for s in scopes.split(",") if s.strip()]
+    try:
+        key, record = asyncio.run(
+            _with_keys(settings, lambda ks: ks.create(user, wanted, rate, daily_tokens, name))
+        )
+    except InferdError as exc:
+        raise _fail(exc.message, 2) from None
+    err.print(
+        f"key {record.id} for {record.user} ({', '.join(sorted(record.scopes))}); "
+        "it is shown only now:",
+        markup=False,
+    )
+    sys.stdout.write(key + "\n")
+
+
+@keys_app.command("list")
+def keys_list(
+    user: Annotated[str | None, typer.Option(help="Only this user's keys.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOpt = None,
+    database_url: Annotated[str | None, typer.Option(help="[INFERD_DATABASE_URL]")] = None,
+) -> None:
+    """List keys (ids, users, scopes, limits; never the keys)."""
+    import asyncio
+
+    settings = _settings(config, database_url=database_url)
+    try:
+        records = asyncio.run(_with_keys(settings, lambda ks: ks.list(user)))
+    except InferdError as exc:
+        raise _fail(exc.message, 2) from None
+    rows = [r.public() for r in records]
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(title="API keys")
+    for column in ("id", "user", "scopes", "rate", "daily tokens", "revoked"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["id"],
+            row["user"],
+            ",".join(row["scopes"]),
+            row["rate"] or "-",
+            str(row["daily_tokens"] or "-"),
+            "yes" if row["revoked"] else "no",
+        )
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (from `inferd keys list`).")],
+    config: ConfigOpt = None,
+    database_url: Annotated[str | None, typer.Option(help="[INFERD_DATABASE_URL]")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="[INFERD_REDIS_URL]")] = None,
+) -> None:
+    """Revoke a key; API processes sharing Redis forget it at once."""
+    import asyncio
+
+    settings = _settings(config, database_url=database_url, redis_url=redis_url)
+
+    async def revoke(ks: Any) -> Any:
+        record = await ks.revoke(key_id)
+        if settings.redis_url:
+            from inferd.jobs.events import create_event_bus
+            from inferd.tenancy.auth import KEYS_CHANNEL
+
+            bus = create_event_bus(settings.redis_url)
+            try:
+                await bus.publish(KEYS_CHANNEL, 0)
+            finally:
+                await bus.close()
+        return record
+
+    try:
+        record = asyncio.run(_with_keys(settings, revoke))
+    except InferdError as exc:
+        raise _fail(exc.message, 2) from None
+    out.print(f"revoked {record.id} ({record.user})", markup=False)
 
 
 def _server_class() -> Any:

@@ -124,6 +124,21 @@ class Metrics:
             mv,
             registry=r,
         )
+        # Tenancy.
+        self.limit_rejections = Counter(
+            "inference_limit_rejections_total",
+            "Requests refused by authentication (unauthorized, forbidden) or limits (rate, quota).",
+            ("reason",),
+            registry=r,
+        )
+
+        self.tokens_used = Counter(
+            "inference_tokens_used_total",
+            "Tokens charged to daily budgets, by user (rows, images or generated tokens).",
+            ("user",),
+            registry=r,
+        )
+
         # Long-running requests.
         self.jobs = Gauge(
             "inference_jobs",

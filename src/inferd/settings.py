@@ -115,6 +115,25 @@ class Settings(BaseSettings):
     auto_migrate: bool = True
     """Bring the database schema up to date at start-up (``inferd db upgrade`` does it alone)."""
 
+    # --- tenancy ------------------------------------------------------------------------------
+    auth: Literal["auto", "required", "off"] = "auto"
+    """``required``: every route but health, metrics and docs needs an API key. ``off``: no
+    keys (allowed only when the server binds a loopback address). ``auto``: ``off`` on
+    loopback, ``required`` anywhere else."""
+
+    key_cache_seconds: float = Field(default=1.0, ge=0)
+    """How long a verified key is trusted without looking it up again. With ``redis_url`` set,
+    a revocation clears every process's cache at once; without, within this delay."""
+
+    limits_fail_open: bool = True
+    """When the limits backend (Redis) cannot be reached: ``true`` lets requests through
+    (availability first, logged once per outage), ``false`` refuses them with 503."""
+
+    limits_timeout_seconds: float = Field(default=1.0, gt=0)
+    """Longest wait for the limits backend (Redis) on one request before it counts as down.
+    Too short a value turns a busy server into an outage (and, failing open, lets requests
+    through unlimited)."""
+
     # --- long-running requests ----------------------------------------------------------------
     workers: int = Field(default=2, ge=0, le=256)
     """Requests this process runs at the same time with in-process workers. 0: none (an API-only
@@ -168,6 +187,22 @@ class Settings(BaseSettings):
 
         return sqlite_url((self.data_dir / "inferd.db").resolve())
 
+    @property
+    def auth_required(self) -> bool:
+        """Whether API keys are enforced, with ``auto`` resolved from the bind address."""
+        if self.auth == "auto":
+            return not _is_loopback(self.host)
+        return self.auth == "required"
+
+    @model_validator(mode="after")
+    def _auth_off_only_on_loopback(self) -> Settings:
+        if self.auth == "off" and not _is_loopback(self.host):
+            raise ValueError(
+                f"auth = off is only allowed on a loopback address, not {self.host!r}: create "
+                "keys with `inferd keys create` and set auth to required (or auto)"
+            )
+        return self
+
     @model_validator(mode="after")
     def _heartbeat_under_lease(self) -> Settings:
         if self.heartbeat_seconds >= self.lease_seconds:
@@ -214,3 +249,14 @@ class Settings(BaseSettings):
             return target(**clean)
         except ValueError as exc:
             raise ConfigError(f"invalid settings: {exc}") from exc
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -88,3 +88,38 @@ def test_bad_setting_is_reported(tmp_path: Path) -> None:
     result = run_cli("serve", "--port", "99999", cwd=tmp_path)
     assert result.returncode == 2
     assert "port" in result.stderr
+
+
+def test_keys_from_the_command_line(start_server: Any, models_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "inferd.toml"
+    config.write_text(f'models_dir = "{models_dir}"\nauth = "required"\nkey_cache_seconds = 0\n')
+    created = run_cli(
+        "keys", "create", "--user", "erin", "--scopes", "predict", "--config", str(config),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("inferd_")
+    assert "shown only now" in created.stderr
+    bad = run_cli("keys", "create", "--user", "x", "--scopes", "root", "--config", str(config),
+                  cwd=tmp_path)  # fmt: skip
+    assert bad.returncode == 2
+    assert "unknown: root" in bad.stderr
+    listed = json.loads(
+        run_cli("keys", "list", "--json", "--config", str(config), cwd=tmp_path).stdout
+    )
+    assert [(k["user"], k["scopes"], k["revoked"]) for k in listed] == [
+        ("erin", ["predict"], False)
+    ]
+    assert key not in json.dumps(listed)
+
+    server = start_server(["--config", str(config)])
+    server.wait_ready()
+    body = {"features": [5.1, 3.5, 1.4, 0.2]}
+    auth = {"Authorization": f"Bearer {key}"}
+    assert httpx.post(server.url + "/predict", json=body).status_code == 401
+    assert httpx.post(server.url + "/predict", json=body, headers=auth).status_code == 200
+    revoked = run_cli("keys", "revoke", listed[0]["id"], "--config", str(config), cwd=tmp_path)
+    assert revoked.returncode == 0, revoked.stderr
+    assert httpx.post(server.url + "/predict", json=body, headers=auth).status_code == 401
+    assert key not in server.output()

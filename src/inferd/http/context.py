@@ -17,6 +17,9 @@ from inferd.errors import InferdError
 from inferd.http.responses import send_error
 from inferd.logs import AccessLog, get_logger
 from inferd.metrics import Metrics
+from inferd.tenancy.auth import Authenticator, required_scope
+from inferd.tenancy.enforce import Enforcer, headers_list
+from inferd.tenancy.limits import rate_limit_headers
 
 __all__ = ["FastPath", "RequestContext", "RequestContextMiddleware"]
 
@@ -43,8 +46,11 @@ class RequestContext:
         "batch_size",
         "detail",
         "endpoint",
+        "key",
+        "limit_headers",
         "model",
         "queue_depth",
+        "rate",
         "request_id",
         "started",
         "started_loop",
@@ -63,6 +69,9 @@ class RequestContext:
         self.detail: str | None = None
         self.model: str | None = None
         self.version: str | None = None
+        self.key: Any = None  # the verified ApiKey when authentication is on
+        self.rate: Any = None  # the rate decision of this request, for the quota's headers
+        self.limit_headers: list[tuple[bytes, bytes]] | None = None
 
 
 def _incoming_id(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -102,6 +111,8 @@ class _IdSender:
             self.ctx.status = message["status"]
             headers = list(message.get("headers", ()))
             headers.append((b"x-request-id", self.ctx.request_id.encode()))
+            if self.ctx.limit_headers:
+                headers.extend(self.ctx.limit_headers)
             message = {**message, "headers": headers}
         await self.send(message)
 
@@ -110,10 +121,18 @@ class RequestContextMiddleware:
     """Wraps the whole app: ``X-Request-ID`` in and out, access log, request metrics."""
 
     def __init__(
-        self, app: Any, metrics: Metrics, access_log: AccessLog, fast: FastPath | None = None
+        self,
+        app: Any,
+        metrics: Metrics,
+        access_log: AccessLog,
+        fast: FastPath | None = None,
+        auth: Authenticator | None = None,
+        enforcer: Enforcer | None = None,
     ) -> None:
         self.app = app
         self.fast = fast
+        self.auth = auth
+        self.enforcer = enforcer
         self.metrics = metrics
         self.access_log = access_log
         self._new_id = _RequestIds()
@@ -131,6 +150,8 @@ class RequestContextMiddleware:
         fast = self.fast
         route = fast.match(scope) if fast is not None else None
         try:
+            if self.auth is not None and not await self._admit(scope, send, ctx):
+                return
             if route is not None and fast is not None:
                 # The hot path sets the status and the request-id header itself.
                 await fast.serve(scope, receive, send, route, ctx)
@@ -143,6 +164,31 @@ class RequestContextMiddleware:
                 await send_with_id_error(_IdSender(send, ctx), ctx)
         finally:
             self._finish(scope, ctx)
+
+    async def _admit(self, scope: dict[str, Any], send: Any, ctx: RequestContext) -> bool:
+        """Authenticate and authorize; answer 401/403 and return False when refused."""
+        auth = self.auth
+        assert auth is not None
+        needed = required_scope(scope["method"], scope["path"])
+        if needed is None:
+            return True
+        try:
+            key = await auth.authenticate(scope["headers"])
+            auth.authorize(key, needed)
+            if self.enforcer is not None and needed:  # /v1/usage stays readable when limited
+                ctx.rate = await self.enforcer.admit(key)
+                if ctx.rate is not None:
+                    ctx.limit_headers = headers_list(rate_limit_headers(ctx.rate))
+        except InferdError as error:
+            ctx.detail = error.message
+            if error.status_code != 429:  # the enforcer counts its own
+                self.metrics.limit_rejections.labels(error.code).inc()
+            await send_error(_IdSender(send, ctx), error)
+            return False
+        scope["inferd.key"] = key
+        scope["inferd.user"] = key.user
+        ctx.key = key
+        return True
 
     def _finish(self, scope: dict[str, Any], ctx: RequestContext) -> None:
         elapsed = time.perf_counter() - ctx.started

@@ -28,6 +28,8 @@ from inferd.http.context import RequestContext
 from inferd.http.responses import error_body
 from inferd.models.registry import LoadedModel, ModelRegistry
 from inferd.settings import Settings
+from inferd.tenancy.enforce import Enforcer, headers_list
+from inferd.tenancy.limits import rate_limit_headers
 
 __all__ = ["DEFAULT_ROUTE", "HotPath"]
 
@@ -46,8 +48,11 @@ class _ClientGone(Exception):
 class HotPath:
     """The lean prediction routes (see :class:`~inferd.http.context.FastPath`)."""
 
-    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
+    def __init__(
+        self, registry: ModelRegistry, settings: Settings, enforcer: Enforcer | None = None
+    ) -> None:
         self.registry = registry
+        self.enforcer = enforcer
         self.max_body = settings.max_body_bytes
         self.max_instances = settings.max_instances
         self.timeout = settings.request_timeout_ms / 1000.0
@@ -85,6 +90,8 @@ class HotPath:
             status, body = error.status_code, error_body(error)
             extra = [(k.encode(), v.encode()) for k, v in error.headers().items()]
         headers = [_JSON, (b"content-length", b"%d" % len(body)), *extra]
+        if ctx.limit_headers and status != 429:
+            headers.extend(ctx.limit_headers)
         if add_id:
             headers.append((b"x-request-id", ctx.request_id.encode()))
         ctx.status = status
@@ -133,6 +140,10 @@ class HotPath:
         parsed = parse_predict(
             body, spec.n_features, spec.input.features, self.max_instances, route != DEFAULT_ROUTE
         )
+        if ctx.key is not None and self.enforcer is not None:
+            quota = await self.enforcer.charge(ctx.key, parsed.rows.shape[0], ctx.rate)
+            if quota is not None:
+                ctx.limit_headers = headers_list(rate_limit_headers(ctx.rate, quota))
         ctx.queue_depth = batcher.depth
         if parsed.request_id is not None:
             ctx.request_id = parsed.request_id

@@ -96,7 +96,9 @@ def build_requests_router(service: RequestService, max_body_bytes: int) -> APIRo
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"request body is not valid JSON: {exc}") from None
-        record, created = await service.submit(request_user(request), doc, idempotency_key)
+        record, created = await service.submit(
+            request_user(request), doc, idempotency_key, request.scope.get("inferd.key")
+        )
         headers = {"location": f"/v1/requests/{record.id}"}
         if not created:
             headers["idempotent-replayed"] = "true"

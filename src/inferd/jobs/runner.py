@@ -50,6 +50,19 @@ class ModelExecutor:
         loaded = self.registry.find(name)
         return loaded.version_str if loaded is not None else None
 
+    def tokens(self, name: str, input: Any, parameters: dict[str, Any]) -> int:
+        """What a request costs against a daily budget: rows for tabular models, the most new
+        tokens a text model may generate, one for other streaming models."""
+        loaded = self._loaded(name)
+        spec = loaded.spec
+        if spec.generates_text:
+            asked = parameters.get("max_new_tokens")
+            default = spec.generation.max_new_tokens if spec.generation is not None else 1
+            return int(asked) if isinstance(asked, int) else default
+        if _streams(loaded):
+            return 1
+        return int(self._rows(loaded, input, parameters).shape[0])
+
     def validate(self, name: str, input: Any, parameters: dict[str, Any]) -> None:
         """Raise a 4xx error now rather than fail the request later (404, 422)."""
         loaded = self._loaded(name)

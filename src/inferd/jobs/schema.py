@@ -326,3 +326,19 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 """Exceptions that mean the database cannot be reached or used now (not that the call is
 wrong): the store turns them into :class:`inferd.errors.StoreUnavailable`."""
+
+
+# API keys (see inferd.tenancy.keys): only a SHA-256 of each key is stored.
+api_keys = Table(
+    "inferd_api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("user_id", String(255), nullable=False, index=True),
+    Column("name", String(255), nullable=True),
+    Column("scopes", String(255), nullable=False),
+    Column("rate", String(32), nullable=True),
+    Column("daily_tokens", BigInteger, nullable=True),
+    Column("secret_hash", String(64), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=True),
+)

@@ -9,6 +9,7 @@ from inferd.concurrency import run_blocking
 from inferd.errors import NotFound, ValidationFailed
 from inferd.jobs.runner import ModelExecutor
 from inferd.jobs.types import EventBus, Page, RequestRecord, RequestStore
+from inferd.tenancy.enforce import Enforcer
 
 __all__ = ["RequestService"]
 
@@ -28,6 +29,7 @@ class RequestService:
         sse_keepalive: float = 15.0,
         sse_retry_ms: int = 1000,
         on_submit: Callable[[], None] | None = None,
+        enforcer: Enforcer | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -36,9 +38,14 @@ class RequestService:
         self.sse_keepalive = sse_keepalive
         self.sse_retry_ms = sse_retry_ms
         self.on_submit = on_submit
+        self.enforcer = enforcer
 
     async def submit(
-        self, user: str, body: Any, idempotency_key: str | None = None
+        self,
+        user: str,
+        body: Any,
+        idempotency_key: str | None = None,
+        key: Any = None,
     ) -> tuple[RequestRecord, bool]:
         """Validate and store a request; returns (record, created)."""
         if not isinstance(body, dict):
@@ -61,6 +68,16 @@ class RequestService:
             raise ValidationFailed(f"Idempotency-Key must be 1 to {_MAX_KEY} characters")
         # Off the loop: a text model's check tokenizes the prompt.
         await run_blocking(self.executor.validate, model, body["input"], parameters)
+        if idempotency_key is not None:
+            existing = await self.store.replayed(
+                user, idempotency_key, model, body["input"], parameters
+            )
+            if existing is not None:  # a replay: the same answer, not charged again
+                return existing, False
+        quota = None
+        if key is not None and self.enforcer is not None:
+            tokens = self.executor.tokens(model, body["input"], parameters)
+            quota = await self.enforcer.charge(key, tokens)
         record, created = await self.store.create(
             user=user,
             model=model,
@@ -72,6 +89,9 @@ class RequestService:
         )
         if created and self.on_submit is not None:
             self.on_submit()
+        if not created and quota is not None and self.enforcer is not None:
+            # A replay of an accepted request is not charged twice.
+            await self.enforcer.limiter.settle(key.id, quota.reserved, 0, day=quota.day)
         return record, created
 
     async def get(self, user: str, request_id: str) -> RequestRecord:

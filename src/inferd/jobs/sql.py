@@ -243,6 +243,13 @@ class SqlStore:
                 )
             return await tx.record(row)
 
+    async def replayed(
+        self, user: str, key: str, model: str, input: Any, parameters: dict[str, Any]
+    ) -> RequestRecord | None:
+        """The request already stored under ``key`` for this body (a replay), or None;
+        :class:`IdempotencyConflict` if the key was used with another body."""
+        return await self._find_idempotent(user, key, body_hash(model, None, input, parameters))
+
     async def get(self, request_id: str, user: str | None = None) -> RequestRecord | None:
         """The record, or None if it does not exist (or belongs to another user)."""
         async with self._read() as tx:

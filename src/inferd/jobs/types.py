@@ -135,6 +135,12 @@ class RequestStore(Protocol):
         parameters return the existing record with ``created`` False; different ones raise
         :class:`inferd.errors.IdempotencyConflict` (409)."""
 
+    async def replayed(
+        self, user: str, key: str, model: str, input: Any, parameters: dict[str, Any]
+    ) -> RequestRecord | None:
+        """The request already stored under idempotency ``key`` for this same body, or None;
+        IdempotencyConflict (409) if the key was used with another body."""
+
     async def get(self, request_id: str, user: str | None = None) -> RequestRecord | None:
         """The record, or None if it does not exist (or belongs to another user)."""
 

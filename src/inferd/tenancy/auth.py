@@ -1,0 +1,96 @@
+"""Who is calling: API keys from ``Authorization: Bearer`` or ``X-API-Key``, and route scopes.
+
+Every failure to authenticate (no key, malformed, wrong checksum, unknown, revoked, wrong
+secret) gets the same 401, so a caller cannot tell which it was. Verified keys are cached for
+``cache_seconds`` under the SHA-256 of the presented key (never the key itself); a revocation
+clears every API process's cache at once through the event bus when Redis is configured, and
+within ``cache_seconds`` otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from inferd.tenancy.keys import ApiKey, Forbidden, KeyStore, Unauthorized, hash_key
+
+__all__ = ["KEYS_CHANNEL", "Authenticator", "required_scope"]
+
+KEYS_CHANNEL = "__api_keys__"  # event-bus topic: "a key was revoked, forget cached keys"
+_PUBLIC = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/v2/health", "/favicon")
+_MAX_CACHE = 10_000
+
+
+def required_scope(method: str, path: str) -> str | None:
+    """The scope a route needs: None for public routes, "" for any valid key."""
+    if path.startswith(_PUBLIC):
+        return None
+    if path == "/predict" or (path.startswith("/v1/models") and path.endswith("/predict")):
+        return "predict"
+    if path.startswith("/v1/models") and method in ("GET", "HEAD"):
+        return "predict"
+    if path.startswith("/v1/requests"):
+        return "requests"
+    if path == "/v1/usage":
+        return ""
+    return "admin"
+
+
+class Authenticator:
+    """Verifies keys against the key store, with a short cache."""
+
+    def __init__(self, keys: KeyStore, cache_seconds: float = 1.0) -> None:
+        self.keys = keys
+        self.cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[ApiKey | None, float]] = {}
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    async def authenticate(self, headers: list[tuple[bytes, bytes]]) -> ApiKey:
+        key = _presented(headers)
+        if key is None:
+            raise Unauthorized("a valid API key is required (Authorization: Bearer <key>)")
+        digest = hash_key(key)
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[1] > now:
+            record = hit[0]
+        else:
+            record = await self.keys.verify(key)
+            if len(self._cache) >= _MAX_CACHE:
+                self._cache.clear()
+            self._cache[digest] = (record, now + self.cache_seconds)
+        if record is None:
+            raise Unauthorized("a valid API key is required (Authorization: Bearer <key>)")
+        return record
+
+    @staticmethod
+    def authorize(record: ApiKey, scope: str) -> None:
+        if scope and scope not in record.scopes and "admin" not in record.scopes:
+            raise Forbidden(f"this API key lacks the {scope!r} scope this route needs")
+
+
+def _presented(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return _text(token.strip())
+            return None
+        if name == b"x-api-key" and value.strip():
+            return _text(value.strip())
+    return None
+
+
+def _text(value: bytes) -> str | None:
+    try:
+        return value.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+def principal(scope: dict[str, Any]) -> ApiKey | None:
+    """The verified key of a request, if authentication is on."""
+    key = scope.get("inferd.key")
+    return key if isinstance(key, ApiKey) else None

@@ -1,0 +1,132 @@
+"""Per-key limits on the request path: a request rate and a daily token budget.
+
+What a token is depends on the model: a row for tabular models (a batch request of 20 rows
+costs 20), the ``max_new_tokens`` asked for by a text-generation request. The rate is checked
+for every authenticated request, before anything else is done; the budget is reserved once the
+request is read and its size is known. Both answers carry ``RateLimit-Policy`` and ``RateLimit``
+headers; a refusal is a 429 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from inferd.errors import InferdError
+from inferd.metrics import Metrics
+from inferd.tenancy.keys import ApiKey
+from inferd.tenancy.limits import (
+    Limiter,
+    QuotaDecision,
+    Rate,
+    RateDecision,
+    parse_rate,
+    rate_limit_headers,
+)
+
+__all__ = ["Enforcer", "QuotaExceeded", "RateLimited"]
+
+
+class _Limited(InferdError):
+    status_code = 429
+    retryable = True
+
+    def __init__(self, message: str, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self._headers = headers
+
+    def headers(self) -> dict[str, str]:
+        return self._headers
+
+
+class RateLimited(_Limited):
+    """The key sent requests faster than its rate."""
+
+    code = "rate_limited"
+
+
+class QuotaExceeded(_Limited):
+    """The key has used its token budget for the day (it resets at UTC midnight)."""
+
+    code = "quota_exceeded"
+
+
+class Enforcer:
+    """Applies a key's rate and daily budget through a :class:`Limiter`."""
+
+    def __init__(self, limiter: Limiter, metrics: Metrics) -> None:
+        self.limiter = limiter
+        self.metrics = metrics
+        self._rates: dict[str, Rate] = {}
+
+    def _rate(self, text: str) -> Rate:
+        rate = self._rates.get(text)
+        if rate is None:
+            rate = self._rates[text] = parse_rate(text)
+        return rate
+
+    async def admit(self, key: ApiKey) -> RateDecision | None:
+        """Count one request against the key's rate; raise :class:`RateLimited` when over."""
+        if key.rate is None:
+            return None
+        rate = self._rate(key.rate)
+        decision = await self.limiter.check_rate(key.id, rate)
+        if not decision.allowed:
+            self.metrics.limit_rejections.labels("rate").inc()
+            raise RateLimited(
+                f"rate limit of {rate.limit} requests per {_period(rate.period)} exceeded; "
+                f"retry in {max(1, round(decision.retry_after))} s",
+                rate_limit_headers(decision),
+            )
+        return decision
+
+    async def charge(
+        self, key: ApiKey | None, tokens: int, rate: RateDecision | None = None
+    ) -> QuotaDecision | None:
+        """Reserve ``tokens`` of today's budget; raise :class:`QuotaExceeded` when over."""
+        if key is None or key.daily_tokens is None or tokens <= 0:
+            return None
+        decision = await self.limiter.reserve(key.id, key.daily_tokens, tokens)
+        if not decision.allowed:
+            self.metrics.limit_rejections.labels("quota").inc()
+            raise QuotaExceeded(
+                f"daily token budget of {key.daily_tokens} exhausted ({decision.remaining} "
+                f"left, this request needs {tokens}); it resets at "
+                f"{decision.reset_at.isoformat()}",
+                rate_limit_headers(rate, decision),
+            )
+        self.metrics.tokens_used.labels(_user_label(key)).inc(tokens)
+        return decision
+
+    async def usage(self, key: ApiKey) -> dict[str, Any]:
+        """The key's limits and what is left of them today (``GET /v1/usage``)."""
+        day, used = await self.limiter.usage(key.id)
+        now = datetime.now(UTC)
+        midnight = datetime(now.year, now.month, now.day, tzinfo=UTC).timestamp() + 86400
+        return {
+            "user": key.user,
+            "key_id": key.id,
+            "scopes": sorted(key.scopes),
+            "rate": key.rate,
+            "daily_tokens": key.daily_tokens,
+            "day": day,
+            "tokens_used_today": used,
+            "tokens_left_today": (
+                max(0, key.daily_tokens - used) if key.daily_tokens is not None else None
+            ),
+            "resets_at": datetime.fromtimestamp(midnight, UTC).isoformat(),
+        }
+
+
+def _period(seconds: float) -> str:
+    names = {1.0: "second", 60.0: "minute", 3600.0: "hour", 86400.0: "day"}
+    return names.get(seconds, f"{seconds:g} s")
+
+
+def _user_label(key: ApiKey) -> str:
+    # Bounded cardinality: the user, not the key (users are few; keys rotate).
+    return key.user
+
+
+def headers_list(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode(), v.encode()) for k, v in headers.items()]
