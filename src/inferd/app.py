@@ -33,9 +33,10 @@ from inferd.metrics import Metrics
 from inferd.models.registry import ModelRegistry
 from inferd.settings import Settings
 from inferd.tenancy.auth import KEYS_CHANNEL, Authenticator
-from inferd.tenancy.enforce import Enforcer
+from inferd.tenancy.enforce import Enforcer, settle_usage
 from inferd.tenancy.keys import KeyStore
 from inferd.tenancy.limits import create_limiter
+from inferd.tenancy.usage import UsageLedger
 
 __all__ = ["InferdApp", "create_app"]
 
@@ -56,13 +57,14 @@ class InferdApp:
         self.limiter = create_limiter(
             settings.redis_url, settings.limits_fail_open, timeout=settings.limits_timeout_seconds
         )
-        self.enforcer = Enforcer(self.limiter, self.metrics)
-        self.hot = HotPath(self.registry, settings, self.enforcer)
         self.store = SqlStore(
             settings.effective_database_url,
             backoff_base=settings.retry_base_seconds,
             backoff_max=settings.retry_max_seconds,
         )
+        self.ledger = UsageLedger(self.store.engine)
+        self.enforcer = Enforcer(self.limiter, self.metrics, self.ledger)
+        self.hot = HotPath(self.registry, settings, self.enforcer)
         self.bus = create_event_bus(settings.redis_url)
         self.executor = ModelExecutor(self.registry, settings.max_instances)
         self.worker: Worker | None = None
@@ -76,6 +78,7 @@ class InferdApp:
                 heartbeat_seconds=settings.heartbeat_seconds,
                 poll_seconds=settings.poll_seconds,
                 on_outcome=self._count_outcome,
+                on_terminal=self._settle_usage,
             )
         self.requests = RequestService(
             self.store,
@@ -113,6 +116,7 @@ class InferdApp:
         self._flusher: asyncio.Task[None] | None = None
         self._counter: asyncio.Task[None] | None = None
         self._revocations: asyncio.Task[None] | None = None
+        self._ledger_task: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         await self._asgi(scope, receive, send)
@@ -134,6 +138,7 @@ class InferdApp:
         self._flusher = loop.create_task(self._flush_access_log(), name="access-log-flusher")
         self._counter = loop.create_task(self._watch_jobs(), name="job-counter")
         self._revocations = loop.create_task(self._watch_revocations(), name="key-revocations")
+        self._ledger_task = loop.create_task(self.ledger.run(), name="usage-ledger")
         try:
             yield
         finally:
@@ -154,6 +159,9 @@ class InferdApp:
             self._worker_task.cancel()
             await asyncio.gather(self._worker_task, return_exceptions=True)
         await self.registry.stop(grace=5.0)
+        if self._ledger_task is not None:
+            self._ledger_task.cancel()
+            await asyncio.gather(self._ledger_task, return_exceptions=True)  # flushes once more
         await self.bus.close()
         await self.limiter.close()
         await self.store.close()
@@ -168,6 +176,9 @@ class InferdApp:
         if key is None:
             return {"user": "anonymous", "auth": "off", "rate": None, "daily_tokens": None}
         return await self.enforcer.usage(key)
+
+    async def _settle_usage(self, lease: Any, event: Any, chunks: list[Any]) -> None:
+        await settle_usage(self.enforcer, self.executor, lease, event, chunks)
 
     def _count_outcome(self, model: str, outcome: str, seconds: float) -> None:
         self.metrics.job_runs.labels(model, outcome).inc()

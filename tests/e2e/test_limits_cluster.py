@@ -31,7 +31,7 @@ def test_thousand_concurrent_requests_against_a_limit_of_100(
     config.write_text(
         f'models_dir = "{models_dir}"\nauth = "required"\nworkers = 0\n'
         f'redis_url = "{REDIS_URL}"\ndatabase_url = "sqlite+aiosqlite:///{tmp_path}/shared.db"\n'
-        "gc_freeze = false\nrequest_timeout_ms = 30000\n"
+        "gc_freeze = false\nrequest_timeout_ms = 30000\nkey_cache_seconds = 600\n"
     )
     created = run_cli(
         "keys", "create", "--user", "load", "--scopes", "predict", "--rate", "100/d",
@@ -74,3 +74,19 @@ def test_thousand_concurrent_requests_against_a_limit_of_100(
     assert all(r.headers["ratelimit-policy"] == '"rate";q=100;w=86400' for r in refused)
     assert all(r.headers["ratelimit"].startswith('"rate";r=0;') for r in refused)
     assert {r.json()["error"]["code"] for r in refused} == {"rate_limited"}
+
+    # Revocation reaches every process at once through Redis (the key cache would keep the key
+    # for ten minutes otherwise).
+    listed = run_cli("keys", "list", "--json", "--config", str(config), cwd=tmp_path)
+    key_id = __import__("json").loads(listed.stdout)[0]["id"]
+    auth = {"Authorization": f"Bearer {key}"}
+    body = {"features": [5.1, 3.5, 1.4, 0.2]}
+    assert {
+        httpx.post(s.url + "/predict", json=body, headers=auth).status_code for s in servers
+    } == {429}
+    revoked = run_cli("keys", "revoke", key_id, "--config", str(config), cwd=tmp_path)
+    assert revoked.returncode == 0, revoked.stderr
+    time.sleep(0.5)
+    assert {
+        httpx.post(s.url + "/predict", json=body, headers=auth).status_code for s in servers
+    } == {401}

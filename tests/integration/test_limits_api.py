@@ -103,3 +103,61 @@ async def test_limits_fail_open_by_default(serve: Callable[..., Any]) -> None:
         key, _ = await s.app.keys.create("erin", ["predict"], rate="10/s")
         allowed = await s.client.post("/predict", json={"features": SETOSA}, headers=bearer(key))
     assert allowed.status_code == 200
+
+
+async def test_usage_is_recorded_per_model_in_sql_and_survives_a_restart(
+    serve: Callable[..., Any], models_dir: Path
+) -> None:
+    from tests.support.models import write_scripted_model
+
+    write_scripted_model(models_dir, "slow", delay_s=0.3)
+    async with serve(auth="required") as s:
+        key, _ = await s.app.keys.create("frank", ["predict"], daily_tokens=100)
+        auth = bearer(key)
+        for _ in range(2):
+            ok = await s.client.post(
+                "/v1/models/iris/predict", json={"instances": [SETOSA] * 3}, headers=auth
+            )
+            assert ok.status_code == 200
+        timed_out = await s.client.post(
+            "/v1/models/slow/predict",
+            json={"features": [1, 0, 0, 0]},
+            headers={**auth, "X-Request-Timeout-Ms": "50"},
+        )
+        usage = (await s.client.get("/v1/usage", headers=auth)).json()
+    assert timed_out.status_code == 504
+    assert usage["tokens_used_today"] == 6  # the 504 was refunded
+    assert usage["models"] == {"iris": {"requests": 2, "tokens": 6}}
+    async with serve(auth="required") as s:
+        again = (await s.client.get("/v1/usage", headers=auth)).json()
+    assert again["models"] == {"iris": {"requests": 2, "tokens": 6}}
+
+
+async def test_long_running_requests_settle_what_they_used(
+    serve: Callable[..., Any], models_dir: Path
+) -> None:
+    import asyncio
+
+    write_streaming_model(models_dir)
+    async with serve(auth="required", workers=1, poll_seconds=0.05) as s:
+        key, _ = await s.app.keys.create("gina", ["requests"], daily_tokens=50)
+        auth = bearer(key)
+        r = await s.client.post(
+            "/v1/requests",
+            json={"model": "streamer", "input": "x", "parameters": {"chunks": 4}},
+            headers=auth,
+        )
+        request_id = r.json()["id"]
+        for _ in range(200):
+            record = (await s.client.get(f"/v1/requests/{request_id}", headers=auth)).json()
+            if record["status"] == "succeeded":
+                break
+            await asyncio.sleep(0.02)
+        for _ in range(100):  # the worker settles right after it records the outcome
+            usage = (await s.client.get("/v1/usage", headers=auth)).json()
+            if usage["models"]:
+                break
+            await asyncio.sleep(0.05)
+    assert record["status"] == "succeeded"
+    assert usage["tokens_used_today"] == 4  # reserved 1, settled at the 4 chunks produced
+    assert usage["models"] == {"streamer": {"requests": 1, "tokens": 4}}

@@ -50,6 +50,7 @@ class RequestContext:
         "limit_headers",
         "model",
         "queue_depth",
+        "quota",
         "rate",
         "request_id",
         "started",
@@ -71,7 +72,18 @@ class RequestContext:
         self.version: str | None = None
         self.key: Any = None  # the verified ApiKey when authentication is on
         self.rate: Any = None  # the rate decision of this request, for the quota's headers
+        self.quota: Any = None  # the daily-budget decision, once the request was charged
         self.limit_headers: list[tuple[bytes, bytes]] | None = None
+
+    def rate_limit_headers(self) -> list[tuple[bytes, bytes]]:
+        """RateLimit-Policy and RateLimit for this request's decisions, built once."""
+        if self.limit_headers is None:
+            self.limit_headers = (
+                headers_list(rate_limit_headers(self.rate, self.quota))
+                if self.rate is not None or self.quota is not None
+                else []
+            )
+        return self.limit_headers
 
 
 def _incoming_id(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -111,8 +123,8 @@ class _IdSender:
             self.ctx.status = message["status"]
             headers = list(message.get("headers", ()))
             headers.append((b"x-request-id", self.ctx.request_id.encode()))
-            if self.ctx.limit_headers:
-                headers.extend(self.ctx.limit_headers)
+            if self.ctx.status != 429:  # a refusal carries its own
+                headers.extend(self.ctx.rate_limit_headers())
             message = {**message, "headers": headers}
         await self.send(message)
 
@@ -177,8 +189,6 @@ class RequestContextMiddleware:
             auth.authorize(key, needed)
             if self.enforcer is not None and needed:  # /v1/usage stays readable when limited
                 ctx.rate = await self.enforcer.admit(key)
-                if ctx.rate is not None:
-                    ctx.limit_headers = headers_list(rate_limit_headers(ctx.rate))
         except InferdError as error:
             ctx.detail = error.message
             if error.status_code != 429:  # the enforcer counts its own

@@ -28,8 +28,7 @@ from inferd.http.context import RequestContext
 from inferd.http.responses import error_body
 from inferd.models.registry import LoadedModel, ModelRegistry
 from inferd.settings import Settings
-from inferd.tenancy.enforce import Enforcer, headers_list
-from inferd.tenancy.limits import rate_limit_headers
+from inferd.tenancy.enforce import Enforcer
 
 __all__ = ["DEFAULT_ROUTE", "HotPath"]
 
@@ -90,8 +89,8 @@ class HotPath:
             status, body = error.status_code, error_body(error)
             extra = [(k.encode(), v.encode()) for k, v in error.headers().items()]
         headers = [_JSON, (b"content-length", b"%d" % len(body)), *extra]
-        if ctx.limit_headers and status != 429:
-            headers.extend(ctx.limit_headers)
+        if status != 429 and (ctx.rate is not None or ctx.quota is not None):
+            headers.extend(ctx.rate_limit_headers())
         if add_id:
             headers.append((b"x-request-id", ctx.request_id.encode()))
         ctx.status = status
@@ -140,17 +139,23 @@ class HotPath:
         parsed = parse_predict(
             body, spec.n_features, spec.input.features, self.max_instances, route != DEFAULT_ROUTE
         )
+        quota = None
         if ctx.key is not None and self.enforcer is not None:
-            quota = await self.enforcer.charge(ctx.key, parsed.rows.shape[0], ctx.rate)
-            if quota is not None:
-                ctx.limit_headers = headers_list(rate_limit_headers(ctx.rate, quota))
+            quota = ctx.quota = await self.enforcer.charge(ctx.key, parsed.rows.shape[0], ctx.rate)
         ctx.queue_depth = batcher.depth
         if parsed.request_id is not None:
             ctx.request_id = parsed.request_id
         rows = parsed.rows
-        output = await self._infer(
-            loaded, batcher, rows, rows.shape[0], ctx.started_loop + timeout, receive, ctx
-        )
+        try:
+            output = await self._infer(
+                loaded, batcher, rows, rows.shape[0], ctx.started_loop + timeout, receive, ctx
+            )
+        except (InferdError, _ClientGone):
+            if quota is not None and self.enforcer is not None:
+                await self.enforcer.refund(ctx.key, quota)  # not served, not charged
+            raise
+        if quota is not None and self.enforcer is not None:
+            self.enforcer.record(ctx.key, loaded.name, quota.day, rows.shape[0])
 
         results = render_rows(output, spec.task, loaded.classes, loaded.labels)
         children = loaded.metrics_children

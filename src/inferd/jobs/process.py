@@ -13,6 +13,7 @@ import contextlib
 import gc
 import os
 import signal
+from typing import Any
 
 from inferd.jobs.events import create_event_bus
 from inferd.jobs.runner import ModelExecutor
@@ -22,6 +23,9 @@ from inferd.logs import get_logger
 from inferd.metrics import Metrics
 from inferd.models.registry import ModelRegistry
 from inferd.settings import Settings
+from inferd.tenancy.enforce import Enforcer, settle_usage
+from inferd.tenancy.limits import create_limiter
+from inferd.tenancy.usage import UsageLedger
 
 __all__ = ["run_worker"]
 
@@ -45,14 +49,25 @@ async def run_worker(settings: Settings, concurrency: int, burst: bool = False) 
         backoff_max=settings.retry_max_seconds,
     )
     bus = create_event_bus(settings.redis_url)
+    executor = ModelExecutor(registry, settings.max_instances)
+    limiter = create_limiter(
+        settings.redis_url, settings.limits_fail_open, timeout=settings.limits_timeout_seconds
+    )
+    ledger = UsageLedger(store.engine)
+    enforcer = Enforcer(limiter, registry.metrics, ledger)
+
+    async def settle(lease: Any, event: Any, chunks: list[Any]) -> None:
+        await settle_usage(enforcer, executor, lease, event, chunks)
+
     worker = Worker(
         store,
         bus,
-        ModelExecutor(registry, settings.max_instances),
+        executor,
         concurrency=concurrency,
         lease_seconds=settings.lease_seconds,
         heartbeat_seconds=settings.heartbeat_seconds,
         poll_seconds=settings.poll_seconds,
+        on_terminal=settle,
     )
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -87,5 +102,7 @@ async def run_worker(settings: Settings, concurrency: int, burst: bool = False) 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await registry.stop(grace=1.0)
+        await ledger.flush()
+        await limiter.close()
         await bus.close()
         await store.close()

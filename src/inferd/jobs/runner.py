@@ -50,6 +50,11 @@ class ModelExecutor:
         loaded = self.registry.find(name)
         return loaded.version_str if loaded is not None else None
 
+    def streams(self, name: str) -> bool:
+        """Whether ``name`` answers in chunks (its usage is the chunks it produced)."""
+        loaded = self.registry.find(name)
+        return loaded is not None and _streams(loaded)
+
     def tokens(self, name: str, input: Any, parameters: dict[str, Any]) -> int:
         """What a request costs against a daily budget: rows for tabular models, the most new
         tokens a text model may generate, one for other streaming models."""

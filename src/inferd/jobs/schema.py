@@ -342,3 +342,26 @@ api_keys = Table(
     Column("created_at", BigInteger, nullable=False),
     Column("revoked_at", BigInteger, nullable=True),
 )
+
+# Usage per key, model and UTC day: what the daily budgets charged, kept for billing.
+usage = Table(
+    "inferd_usage",
+    metadata,
+    Column("key_id", String(32), primary_key=True),
+    Column("model", String(255), primary_key=True),
+    Column("day", String(10), primary_key=True),
+    Column("user_id", String(255), nullable=False),
+    Column("requests", BigInteger, nullable=False),
+    Column("tokens", BigInteger, nullable=False),
+)
+
+# Budget reserved by a long-running request, settled when it ends.
+charges = Table(
+    "inferd_request_charges",
+    metadata,
+    Column("request_id", String(40), primary_key=True),
+    Column("key_id", String(32), nullable=False),
+    Column("user_id", String(255), nullable=False),
+    Column("day", String(10), nullable=False),
+    Column("reserved", BigInteger, nullable=False),
+)

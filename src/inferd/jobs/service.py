@@ -89,9 +89,13 @@ class RequestService:
         )
         if created and self.on_submit is not None:
             self.on_submit()
-        if not created and quota is not None and self.enforcer is not None:
-            # A replay of an accepted request is not charged twice.
-            await self.enforcer.limiter.settle(key.id, quota.reserved, 0, day=quota.day)
+        if quota is not None and self.enforcer is not None:
+            if created and self.enforcer.ledger is not None:
+                await self.enforcer.ledger.reserve(
+                    record.id, key.id, user, quota.day, quota.reserved
+                )
+            elif not created:  # a replay that raced past the check above: not charged twice
+                await self.enforcer.limiter.settle(key.id, quota.reserved, 0, day=quota.day)
         return record, created
 
     async def get(self, user: str, request_id: str) -> RequestRecord:

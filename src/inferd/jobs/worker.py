@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,7 +27,7 @@ from typing import Any
 from inferd.concurrency import run_blocking
 from inferd.errors import InferdError
 from inferd.jobs.runner import ModelExecutor
-from inferd.jobs.types import Event, EventBus, JobQueue, Lease
+from inferd.jobs.types import Event, EventBus, EventKind, JobQueue, Lease
 from inferd.logs import get_logger
 
 __all__ = ["Worker"]
@@ -68,6 +68,7 @@ class Worker:
         models: list[str] | None = None,
         worker_id: str | None = None,
         on_outcome: Callable[[str, str, float], None] | None = None,
+        on_terminal: Callable[[Lease, Event, list[Any]], Awaitable[None]] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -82,6 +83,7 @@ class Worker:
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.processed = 0
         self.on_outcome = on_outcome
+        self.on_terminal = on_terminal
         self._wake = asyncio.Event()
         self._closing = False
         self._jobs: dict[asyncio.Task[None], _Job] = {}
@@ -250,6 +252,13 @@ class Worker:
             return
         if event is not None:
             await self._publish(event)
+            if self.on_terminal is not None and event.kind in (EventKind.DONE, EventKind.ERROR):
+                try:
+                    await self.on_terminal(lease, event, job.chunks)
+                except Exception as exc:
+                    log.error(
+                        "settling usage failed", request_id=lease.request_id, detail=repr(exc)
+                    )
         if self.on_outcome is not None:
             self.on_outcome(lease.model, outcome.split(":", 1)[0], seconds)
         log.info(

@@ -9,6 +9,7 @@ within ``cache_seconds`` otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -43,6 +44,7 @@ class Authenticator:
         self.keys = keys
         self.cache_seconds = cache_seconds
         self._cache: dict[str, tuple[ApiKey | None, float]] = {}
+        self._pending: dict[str, asyncio.Future[ApiKey | None]] = {}
 
     def clear(self) -> None:
         self._cache.clear()
@@ -57,12 +59,31 @@ class Authenticator:
         if hit is not None and hit[1] > now:
             record = hit[0]
         else:
-            record = await self.keys.verify(key)
-            if len(self._cache) >= _MAX_CACHE:
-                self._cache.clear()
-            self._cache[digest] = (record, now + self.cache_seconds)
+            record = await self._lookup(key, digest, now)
         if record is None:
             raise Unauthorized("a valid API key is required (Authorization: Bearer <key>)")
+        return record
+
+    async def _lookup(self, key: str, digest: str, now: float) -> ApiKey | None:
+        # One database lookup per key at a time: when the cache entry expires under load,
+        # the requests in flight wait for the same answer instead of each asking.
+        pending = self._pending.get(digest)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[ApiKey | None] = asyncio.get_running_loop().create_future()
+        self._pending[digest] = future
+        try:
+            record = await self.keys.verify(key)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: the waiters get it too
+            raise
+        finally:
+            del self._pending[digest]
+        if len(self._cache) >= _MAX_CACHE:
+            self._cache.clear()
+        self._cache[digest] = (record, now + self.cache_seconds)
+        future.set_result(record)
         return record
 
     @staticmethod

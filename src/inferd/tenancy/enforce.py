@@ -23,8 +23,9 @@ from inferd.tenancy.limits import (
     parse_rate,
     rate_limit_headers,
 )
+from inferd.tenancy.usage import UsageLedger
 
-__all__ = ["Enforcer", "QuotaExceeded", "RateLimited"]
+__all__ = ["Enforcer", "QuotaExceeded", "RateLimited", "settle_usage"]
 
 
 class _Limited(InferdError):
@@ -54,9 +55,12 @@ class QuotaExceeded(_Limited):
 class Enforcer:
     """Applies a key's rate and daily budget through a :class:`Limiter`."""
 
-    def __init__(self, limiter: Limiter, metrics: Metrics) -> None:
+    def __init__(
+        self, limiter: Limiter, metrics: Metrics, ledger: UsageLedger | None = None
+    ) -> None:
         self.limiter = limiter
         self.metrics = metrics
+        self.ledger = ledger
         self._rates: dict[str, Rate] = {}
 
     def _rate(self, text: str) -> Rate:
@@ -98,6 +102,30 @@ class Enforcer:
         self.metrics.tokens_used.labels(_user_label(key)).inc(tokens)
         return decision
 
+    async def refund(self, key: ApiKey, decision: QuotaDecision) -> None:
+        """Give back a reservation whose request was not served (504, 5xx, gone)."""
+        await self.limiter.settle(key.id, decision.reserved, 0, day=decision.day)
+
+    def record(self, key: ApiKey, model: str, day: str, tokens: int) -> None:
+        """Count a served request in the usage ledger."""
+        if self.ledger is not None:
+            self.ledger.record(key.user, key.id, model, day, tokens)
+
+    async def settle_request(
+        self, request_id: str, model: str, actual: int | None, executor_tokens: int
+    ) -> None:
+        """Settle a long-running request's reservation with what it used (``actual``, or
+        ``executor_tokens`` when the model does not stream)."""
+        if self.ledger is None:
+            return
+        charge = await self.ledger.take(request_id)
+        if charge is None:
+            return
+        key_id, user, day, reserved = charge
+        used = executor_tokens if actual is None else actual
+        await self.limiter.settle(key_id, reserved, used, day=day)
+        self.ledger.record(user, key_id, model, day, used)
+
     async def usage(self, key: ApiKey) -> dict[str, Any]:
         """The key's limits and what is left of them today (``GET /v1/usage``)."""
         day, used = await self.limiter.usage(key.id)
@@ -115,6 +143,7 @@ class Enforcer:
                 max(0, key.daily_tokens - used) if key.daily_tokens is not None else None
             ),
             "resets_at": datetime.fromtimestamp(midnight, UTC).isoformat(),
+            "models": await self.ledger.today(key.id, day) if self.ledger is not None else {},
         }
 
 
@@ -130,3 +159,26 @@ def _user_label(key: ApiKey) -> str:
 
 def headers_list(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v.encode()) for k, v in headers.items()]
+
+
+async def settle_usage(
+    enforcer: Enforcer, executor: Any, lease: Any, event: Any, chunks: list[Any]
+) -> None:
+    """A long-running request ended: settle its reservation with what it used (the chunks a
+    streaming model produced; the reserved rows of a served tabular request; nothing for a
+    request that failed without output)."""
+    from inferd.jobs.types import EventKind
+
+    streams = executor.streams(lease.model)
+    actual = len(chunks) if streams else None
+    served = event.kind is EventKind.DONE
+    await enforcer.settle_request(
+        lease.request_id, lease.model, actual, _reserved_rows(lease) if served else 0
+    )
+
+
+def _reserved_rows(lease: Any) -> int:
+    value = lease.input if isinstance(lease.input, dict) else {}
+    if isinstance(value.get("instances"), list):
+        return len(value["instances"])
+    return 1

@@ -187,6 +187,8 @@ class KeyStore:
 
     async def get(self, key_id: str) -> ApiKey | None:
         async with self.engine.connect() as conn:
+            # A plain read: on SQLite, writes begin IMMEDIATE and would queue behind writers.
+            await conn.execution_options(inferd_read_only=True)
             row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
         return _row(row) if row is not None else None
 
@@ -195,6 +197,7 @@ class KeyStore:
         if user is not None:
             query = query.where(api_keys.c.user_id == user)
         async with self.engine.connect() as conn:
+            await conn.execution_options(inferd_read_only=True)
             return [_row(row) for row in await conn.execute(query)]
 
     async def revoke(self, key_id: str) -> ApiKey:

@@ -1,0 +1,123 @@
+"""What API keys and per-key limits cost on the prediction path.
+
+    python bench/auth_overhead.py [--duration 10] [--connections 50]
+
+Runs ``inferd serve`` twice on the same machine, server pinned to CPU 0 and wrk to CPU 1:
+with authentication off, then with ``auth = "required"`` and a key that has a request rate
+and a daily token budget far above the load (so every request is authenticated, rate-checked
+and charged, and none is refused). Prints req/s and latency percentiles of both runs and
+their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+INFERD = str(Path(sys.executable).with_name("inferd"))
+BODY = '{"features": [5.1, 3.5, 1.4, 0.2]}'
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pin(cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if shutil.which("taskset") and os.cpu_count() else []
+
+
+def measure(
+    work: Path, config: Path, key: str | None, duration: int, conns: int
+) -> dict[str, float]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERD_")}
+    log = (work / f"serve-{port}.log").open("wb")
+    server = subprocess.Popen(
+        [*pin(0), INFERD, "serve", "--config", str(config), "--port", str(port)],
+        cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/predict"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        header = f'wrk.headers["Authorization"] = "Bearer {key}"\n' if key else ""
+        script = work / f"post-{port}.lua"
+        script.write_text(
+            f"wrk.method = \"POST\"\nwrk.body = '{BODY}'\n"
+            f'wrk.headers["Content-Type"] = "application/json"\n{header}'
+        )
+        base = [*pin(1), "wrk", "-t1", f"-c{conns}", "--latency", "-s", str(script)]
+        subprocess.run([*base, "-d2s", url], capture_output=True, check=True)  # warm-up
+        out = subprocess.run(
+            [*base, f"-d{duration}s", url], capture_output=True, text=True, check=True
+        ).stdout
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+        log.close()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    result = {"req_s": rps, "non_2xx": float(non2xx.group(1)) if non2xx else 0.0}
+    for pct in ("50", "90", "99"):
+        match = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
+        assert match is not None, out
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
+        result[f"p{pct}_ms"] = float(match.group(1)) * scale
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=50)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="inferd-bench-auth-") as tmp:
+        work = Path(tmp)
+        subprocess.run(
+            [INFERD, "models", "train-demo", "--models-dir", str(work / "models")],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        common = f'models_dir = "{work / "models"}"\ndata_dir = "{work / "data"}"\nworkers = 0\n'
+        off = work / "off.toml"
+        off.write_text(common + 'auth = "off"\n')
+        on = work / "on.toml"
+        on.write_text(common + 'auth = "required"\n')
+        created = subprocess.run(
+            [INFERD, "keys", "create", "--user", "bench", "--scopes", "predict",
+             "--rate", "1000000/s", "--daily-tokens", "1000000000000", "--config", str(on)],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        key = created.stdout.strip()
+        results = {
+            "auth and limits off": measure(work, off, None, args.duration, args.connections),
+            "auth and limits on": measure(work, on, key, args.duration, args.connections),
+        }
+    for name, r in results.items():
+        print(
+            f"{name:22s} {r['req_s']:8.0f} req/s  p50 {r['p50_ms']:.2f} ms  "
+            f"p90 {r['p90_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  non-2xx {r['non_2xx']:.0f}"
+        )
+    a, b = results["auth and limits off"], results["auth and limits on"]
+    print(f"on/off: req/s x{b['req_s'] / a['req_s']:.2f}, p99 x{b['p99_ms'] / a['p99_ms']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
