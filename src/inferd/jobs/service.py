@@ -78,6 +78,14 @@ class RequestService:
         if key is not None and self.enforcer is not None:
             tokens = self.executor.tokens(model, body["input"], parameters)
             quota = await self.enforcer.charge(key, tokens)
+        charge = None
+        if quota is not None and quota.reserved:
+            charge = {
+                "key_id": key.id,
+                "user_id": user,
+                "day": quota.day,
+                "reserved": quota.reserved,
+            }
         record, created = await self.store.create(
             user=user,
             model=model,
@@ -86,16 +94,13 @@ class RequestService:
             parameters=parameters,
             idempotency_key=idempotency_key,
             max_attempts=self.max_attempts,
+            charge=charge,
         )
         if created and self.on_submit is not None:
             self.on_submit()
-        if quota is not None and self.enforcer is not None:
-            if created and self.enforcer.ledger is not None:
-                await self.enforcer.ledger.reserve(
-                    record.id, key.id, user, quota.day, quota.reserved
-                )
-            elif not created:  # a replay that raced past the check above: not charged twice
-                await self.enforcer.limiter.settle(key.id, quota.reserved, 0, day=quota.day)
+        if quota is not None and not created and self.enforcer is not None:
+            # A replay that raced past the check above: not charged twice.
+            await self.enforcer.limiter.settle(key.id, quota.reserved, 0, day=quota.day)
         return record, created
 
     async def get(self, user: str, request_id: str) -> RequestRecord:

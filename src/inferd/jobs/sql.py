@@ -44,6 +44,7 @@ from inferd.jobs.ids import decode_cursor, encode_cursor, new_request_id
 from inferd.jobs.schema import (
     UNAVAILABLE_ERRORS,
     body_hash,
+    charges,
     create_engine,
     events,
     iso,
@@ -175,8 +176,13 @@ class SqlStore:
         idempotency_key: str | None = None,
         max_attempts: int = 3,
         version: str | None = None,
+        charge: dict[str, Any] | None = None,
     ) -> tuple[RequestRecord, bool]:
         """Store the request, its job and its first event in one transaction.
+
+        ``charge`` (``key_id``, ``user_id``, ``day``, ``reserved``) is the budget the request
+        reserved; it is stored in the same transaction, so a worker that finishes the request
+        at once always finds it to settle.
 
         Returns (record, created). An ``idempotency_key`` already used by ``user`` returns
         the existing record (created False) when the body is the same, and raises
@@ -219,6 +225,8 @@ class SqlStore:
                 await tx.conn.execute(jobs.insert(), job | {"run_at": tx.now})
                 first = {"status": _QUEUED, "attempt": 0}
                 await tx.insert_event(row["id"], 1, 0, EventKind.STATUS, first)
+                if charge is not None:
+                    await tx.conn.execute(charges.insert(), {"request_id": row["id"], **charge})
         except sa_exc.IntegrityError:
             if idempotency_key is None:
                 raise

@@ -128,6 +128,7 @@ class RequestStore(Protocol):
         idempotency_key: str | None = None,
         max_attempts: int = 3,
         version: str | None = None,
+        charge: dict[str, Any] | None = None,
     ) -> tuple[RequestRecord, bool]:
         """Store the request and its job in one transaction. Returns (record, created).
 

@@ -2,8 +2,8 @@
 
 Synchronous predictions are counted in memory and written in one upsert per key, model and
 day every ``flush_seconds`` (a row per prediction would cost more than the prediction); at
-most that much is lost if the process is killed. Long-running requests write their reserved
-budget when accepted and settle it when they end, with what they really used.
+most that much is lost if the process is killed. Long-running requests store their reserved
+budget with the request (one transaction) and settle it when they end, with what they used.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import contextlib
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from inferd.jobs.schema import charges, usage
@@ -97,17 +97,6 @@ class UsageLedger:
             await conn.execution_options(inferd_read_only=True)
             result = await conn.execute(query)
             return {row.model: {"requests": row.requests, "tokens": row.tokens} for row in result}
-
-    async def reserve(
-        self, request_id: str, key_id: str, user: str, day: str, reserved: int
-    ) -> None:
-        """Note the budget a long-running request reserved when it was accepted."""
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                insert(charges).values(
-                    request_id=request_id, key_id=key_id, user_id=user, day=day, reserved=reserved
-                )
-            )
 
     async def take(self, request_id: str) -> tuple[str, str, str, int] | None:
         """(key_id, user, day, reserved) of a request's reservation, removed; None if none."""
