@@ -23,20 +23,16 @@ from inferd.http.api import build_api
 from inferd.http.context import RequestContextMiddleware
 from inferd.http.hotpath import HotPath
 from inferd.http.requests_api import build_requests_router
-from inferd.jobs.events import create_event_bus
+from inferd.jobs.backends import Backends, prepare_database
 from inferd.jobs.runner import ModelExecutor
 from inferd.jobs.service import RequestService
-from inferd.jobs.sql import SqlStore
 from inferd.jobs.worker import Worker
 from inferd.logs import AccessLog, get_logger
 from inferd.metrics import Metrics
 from inferd.models.registry import ModelRegistry
 from inferd.settings import Settings
 from inferd.tenancy.auth import KEYS_CHANNEL, Authenticator
-from inferd.tenancy.enforce import Enforcer, settle_usage
 from inferd.tenancy.keys import KeyStore
-from inferd.tenancy.limits import create_limiter
-from inferd.tenancy.usage import UsageLedger
 
 __all__ = ["InferdApp", "create_app"]
 
@@ -54,32 +50,15 @@ class InferdApp:
         self.registry = ModelRegistry(settings, self.metrics)
         self.on_fatal = on_fatal
         self._loader: asyncio.Task[None] | None = None
-        self.limiter = create_limiter(
-            settings.redis_url, settings.limits_fail_open, timeout=settings.limits_timeout_seconds
-        )
-        self.store = SqlStore(
-            settings.effective_database_url,
-            backoff_base=settings.retry_base_seconds,
-            backoff_max=settings.retry_max_seconds,
-        )
-        self.ledger = UsageLedger(self.store.engine)
-        self.enforcer = Enforcer(self.limiter, self.metrics, self.ledger)
+        self.backends = Backends.from_settings(settings, self.metrics)
+        self.store, self.bus = self.backends.store, self.backends.bus
+        self.limiter, self.ledger = self.backends.limiter, self.backends.ledger
+        self.enforcer = self.backends.enforcer
         self.hot = HotPath(self.registry, settings, self.enforcer)
-        self.bus = create_event_bus(settings.redis_url)
         self.executor = ModelExecutor(self.registry, settings.max_instances)
         self.worker: Worker | None = None
         if settings.workers > 0:
-            self.worker = Worker(
-                self.store,
-                self.bus,
-                self.executor,
-                concurrency=settings.workers,
-                lease_seconds=settings.lease_seconds,
-                heartbeat_seconds=settings.heartbeat_seconds,
-                poll_seconds=settings.poll_seconds,
-                on_outcome=self._count_outcome,
-                on_terminal=self._settle_usage,
-            )
+            self.worker = self.backends.worker(settings, self.executor, settings.workers)
         self.requests = RequestService(
             self.store,
             self.bus,
@@ -125,7 +104,7 @@ class InferdApp:
     async def _lifespan(self, api: FastAPI) -> AsyncIterator[None]:
         entries = self.registry.plan()  # a wrong repository fails start-up right here
         try:
-            await self._prepare_database()
+            await prepare_database(self.settings)
         except InferdError as exc:
             log.critical("start-up failed: the request store is not usable", detail=exc.message)
             if self.on_fatal is None:
@@ -162,9 +141,7 @@ class InferdApp:
         if self._ledger_task is not None:
             self._ledger_task.cancel()
             await asyncio.gather(self._ledger_task, return_exceptions=True)  # flushes once more
-        await self.bus.close()
-        await self.limiter.close()
-        await self.store.close()
+        await self.backends.close()
         log.info("stopped")
         if self._flusher is not None:
             self._flusher.cancel()
@@ -176,13 +153,6 @@ class InferdApp:
         if key is None:
             return {"user": "anonymous", "auth": "off", "rate": None, "daily_tokens": None}
         return await self.enforcer.usage(key)
-
-    async def _settle_usage(self, lease: Any, event: Any, chunks: list[Any]) -> None:
-        await settle_usage(self.enforcer, self.executor, lease, event, chunks)
-
-    def _count_outcome(self, model: str, outcome: str, seconds: float) -> None:
-        self.metrics.job_runs.labels(model, outcome).inc()
-        self.metrics.job_seconds.labels(model).observe(seconds)
 
     async def _watch_jobs(self) -> None:
         """Keep ``inference_jobs`` current (a gauge cannot await a query at scrape time)."""
@@ -205,14 +175,6 @@ class InferdApp:
             except Exception as exc:
                 log.warning("key revocation feed interrupted", detail=repr(exc))
             await asyncio.sleep(1.0)
-
-    async def _prepare_database(self) -> None:
-        from inferd.jobs.migrate import migrate
-
-        if self.settings.database_url is None:
-            self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        if self.settings.auto_migrate:
-            await migrate(self.settings.effective_database_url)
 
     def _start_worker(self) -> None:
         if self.worker is None:

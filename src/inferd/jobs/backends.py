@@ -1,0 +1,89 @@
+"""The parts an API process and a worker process both build from settings, built one way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from inferd.jobs.events import create_event_bus
+from inferd.jobs.runner import ModelExecutor
+from inferd.jobs.sql import SqlStore
+from inferd.jobs.types import EventBus
+from inferd.jobs.worker import Worker
+from inferd.metrics import Metrics
+from inferd.settings import Settings
+from inferd.tenancy.enforce import Enforcer, settle_usage
+from inferd.tenancy.limits import Limiter, create_limiter
+from inferd.tenancy.usage import UsageLedger
+
+__all__ = ["Backends", "prepare_database"]
+
+
+async def prepare_database(settings: Settings) -> None:
+    """Create the embedded database's folder and migrate the schema (if ``auto_migrate``)."""
+    from inferd.jobs.migrate import migrate
+
+    if settings.database_url is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.auto_migrate:
+        await migrate(settings.effective_database_url)
+
+
+@dataclass
+class Backends:
+    """Store, event bus, limiter, usage ledger and limits of one process (no I/O to build)."""
+
+    store: SqlStore
+    bus: EventBus
+    limiter: Limiter
+    ledger: UsageLedger
+    enforcer: Enforcer
+
+    @classmethod
+    def from_settings(cls, settings: Settings, metrics: Metrics) -> Backends:
+        store = SqlStore(
+            settings.effective_database_url,
+            backoff_base=settings.retry_base_seconds,
+            backoff_max=settings.retry_max_seconds,
+        )
+        limiter = create_limiter(
+            settings.redis_url, settings.limits_fail_open, timeout=settings.limits_timeout_seconds
+        )
+        ledger = UsageLedger(store.engine)
+        return cls(
+            store=store,
+            bus=create_event_bus(settings.redis_url),
+            limiter=limiter,
+            ledger=ledger,
+            enforcer=Enforcer(limiter, metrics, ledger),
+        )
+
+    def worker(self, settings: Settings, executor: ModelExecutor, concurrency: int) -> Worker:
+        """A worker that counts its outcomes and settles the budgets of finished requests."""
+        metrics = self.enforcer.metrics
+
+        def count(model: str, outcome: str, seconds: float) -> None:
+            metrics.job_runs.labels(model, outcome).inc()
+            metrics.job_seconds.labels(model).observe(seconds)
+
+        async def settle(lease: Any, event: Any, chunks: list[Any]) -> None:
+            await settle_usage(self.enforcer, executor, lease, event, chunks)
+
+        return Worker(
+            self.store,
+            self.bus,
+            executor,
+            concurrency=concurrency,
+            lease_seconds=settings.lease_seconds,
+            heartbeat_seconds=settings.heartbeat_seconds,
+            poll_seconds=settings.poll_seconds,
+            on_outcome=count,
+            on_terminal=settle,
+        )
+
+    async def close(self) -> None:
+        """Flush the ledger and close the connections."""
+        await self.ledger.flush()
+        await self.bus.close()
+        await self.limiter.close()
+        await self.store.close()
