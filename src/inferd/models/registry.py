@@ -6,10 +6,7 @@ import asyncio
 import enum
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from inferd.batching import Batcher
 from inferd.concurrency import run_blocking
@@ -17,9 +14,8 @@ from inferd.errors import InferdError, ModelLoadError, ModelNotFound, ModelNotRe
 from inferd.logs import get_logger
 from inferd.metrics import Metrics
 from inferd.models.base import FloatArray, Model
-from inferd.models.python import PythonModel
 from inferd.models.repository import ModelEntry, ModelRepository
-from inferd.models.sklearn import SklearnModel
+from inferd.models.runtimes import create_model, sample_batch, validate_output
 from inferd.models.spec import ModelSpec
 from inferd.settings import Settings
 
@@ -33,19 +29,6 @@ class ModelState(enum.StrEnum):
     READY = "ready"
     FAILED = "failed"
     UNLOADING = "unloading"
-
-
-def create_model(spec: ModelSpec, version: int, path: Path) -> Model:
-    """The runtime object for one version of a model (not loaded yet)."""
-    if spec.runtime == "sklearn":
-        return SklearnModel(spec, version, path)
-    if spec.runtime == "python":
-        return PythonModel(spec, version, path)
-    if spec.runtime == "transformers":
-        from inferd.models.textgen import TextGenerationModel
-
-        return TextGenerationModel(spec, version, path)
-    raise ModelLoadError(f"model {spec.name!r}: unknown runtime {spec.runtime!r}")
 
 
 @dataclass(eq=False)
@@ -281,8 +264,8 @@ class ModelRegistry:
         loaded.labels = spec.output.labels
         if loaded.labels is None and loaded.classes is not None:
             loaded.labels = [str(c) for c in loaded.classes]
-        batch = _sample_batch(loaded)
-        _validate_output(loaded, batch, model.predict(batch))
+        batch = sample_batch(loaded.spec, _rows(loaded))
+        validate_output(loaded.spec, loaded.version, loaded.classes, batch, model.predict(batch))
 
     @staticmethod
     def _load_streaming(loaded: LoadedModel) -> None:
@@ -296,7 +279,7 @@ class ModelRegistry:
     @staticmethod
     def _warm_up(loaded: LoadedModel) -> None:
         """Blocking: one full batch through the model, in the thread that will serve it."""
-        loaded.model.predict(_sample_batch(loaded))
+        loaded.model.predict(sample_batch(loaded.spec, _rows(loaded)))
 
     async def stop(self, grace: float = 5.0) -> None:
         """Drain every batcher within ``grace`` seconds and unload the models."""
@@ -316,26 +299,5 @@ class ModelRegistry:
         self._models.clear()
 
 
-def _sample_batch(loaded: LoadedModel) -> FloatArray:
-    spec = loaded.spec
-    row = spec.input.example or [0.0] * spec.n_features
-    rows = loaded.batcher.max_batch_size if loaded.batcher is not None else 1
-    return np.tile(np.asarray(row, dtype=np.float64), (rows, 1))
-
-
-def _validate_output(loaded: LoadedModel, batch: FloatArray, out: FloatArray) -> None:
-    where = f"model {loaded.name!r} version {loaded.version}"
-    n = batch.shape[0]
-    if loaded.spec.task == "classification":
-        n_classes = len(loaded.classes or ())
-        if out.shape != (n, n_classes):
-            raise ModelLoadError(
-                f"{where}: warm-up batch of {n} rows gave shape {out.shape}, "
-                f"expected ({n}, {n_classes})"
-            )
-        if not np.allclose(out.sum(axis=1), 1.0, atol=1e-6):
-            raise ModelLoadError(f"{where}: warm-up probabilities do not sum to 1")
-    elif out.shape[0] != n:
-        raise ModelLoadError(f"{where}: warm-up batch of {n} rows gave {out.shape[0]} outputs")
-    if not np.all(np.isfinite(out)):
-        raise ModelLoadError(f"{where}: warm-up batch gave non-finite outputs")
+def _rows(loaded: LoadedModel) -> int:
+    return loaded.batcher.max_batch_size if loaded.batcher is not None else 1
