@@ -6,7 +6,8 @@ Runs ``inferd serve`` twice on the same machine, server pinned to CPU 0 and wrk 
 with authentication off, then with ``auth = "required"`` and a key that has a request rate
 and a daily token budget far above the load (so every request is authenticated, rate-checked
 and charged, and none is refused). Prints req/s and latency percentiles of both runs and
-their ratio.
+their ratio, and the server's CPU time per request (from /proc), which is steadier than req/s
+on a shared machine.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def pin(cpu: int) -> list[str]:
     return ["taskset", "-c", str(cpu)] if shutil.which("taskset") and os.cpu_count() else []
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(
     work: Path, config: Path, key: str | None, duration: int, conns: int
 ) -> dict[str, float]:
@@ -66,16 +73,24 @@ def measure(
         )
         base = [*pin(1), "wrk", "-t1", f"-c{conns}", "--latency", "-s", str(script)]
         subprocess.run([*base, "-d2s", url], capture_output=True, check=True)  # warm-up
+        cpu_before = cpu_seconds(server.pid)
         out = subprocess.run(
             [*base, f"-d{duration}s", url], capture_output=True, text=True, check=True
         ).stdout
+        cpu = cpu_seconds(server.pid) - cpu_before
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
         log.close()
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    result = {"req_s": rps, "non_2xx": float(non2xx.group(1)) if non2xx else 0.0}
+    done = re.search(r"(\d+) requests in", out)
+    assert done is not None, out
+    result = {
+        "req_s": rps,
+        "non_2xx": float(non2xx.group(1)) if non2xx else 0.0,
+        "cpu_us": cpu / int(done.group(1)) * 1e6,
+    }
     for pct in ("50", "90", "99"):
         match = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
         assert match is not None, out
@@ -113,10 +128,14 @@ def main() -> None:
     for name, r in results.items():
         print(
             f"{name:22s} {r['req_s']:8.0f} req/s  p50 {r['p50_ms']:.2f} ms  "
-            f"p90 {r['p90_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  non-2xx {r['non_2xx']:.0f}"
+            f"p90 {r['p90_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  non-2xx {r['non_2xx']:.0f}  "
+            f"server CPU {r['cpu_us']:.0f} us/request"
         )
     a, b = results["auth and limits off"], results["auth and limits on"]
-    print(f"on/off: req/s x{b['req_s'] / a['req_s']:.2f}, p99 x{b['p99_ms'] / a['p99_ms']:.2f}")
+    print(
+        f"on/off: req/s x{b['req_s'] / a['req_s']:.2f}, p99 x{b['p99_ms'] / a['p99_ms']:.2f}, "
+        f"server CPU per request x{b['cpu_us'] / a['cpu_us']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from inferd.tenancy import (
     parse_rate,
     rate_limit_headers,
 )
+from inferd.tenancy.limits import MICROS, limit_header_fields, quota_decision
 
 START = datetime(2024, 3, 10, 12, 0, tzinfo=UTC).timestamp()  # noon: 43,200 s to midnight
 
@@ -426,3 +427,29 @@ def test_limiter_unavailable_is_a_retryable_503() -> None:
     assert isinstance(error, InferdError)
     assert (error.status_code, error.code, error.retryable) == (503, "limiter_unavailable", True)
     assert error.headers() == {"retry-after": "1"}
+
+
+@pytest.mark.parametrize(
+    ("rate", "quota"),
+    [
+        (RateDecision(True, 50, 49, 0.02, 0.0, period=1.0), None),
+        (None, quota_decision(True, 1000, 10, 10, 1_700_000_000 * MICROS)),
+        (
+            RateDecision(True, 3, 2, 20.0000001, 0.0, period=60.0),
+            quota_decision(True, 5, 3, 3, 1_700_000_000 * MICROS + 1),
+        ),
+        (RateDecision(False, 3, 0, 2.5, 1.2, period=60.0), None),
+        (
+            RateDecision(True, 3, 2, 20.0, 0.0, period=60.0),
+            quota_decision(False, 5, 4, 3, 1_700_000_000 * MICROS),
+        ),
+        (RateDecision(True, 50, 50, 0.0, 0.0, period=1.0, degraded=True), None),
+        (None, None),
+    ],
+)
+def test_hot_path_header_fields_equal_the_reference_rendering(
+    rate: RateDecision | None, quota: QuotaDecision | None
+) -> None:
+    expected = [(k.encode(), v.encode()) for k, v in rate_limit_headers(rate, quota).items()]
+    assert limit_header_fields(rate, quota) == expected
+    assert limit_header_fields(rate, quota) == expected  # the cached policy field is the same

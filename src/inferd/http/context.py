@@ -18,8 +18,8 @@ from inferd.http.responses import send_error
 from inferd.logs import AccessLog, get_logger
 from inferd.metrics import Metrics
 from inferd.tenancy.auth import Authenticator, required_scope
-from inferd.tenancy.enforce import Enforcer, headers_list
-from inferd.tenancy.limits import rate_limit_headers
+from inferd.tenancy.enforce import Enforcer
+from inferd.tenancy.limits import limit_header_fields
 
 __all__ = ["FastPath", "RequestContext", "RequestContextMiddleware"]
 
@@ -78,11 +78,7 @@ class RequestContext:
     def rate_limit_headers(self) -> list[tuple[bytes, bytes]]:
         """RateLimit-Policy and RateLimit for this request's decisions, built once."""
         if self.limit_headers is None:
-            self.limit_headers = (
-                headers_list(rate_limit_headers(self.rate, self.quota))
-                if self.rate is not None or self.quota is not None
-                else []
-            )
+            self.limit_headers = limit_header_fields(self.rate, self.quota)
         return self.limit_headers
 
 
@@ -185,7 +181,7 @@ class RequestContextMiddleware:
         if needed is None:
             return True
         try:
-            key = await auth.authenticate(scope["headers"])
+            key = auth.cached(scope["headers"]) or await auth.authenticate(scope["headers"])
             auth.authorize(key, needed)
             if self.enforcer is not None and needed:  # /v1/usage stays readable when limited
                 ctx.rate = await self.enforcer.admit(key)

@@ -20,6 +20,7 @@ __all__ = ["KEYS_CHANNEL", "Authenticator", "required_scope"]
 KEYS_CHANNEL = "__api_keys__"  # event-bus topic: "a key was revoked, forget cached keys"
 _PUBLIC = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/v2/health", "/favicon")
 _MAX_CACHE = 10_000
+_MISSING = "a valid API key is required (Authorization: Bearer <key>)"
 
 
 def required_scope(method: str, path: str) -> str | None:
@@ -50,19 +51,31 @@ class Authenticator:
         self._cache.clear()
 
     async def authenticate(self, headers: list[tuple[bytes, bytes]]) -> ApiKey:
+        """The key presented in ``headers``; :class:`Unauthorized` when there is none or it is
+        not a valid, unrevoked key."""
+        record = self.cached(headers)
+        if record is not None:
+            return record
+        key = _presented(headers)
+        assert key is not None  # cached() raised otherwise
+        digest = hash_key(key)
+        record = await self._lookup(key, digest, time.monotonic())
+        if record is None:
+            raise Unauthorized(_MISSING)
+        return record
+
+    def cached(self, headers: list[tuple[bytes, bytes]]) -> ApiKey | None:
+        """The presented key from the cache without waiting: None when it must be looked up;
+        :class:`Unauthorized` when no key is presented or the cache knows it is not valid."""
         key = _presented(headers)
         if key is None:
-            raise Unauthorized("a valid API key is required (Authorization: Bearer <key>)")
-        digest = hash_key(key)
-        now = time.monotonic()
-        hit = self._cache.get(digest)
-        if hit is not None and hit[1] > now:
-            record = hit[0]
-        else:
-            record = await self._lookup(key, digest, now)
-        if record is None:
-            raise Unauthorized("a valid API key is required (Authorization: Bearer <key>)")
-        return record
+            raise Unauthorized(_MISSING)
+        hit = self._cache.get(hash_key(key))
+        if hit is None or hit[1] <= time.monotonic():
+            return None
+        if hit[0] is None:
+            raise Unauthorized(_MISSING)
+        return hit[0]
 
     async def _lookup(self, key: str, digest: str, now: float) -> ApiKey | None:
         # One database lookup per key at a time: when the cache entry expires under load,

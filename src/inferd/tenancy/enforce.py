@@ -17,6 +17,7 @@ from inferd.metrics import Metrics
 from inferd.tenancy.keys import ApiKey
 from inferd.tenancy.limits import (
     Limiter,
+    MemoryLimiter,
     QuotaDecision,
     Rate,
     RateDecision,
@@ -62,6 +63,17 @@ class Enforcer:
         self.metrics = metrics
         self.ledger = ledger
         self._rates: dict[str, Rate] = {}
+        self._tokens: dict[str, Any] = {}  # prometheus child per user label
+
+    @property
+    def limiter(self) -> Limiter:
+        return self._limiter
+
+    @limiter.setter
+    def limiter(self, limiter: Limiter) -> None:
+        self._limiter = limiter
+        # The in-process backend never waits: call it without a coroutine per decision.
+        self._memory = limiter if isinstance(limiter, MemoryLimiter) else None
 
     def _rate(self, text: str) -> Rate:
         rate = self._rates.get(text)
@@ -73,8 +85,12 @@ class Enforcer:
         """Count one request against the key's rate; raise :class:`RateLimited` when over."""
         if key.rate is None:
             return None
-        rate = self._rate(key.rate)
-        decision = await self.limiter.check_rate(key.id, rate)
+        rate = self._rates.get(key.rate) or self._rate(key.rate)
+        memory = self._memory
+        if memory is not None:
+            decision = memory.check_rate_now(key.id, rate)
+        else:
+            decision = await self.limiter.check_rate(key.id, rate)
         if not decision.allowed:
             self.metrics.limit_rejections.labels("rate").inc()
             raise RateLimited(
@@ -90,7 +106,11 @@ class Enforcer:
         """Reserve ``tokens`` of today's budget; raise :class:`QuotaExceeded` when over."""
         if key is None or key.daily_tokens is None or tokens <= 0:
             return None
-        decision = await self.limiter.reserve(key.id, key.daily_tokens, tokens)
+        memory = self._memory
+        if memory is not None:
+            decision = memory.reserve_now(key.id, key.daily_tokens, tokens)
+        else:
+            decision = await self.limiter.reserve(key.id, key.daily_tokens, tokens)
         if not decision.allowed:
             self.metrics.limit_rejections.labels("quota").inc()
             raise QuotaExceeded(
@@ -99,7 +119,10 @@ class Enforcer:
                 f"{decision.reset_at.isoformat()}",
                 rate_limit_headers(rate, decision),
             )
-        self.metrics.tokens_used.labels(_user_label(key)).inc(tokens)
+        counter = self._tokens.get(key.user)
+        if counter is None:
+            counter = self._tokens[key.user] = self.metrics.tokens_used.labels(_user_label(key))
+        counter.inc(tokens)
         return decision
 
     async def refund(self, key: ApiKey, decision: QuotaDecision) -> None:

@@ -29,6 +29,7 @@ draft-ietf-httpapi-ratelimit-headers, with ``Retry-After`` on rejection.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -49,6 +50,7 @@ __all__ = [
     "Rate",
     "RateDecision",
     "create_limiter",
+    "limit_header_fields",
     "parse_rate",
     "rate_limit_headers",
 ]
@@ -138,7 +140,7 @@ def parse_rate(text: str) -> Rate:
         raise ValueError(f"invalid rate {text!r}: {exc}") from None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RateDecision:
     """The answer to one :meth:`Limiter.check_rate`.
 
@@ -157,7 +159,7 @@ class RateDecision:
     degraded: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class QuotaDecision:
     """The answer to one :meth:`Limiter.reserve`.
 
@@ -232,7 +234,17 @@ def day_of(now_us: int) -> tuple[int, str]:
 
     POSIX time has no leap seconds, so every UTC day is exactly 86,400 epoch seconds."""
     index = now_us // DAY_MICROS
-    return index, date.fromordinal(_EPOCH_ORDINAL + index).isoformat()
+    return index, _day(index)[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _day(index: int) -> tuple[str, datetime]:
+    """``("YYYY-MM-DD", next UTC midnight)`` of day ``index``; cached, as every decision of a
+    day asks for the same two values."""
+    return (
+        date.fromordinal(_EPOCH_ORDINAL + index).isoformat(),
+        datetime.fromtimestamp((index + 1) * DAY_SECONDS, UTC),
+    )
 
 
 def day_index(day: str) -> int:
@@ -261,12 +273,7 @@ def rate_decision(rate: Rate, step: tuple[bool, int, int, int, int]) -> RateDeci
     """The decision of a :func:`gcra` step."""
     allowed, _, remaining, reset_after, retry_after = step
     return RateDecision(
-        allowed=allowed,
-        limit=rate.limit,
-        remaining=remaining,
-        reset_after=reset_after / MICROS,
-        retry_after=retry_after / MICROS,
-        period=rate.period,
+        allowed, rate.limit, remaining, reset_after / MICROS, retry_after / MICROS, rate.period
     )
 
 
@@ -287,18 +294,19 @@ def quota_decision(
     allowed: bool, budget: int, used: int, tokens: int, now_us: int, *, degraded: bool = False
 ) -> QuotaDecision:
     """The decision of a reservation of ``tokens`` that left the day's usage at ``used``."""
-    index, day = day_of(now_us)
+    index = now_us // DAY_MICROS
+    day, reset_at = _day(index)
     reset_after = ((index + 1) * DAY_MICROS - now_us) / MICROS
     return QuotaDecision(
-        allowed=allowed,
-        limit=budget,
-        remaining=max(0, budget - used),
-        reset_at=datetime.fromtimestamp((index + 1) * DAY_SECONDS, UTC),
-        retry_after=0.0 if allowed else reset_after,
-        day=day,
-        reserved=tokens if allowed and not degraded else 0,
-        reset_after=reset_after,
-        degraded=degraded,
+        allowed,
+        budget,
+        max(0, budget - used),
+        reset_at,
+        0.0 if allowed else reset_after,
+        day,
+        tokens if allowed and not degraded else 0,
+        reset_after,
+        degraded,
     )
 
 
@@ -351,6 +359,10 @@ class MemoryLimiter:
 
     async def check_rate(self, key_id: str, rate: Rate) -> RateDecision:
         """Count one request of ``key_id`` against ``rate`` if it is allowed."""
+        return self.check_rate_now(key_id, rate)
+
+    def check_rate_now(self, key_id: str, rate: Rate) -> RateDecision:
+        """:meth:`check_rate` without a coroutine (this backend never waits)."""
         now = self._now()
         step = gcra(self._tats.get(key_id, 0), now, rate.interval_us, rate.limit)
         if step[0]:
@@ -363,6 +375,10 @@ class MemoryLimiter:
 
     async def reserve(self, key_id: str, budget: int, tokens: int) -> QuotaDecision:
         """Take ``tokens`` from today's ``budget`` of ``key_id`` if they fit."""
+        return self.reserve_now(key_id, budget, tokens)
+
+    def reserve_now(self, key_id: str, budget: int, tokens: int) -> QuotaDecision:
+        """:meth:`reserve` without a coroutine (this backend never waits)."""
         check_count("budget", budget)
         check_count("tokens", tokens)
         now = self._now()
@@ -455,6 +471,46 @@ def rate_limit_headers(*decisions: RateDecision | QuotaDecision | None) -> dict[
         # The request can pass only once every rejecting policy allows it.
         headers["retry-after"] = str(max(waits))
     return headers
+
+
+def limit_header_fields(
+    rate: RateDecision | None, quota: QuotaDecision | None
+) -> list[tuple[bytes, bytes]]:
+    """:func:`rate_limit_headers` of one request's decisions as ASGI header pairs, built for
+    the hot path: an admitted request's ``ratelimit-policy`` only changes with the key's limits,
+    so it is rendered once per set of limits, and ``ratelimit`` is one format string."""
+    if (rate is not None and not rate.allowed) or (quota is not None and not quota.allowed):
+        return [(k.encode(), v.encode()) for k, v in rate_limit_headers(rate, quota).items()]
+    if rate is not None and rate.degraded:
+        rate = None
+    if quota is not None and quota.degraded:
+        quota = None
+    if rate is None:
+        if quota is None:
+            return []
+        value = f'"daily";r={quota.remaining};t={_ceil_seconds(quota.reset_after)}'
+    elif quota is None:
+        value = f'"rate";r={rate.remaining};t={_ceil_seconds(rate.reset_after)}'
+    else:
+        value = (
+            f'"rate";r={rate.remaining};t={_ceil_seconds(rate.reset_after)}, '
+            f'"daily";r={quota.remaining};t={_ceil_seconds(quota.reset_after)}'
+        )
+    policy = _policy_field(
+        None if rate is None else (rate.limit, rate.period),
+        None if quota is None else quota.limit,
+    )
+    return [(b"ratelimit-policy", policy), (b"ratelimit", value.encode())]
+
+
+@functools.lru_cache(maxsize=1024)
+def _policy_field(rate: tuple[int, float] | None, budget: int | None) -> bytes:
+    items = []
+    if rate is not None:
+        items.append(f'"rate";q={rate[0]};w={max(1, math.ceil(rate[1]))}')
+    if budget is not None:
+        items.append(f'"daily";q={budget};w={DAY_SECONDS}')
+    return ", ".join(items).encode()
 
 
 def create_limiter(
