@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from inferd import __version__
-from inferd.errors import InferdError, ModelNotFound
+from inferd.errors import InferdError, ModelNotFound, ModelNotReady
 from inferd.http.context import RequestContext
 from inferd.http.hotpath import DEFAULT_ROUTE, HotPath
 from inferd.http.responses import error_body
@@ -132,19 +132,59 @@ def build_api(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # ------------------------------------------------------------------ models
-    @api.get("/v1/models", tags=["models"], summary="Served models with their state")
+    @api.get("/v1/models", tags=["models"], summary="Served models with their versions")
     async def list_models() -> dict[str, Any]:
+        names = sorted({m.name for m in registry.all()})
         return {
             "default": registry.default_name,
-            "models": [m.describe() for m in registry.all()],
+            "models": [registry.describe(name) for name in names],
         }
 
-    @api.get("/v1/models/{name}", tags=["models"], summary="One model's metadata")
+    @api.get(
+        "/v1/models/{name}",
+        tags=["models"],
+        summary="One model: its default version's metadata and every version's state",
+    )
     async def get_model(name: str) -> dict[str, Any]:
-        loaded = registry.find(name)
-        if loaded is None:
-            raise ModelNotFound(f"model {name!r} is not served here")
-        return loaded.describe()
+        return registry.describe(name)
+
+    @api.get(
+        "/v1/models/{name}/versions/{version}",
+        tags=["models"],
+        summary="One version's metadata",
+    )
+    async def get_version(name: str, version: int) -> dict[str, Any]:
+        for loaded in registry.all():
+            if loaded.name == name and loaded.version == version:
+                return loaded.describe()
+        registry.get(name, version)  # raises, saying why
+        raise ModelNotFound(f"model {name!r} has no version {version} loaded")
+
+    @api.get(
+        "/v1/models/{name}/ready",
+        tags=["models"],
+        summary="Readiness of a model's default version",
+        responses={503: {"description": "Loading, or not ready"}},
+    )
+    async def model_ready(name: str) -> Response:
+        return _readiness(name, None)
+
+    @api.get(
+        "/v1/models/{name}/versions/{version}/ready",
+        tags=["models"],
+        summary="Readiness of one version",
+        responses={503: {"description": "Loading, or not ready"}},
+    )
+    async def version_ready(name: str, version: int) -> Response:
+        return _readiness(name, version)
+
+    def _readiness(name: str, version: int | None) -> Response:
+        try:
+            loaded = registry.get(name, version)
+        except ModelNotReady as exc:
+            body = {"name": name, "version": None if version is None else str(version)}
+            return JSONResponse({**body, "ready": False, "reason": exc.message}, status_code=503)
+        return JSONResponse({"name": name, "version": loaded.version_str, "ready": True})
 
     # ------------------------------------------------------------------ predictions
     # Served by the hot path before FastAPI sees them; declared here for the OpenAPI schema,
@@ -181,6 +221,17 @@ def build_api(
         )
         async def model_predict(name: str, request: Request) -> Response:
             return passthrough(name)
+
+        @api.post(
+            "/v1/models/{name}/versions/{version}/predict",
+            tags=["predict"],
+            summary="Predict with one version of a model; one row or a batch of rows",
+            response_model=ModelPredictResponse,
+            responses=ERROR_RESPONSES,
+            openapi_extra={"requestBody": _body(ModelPredictRequest)},
+        )
+        async def version_predict(name: str, version: int, request: Request) -> Response:
+            return passthrough(f"{name}/{version}")
 
     return api
 

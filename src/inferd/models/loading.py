@@ -1,0 +1,238 @@
+"""One model version: its runtime and batcher, and the load, check and warm-up it goes through.
+
+The registry decides which versions serve and when; this module makes one of them ready.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from inferd.batching import Batcher
+from inferd.concurrency import run_blocking
+from inferd.metrics import Metrics
+from inferd.models.base import FloatArray, Model
+from inferd.models.repository import Fingerprint, ModelEntry
+from inferd.models.runtimes import create_model, sample_batch, validate_output
+from inferd.models.spec import ModelSpec
+from inferd.settings import Settings
+
+__all__ = ["LoadedModel", "ModelState", "prepare", "warm_up"]
+
+
+class ModelState(enum.StrEnum):
+    """Where a version is in its life: loading, serving, failed, draining, gone."""
+
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    UNLOADING = "unloading"
+    UNLOADED = "unloaded"
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """One model version as served: the runtime, its batcher, its state."""
+
+    entry: ModelEntry
+    version: int
+    model: Model
+    batcher: Batcher[FloatArray, FloatArray] | None
+    """None for text generation: those models serve long-running requests only."""
+    state: ModelState = ModelState.LOADING
+    error: str | None = None
+    load_seconds: float | None = None
+    loaded_at: float | None = None
+    labels: list[str] | None = None
+    classes: list[int | str] | None = None
+    version_str: str = ""
+    metrics_children: dict[str, Any] = field(default_factory=dict)
+    fingerprint: Fingerprint = ()
+    """The version folder as it was when loading began: unchanged means no reload needed."""
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.entry.spec
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ModelState.READY
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata for ``GET /v1/models/{name}``."""
+        spec = self.spec
+        return {
+            "name": self.name,
+            "version": self.version_str,
+            "versions_available": [str(v) for v in self.entry.versions],
+            "state": self.state.value,
+            "ready": self.state is ModelState.READY,
+            "runtime": spec.runtime,
+            "task": spec.task,
+            "description": spec.description,
+            "load_seconds": self.load_seconds,
+            "error": self.error,
+            "device": self.device,
+            **self._io(),
+        }
+
+    @property
+    def device(self) -> str | None:
+        """Where the model runs (``cpu``, ``cuda``...), once loaded; scikit-learn is ``cpu``."""
+        if self.spec.runtime == "sklearn":
+            return "cpu"
+        device = getattr(self.model, "device", None)
+        return None if device is None else str(device)
+
+    def status(self, default: bool = False) -> dict[str, Any]:
+        """One line of a model's version list: state, load time, error."""
+        return {
+            "version": self.version_str,
+            "state": self.state.value,
+            "ready": self.state is ModelState.READY,
+            "default": default,
+            "load_seconds": self.load_seconds,
+            "loaded_at": self.loaded_at,
+            "error": self.error,
+        }
+
+    def _io(self) -> dict[str, Any]:
+        spec, batcher = self.spec, self.batcher
+        if batcher is None and not spec.generates_text:  # a version that failed to load
+            return {"inputs": self._inputs()}
+        if batcher is None:
+            return {
+                "inputs": {"type": spec.input.type, "max_chars": spec.input.max_chars},
+                "generation": spec.generation.model_dump() if spec.generation else None,
+                "endpoint": "/v1/requests",
+            }
+        return {
+            "inputs": self._inputs(),
+            "outputs": {"labels": self.labels, "classes": self.classes},
+            "batching": {
+                "max_batch_size": batcher.max_batch_size,
+                "batch_window_ms": batcher.window * 1000.0,
+                "max_queue_size": batcher.max_queue_size,
+                "shed_at": batcher.shed_limit,
+                "concurrency": batcher.concurrency,
+            },
+            "queue_depth": batcher.depth,
+        }
+
+
+    def _inputs(self) -> dict[str, Any]:
+        spec = self.spec
+        if spec.input.type == "image":
+            image = spec.image
+            return {
+                "type": "image",
+                "size": image.size,
+                "channels": image.channels,
+                "formats": list(image.formats),
+                "max_bytes": image.max_bytes,
+                "max_pixels": image.max_pixels,
+                "endpoint": f"/v1/models/{spec.name}/classify",
+            }
+        return {"type": "tabular", "features": spec.input.features, "example": spec.input.example}
+
+
+def prepare(
+    entry: ModelEntry,
+    version: int,
+    settings: Settings,
+    metrics: Metrics,
+    fingerprint: Fingerprint = (),
+) -> LoadedModel:
+    """The runtime object and batcher of one version, not loaded yet."""
+    s, spec = settings, entry.spec
+    b = spec.batching
+    model = create_model(spec, version, entry.artifact(version))
+    vstr = str(version)
+    m = metrics
+    children = {
+        "latency": m.request_latency.labels(spec.name, vstr),
+        "prediction": m.prediction_value.labels(spec.name, vstr),
+        "timeouts": m.request_timeouts.labels(spec.name, vstr),
+        "disconnects": m.client_disconnects.labels(spec.name, vstr),
+    }
+    batch_size = m.batch_size.labels(spec.name, vstr)
+    batch_latency = m.batch_latency.labels(spec.name, vstr)
+
+    def on_batch(rows: int, seconds: float) -> None:
+        batch_size.observe(rows)
+        batch_latency.observe(seconds)
+
+    def on_reject(reason: str) -> None:
+        m.queue_rejections.labels(spec.name, vstr, reason).inc()
+
+    batcher: Batcher[FloatArray, FloatArray] | None = None
+    if not spec.generates_text:
+        batcher = Batcher(
+            model.predict,
+            name=f"{spec.name}:{version}",
+            max_batch_size=b.max_batch_size or s.max_batch_size,
+            window=(b.batch_window_ms if b.batch_window_ms is not None else s.batch_window_ms)
+            / 1000.0,
+            max_queue_size=b.max_queue_size or s.max_queue_size,
+            shed_threshold=s.shed_threshold,
+            concurrency=b.concurrency or s.batch_concurrency,
+            retry_after=s.retry_after_s,
+            on_batch=on_batch,
+            on_reject=on_reject,
+        )
+    loaded = LoadedModel(
+        entry=entry,
+        version=version,
+        model=model,
+        batcher=batcher,
+        version_str=vstr,
+        metrics_children=children,
+        fingerprint=fingerprint,
+    )
+    return loaded
+
+
+async def warm_up(loaded: LoadedModel) -> None:
+    """Load the artifact, check a sample batch and warm up every batcher thread; raises
+    (ModelLoadError or what the runtime raised) when the version cannot serve."""
+    batcher = loaded.batcher
+    if batcher is None:
+        await run_blocking(_load_streaming, loaded)
+    else:
+        await run_blocking(_load_and_check, loaded)
+        await batcher.on_each_worker(lambda: _warm_up(loaded))
+
+
+def _load_and_check(loaded: LoadedModel) -> None:
+    """Blocking: read the artifact and check a sample batch. Runs in a thread."""
+    model, spec = loaded.model, loaded.spec
+    model.load()
+    loaded.classes = model.classes()
+    loaded.labels = spec.output.labels
+    if loaded.labels is None and loaded.classes is not None:
+        loaded.labels = [str(c) for c in loaded.classes]
+    batch = sample_batch(loaded.spec, _rows(loaded))
+    validate_output(loaded.spec, loaded.version, loaded.classes, batch, model.predict(batch))
+
+
+def _load_streaming(loaded: LoadedModel) -> None:
+    """Blocking: load a text model and run one short generation through it."""
+    model = loaded.model
+    model.load()
+    warm_up = getattr(model, "warm_up", None)
+    if callable(warm_up):
+        warm_up()
+
+
+def _warm_up(loaded: LoadedModel) -> None:
+    """Blocking: one full batch through the model, in the thread that will serve it."""
+    loaded.model.predict(sample_batch(loaded.spec, _rows(loaded)))
+
+
+def _rows(loaded: LoadedModel) -> int:
+    return loaded.batcher.max_batch_size if loaded.batcher is not None else 1
