@@ -176,7 +176,7 @@ def test_the_builder_makes_the_wheel_and_the_demo_models() -> None:
     assert "--no-index" in runs, "the venv is installed from the built wheels only"
     extras = build_args(builder)["EXTRAS"].split(",")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert set(extras) == {"postgres", "redis"}, "slim by default: no torch"
+    assert set(extras) == {"postgres", "redis", "s3"}, "slim by default: no torch"
     assert set(extras) | {"text"} <= set(project["optional-dependencies"])
 
 
