@@ -2,25 +2,76 @@
 
 Each runtime lives in its own module; this is the one place that maps ``runtime = "..."`` to it,
 builds the sample batch used for validation and warm-up, and checks what the model answered.
+
+Process-wide runtime options (device, thread counts) come from the settings through
+:func:`configure`, which the app calls once: torch's thread count is process-wide anyway.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from inferd.errors import ModelLoadError
 from inferd.models.base import FloatArray, Model
+from inferd.models.onnx import OnnxModel
 from inferd.models.python import PythonModel
 from inferd.models.sklearn import SklearnModel
 from inferd.models.spec import ModelSpec
+from inferd.models.vision import TorchImageClassifier
 
-__all__ = ["create_model", "sample_batch", "validate_output"]
+__all__ = ["RuntimeOptions", "configure", "create_model", "sample_batch", "validate_output"]
 
 
-def create_model(spec: ModelSpec, version: int, path: Path) -> Model:
+@dataclass(frozen=True, slots=True)
+class RuntimeOptions:
+    """Settings the runtimes read when a model is created (see :class:`inferd.Settings`)."""
+
+    device: str = "auto"
+    torch_threads: int = 0
+    onnx_intra_op_threads: int = 0
+    onnx_inter_op_threads: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> RuntimeOptions:
+        return cls(
+            device=settings.device,
+            torch_threads=settings.torch_threads,
+            onnx_intra_op_threads=settings.onnx_intra_op_threads,
+            onnx_inter_op_threads=settings.onnx_inter_op_threads,
+        )
+
+
+_options = RuntimeOptions()
+
+
+def configure(options: RuntimeOptions) -> None:
+    """Set the options that models created from now on use."""
+    global _options
+    _options = options
+
+
+def create_model(
+    spec: ModelSpec, version: int, path: Path, options: RuntimeOptions | None = None
+) -> Model:
     """The runtime object for one version of a model (not loaded yet)."""
+    opts = options if options is not None else _options
+    if spec.runtime == "onnx":
+        return OnnxModel(
+            spec,
+            version,
+            path,
+            intra_op_threads=opts.onnx_intra_op_threads,
+            inter_op_threads=opts.onnx_inter_op_threads,
+            device=opts.device,
+        )
+    if spec.runtime == "torch":
+        return TorchImageClassifier(
+            spec, version, path, device=opts.device, threads=opts.torch_threads
+        )
     if spec.runtime == "sklearn":
         return SklearnModel(spec, version, path)
     if spec.runtime == "python":
@@ -33,7 +84,14 @@ def create_model(spec: ModelSpec, version: int, path: Path) -> Model:
 
 
 def sample_batch(spec: ModelSpec, rows: int) -> FloatArray:
-    """A batch of ``rows`` typical inputs, for the load-time check and the warm-up."""
+    """A batch of ``rows`` typical inputs, for the load-time check and the warm-up.
+
+    Image models get mid-grey pictures already prepared: zeros after normalization, float32
+    as the image path produces them.
+    """
+    if spec.takes_images:
+        images: Any = np.zeros((rows, *spec.image.input_shape), dtype=np.float32)
+        return images  # type: ignore[no-any-return]
     row = spec.input.example or [0.0] * spec.n_features
     return np.tile(np.asarray(row, dtype=np.float64), (rows, 1))
 
@@ -55,8 +113,13 @@ def validate_output(
                 f"{where}: warm-up batch of {n} rows gave shape {out.shape}, "
                 f"expected ({n}, {n_classes})"
             )
-        if not np.allclose(out.sum(axis=1), 1.0, atol=1e-6):
-            raise ModelLoadError(f"{where}: warm-up probabilities do not sum to 1")
+        if not np.allclose(out.sum(axis=1), 1.0, atol=1e-4):
+            hint = (
+                "; if the model outputs logits, set [output] softmax = true"
+                if spec.runtime == "onnx"
+                else ""
+            )
+            raise ModelLoadError(f"{where}: warm-up probabilities do not sum to 1{hint}")
     elif out.shape[0] != n:
         raise ModelLoadError(f"{where}: warm-up batch of {n} rows gave {out.shape[0]} outputs")
     if not np.all(np.isfinite(out)):
