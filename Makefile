@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 BIN := $(VENV)/bin
 
-.PHONY: run test lint unit integration e2e deploy promtool bench models clean
+.PHONY: run test lint unit integration e2e deploy promtool chromium bench models clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@ $(VENV)/.installed-run
 
+# With torch in the venv (pip install -e '.[vision]'), the digits image model too (~10 s).
 $(MODELS_DIR)/iris/1/model.joblib: | $(VENV)/.installed-run
-	$(BIN)/inferd models train-demo --models-dir $(MODELS_DIR)
+	$(BIN)/inferd models train-demo --models-dir $(MODELS_DIR) \
+	  $$($(BIN)/python -c 'import torch' 2>/dev/null && echo --vision)
 
 models: $(MODELS_DIR)/iris/1/model.joblib
 
@@ -33,10 +35,13 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-test: lint promtool
+test: lint promtool chromium
 	$(BIN)/pytest
 
-unit integration e2e: $(VENV)/.installed-dev
+unit integration: $(VENV)/.installed-dev
+	$(BIN)/pytest tests/$@
+
+e2e: $(VENV)/.installed-dev chromium
 	$(BIN)/pytest tests/$@
 
 deploy: $(VENV)/.installed-dev promtool
@@ -51,6 +56,16 @@ promtool:
 	    || echo "could not install prometheus; try: apt-get install -y prometheus" >&2; \
 	  else echo "tests/deploy need promtool and prometheus:" \
 	    "sudo apt-get install -y --no-install-recommends prometheus" >&2; fi; }
+
+# tests/e2e/test_console.py drives Debian's chromium through Playwright (no browser download).
+chromium:
+	@[ -x /usr/bin/chromium ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } \
+	    || echo "could not install chromium; try: apt-get install -y chromium" >&2; \
+	  else echo "tests/e2e/test_console.py needs Debian's chromium:" \
+	    "sudo apt-get install -y --no-install-recommends chromium" >&2; fi; }
 
 bench: $(VENV)/.installed-dev
 	@command -v wrk >/dev/null 2>&1 || { \

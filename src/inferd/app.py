@@ -18,11 +18,16 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
+from inferd.concurrency import run_blocking
+from inferd.console import Stats, build_console_router
 from inferd.errors import InferdError
+from inferd.http.admin_api import build_admin_router
 from inferd.http.api import build_api
 from inferd.http.context import RequestContextMiddleware
 from inferd.http.hotpath import HotPath
 from inferd.http.requests_api import build_requests_router
+from inferd.http.v2 import build_v2_router
+from inferd.http.vision_api import VisionService, build_vision_router
 from inferd.jobs.backends import Backends, prepare_database
 from inferd.jobs.runner import ModelExecutor
 from inferd.jobs.service import RequestService
@@ -30,6 +35,9 @@ from inferd.jobs.worker import Worker
 from inferd.logs import AccessLog, get_logger
 from inferd.metrics import Metrics
 from inferd.models.registry import ModelRegistry
+from inferd.models.runtimes import RuntimeOptions
+from inferd.models.runtimes import configure as configure_runtimes
+from inferd.models.storage import RemoteRepository, create_syncer
 from inferd.settings import Settings
 from inferd.tenancy.auth import KEYS_CHANNEL, Authenticator
 from inferd.tenancy.keys import KeyStore
@@ -43,11 +51,20 @@ class InferdApp:
     """The ASGI application of one inferd process, with handles on its parts."""
 
     def __init__(
-        self, settings: Settings, on_fatal: Callable[[BaseException], None] | None = None
+        self,
+        settings: Settings,
+        on_fatal: Callable[[BaseException], None] | None = None,
+        syncer: RemoteRepository | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        configure_runtimes(RuntimeOptions.from_settings(settings))  # device, threads
         self.registry = ModelRegistry(settings, self.metrics)
+        # A bucket (model_repository) is mirrored into models_dir before it is read, at
+        # start-up and whenever the registry reads the repository again.
+        self.syncer = syncer if syncer is not None else create_syncer(settings)
+        if self.syncer is not None:
+            self.registry.syncer = self.syncer
         self.on_fatal = on_fatal
         self._loader: asyncio.Task[None] | None = None
         self.backends = Backends.from_settings(settings, self.metrics)
@@ -71,6 +88,12 @@ class InferdApp:
         )
         self.api: FastAPI = build_api(self.registry, self.metrics, self.hot, self._lifespan)
         self.api.include_router(build_requests_router(self.requests, settings.max_body_bytes))
+        self.api.include_router(build_admin_router(self.registry))  # /v1/admin: load, unload
+        # Image classification: /v1/models/{name}/classify and /v1/predict.
+        self.vision = VisionService(self.registry, settings, self.metrics, self.enforcer)
+        self.api.include_router(build_vision_router(self.vision))
+        # The Open Inference Protocol (V2): the same registry, batchers and budgets.
+        self.api.include_router(build_v2_router(self.registry, settings, self.enforcer))
         self.api.add_api_route(
             "/v1/usage",
             self._usage,
@@ -78,6 +101,9 @@ class InferdApp:
             tags=["tenancy"],
             summary="The caller's limits and what is left of them today",
         )
+        self.stats = Stats(self.metrics)
+        self.api.include_router(build_console_router(self.stats))  # /console, /v1/stats
+        self._stats_task: asyncio.Task[None] | None = None
         self._worker_task: asyncio.Task[None] | None = None
         self.access_log = AccessLog(enabled=settings.access_log, level=settings.log_level)
         self.keys = KeyStore(self.store.engine)
@@ -95,6 +121,7 @@ class InferdApp:
         self._flusher: asyncio.Task[None] | None = None
         self._counter: asyncio.Task[None] | None = None
         self._revocations: asyncio.Task[None] | None = None
+        self._repository_watch: asyncio.Task[None] | None = None
         self._ledger_task: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -102,6 +129,8 @@ class InferdApp:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, api: FastAPI) -> AsyncIterator[None]:
+        if self.syncer is not None and self.syncer.last is None:  # `inferd serve` synced
+            await run_blocking(self.syncer.sync)
         entries = self.registry.plan()  # a wrong repository fails start-up right here
         try:
             await prepare_database(self.settings)
@@ -118,6 +147,8 @@ class InferdApp:
         self._counter = loop.create_task(self._watch_jobs(), name="job-counter")
         self._revocations = loop.create_task(self._watch_revocations(), name="key-revocations")
         self._ledger_task = loop.create_task(self.ledger.run(), name="usage-ledger")
+        self._stats_task = loop.create_task(self.stats.run(), name="stats-sampler")
+        self._stats_task.add_done_callback(_watch("stats sampler"))
         try:
             yield
         finally:
@@ -126,9 +157,16 @@ class InferdApp:
     async def _shutdown(self) -> None:
         """Stop in stages: background tasks, then workers (finish or hand back), then the
         batchers (drain), and only then the connections they all use."""
+        if self._stats_task is not None:  # it only reads metrics: nothing to finish
+            self._stats_task.cancel()
+            await asyncio.gather(self._stats_task, return_exceptions=True)
         # The watchers query the store and the bus: they must be gone before those close,
         # or a query cut off mid-way can leave a task that never finishes.
-        watchers = [t for t in (self._loader, self._counter, self._revocations) if t is not None]
+        watchers = [
+            t
+            for t in (self._loader, self._counter, self._revocations, self._repository_watch)
+            if t is not None
+        ]
         for task in watchers:
             task.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
@@ -138,6 +176,7 @@ class InferdApp:
             self._worker_task.cancel()
             await asyncio.gather(self._worker_task, return_exceptions=True)
         await self.registry.stop(grace=5.0)
+        self.vision.close()
         if self._ledger_task is not None:
             self._ledger_task.cancel()
             await asyncio.gather(self._ledger_task, return_exceptions=True)  # flushes once more
@@ -200,10 +239,24 @@ class InferdApp:
                 self.on_fatal(exc)
         else:
             self._start_worker()
+            if self.settings.watch_repository:
+                self._repository_watch = asyncio.get_running_loop().create_task(
+                    self._watch_repository(), name="repository-watch"
+                )
+                self._repository_watch.add_done_callback(_watch("repository watch"))
             if self.settings.gc_freeze:
                 gc.collect()
                 gc.freeze()
             log.info("ready", models=self.registry.expected, default=self.registry.default_name)
+
+    async def _watch_repository(self) -> None:
+        """Load what changed in the served models' folders (``watch_repository``)."""
+        while True:
+            await asyncio.sleep(self.settings.watch_interval_seconds)
+            try:
+                await self.registry.poll_repository()
+            except Exception as exc:  # a bad look (a folder half-copied) must not end the watch
+                log.warning("repository watch: could not read the repository", detail=repr(exc))
 
     async def _flush_access_log(self) -> None:
         while True:
@@ -233,7 +286,10 @@ def _watch(what: str) -> Callable[[asyncio.Task[None]], None]:
 
 
 def create_app(
-    settings: Settings | None = None, on_fatal: Callable[[BaseException], None] | None = None
+    settings: Settings | None = None,
+    on_fatal: Callable[[BaseException], None] | None = None,
+    syncer: RemoteRepository | None = None,
 ) -> InferdApp:
-    """Build the app; ``settings`` default to :meth:`Settings.load` (env, .env, TOML)."""
-    return InferdApp(settings if settings is not None else Settings.load(), on_fatal)
+    """Build the app; ``settings`` default to :meth:`Settings.load` (env, .env, TOML).
+    ``syncer``: the remote repository's syncer when the caller has synced it already."""
+    return InferdApp(settings if settings is not None else Settings.load(), on_fatal, syncer)

@@ -17,6 +17,8 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from inferd import __version__
+from inferd.cli_admin import register as register_admin_commands
+from inferd.cli_client import register as register_client_commands
 from inferd.errors import ConfigError, InferdError
 
 __all__ = ["app", "main"]
@@ -27,7 +29,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-models_app = typer.Typer(help="Inspect the model repository and create the demo models.")
+models_app = typer.Typer(
+    help="Inspect the model repository and create the demo models; load, unload and roll back "
+    "models on a running server."
+)
 app.add_typer(models_app, name="models")
 db_app = typer.Typer(help="The database of long-running requests.")
 app.add_typer(db_app, name="db")
@@ -43,7 +48,11 @@ ConfigOpt = Annotated[
 ]
 ModelsDirOpt = Annotated[
     Path | None,
-    typer.Option("--models-dir", "-m", help="Model repository folder [INFERD_MODELS_DIR]."),
+    typer.Option(
+        "--models-dir",
+        "-m",
+        help="Model repository folder, or s3://bucket/prefix [INFERD_MODELS_DIR].",
+    ),
 ]
 
 
@@ -122,13 +131,14 @@ def serve(
     from inferd.app import create_app
     from inferd.models.repository import ModelRepository
 
+    syncer = _sync_remote(settings)  # a bucket is copied to the local cache before binding
     try:  # fail fast, before binding, on a missing repository, model.toml or artifact
         entries = ModelRepository(settings.models_dir).entries(settings.models)
         if not entries:
             raise ConfigError(
                 f"no models in {settings.models_dir}; run `inferd models train-demo` first"
             )
-    except ConfigError as exc:
+    except InferdError as exc:  # ModelNotFound too: a name in INFERD_MODELS that is not there
         raise _fail(exc.message, 2) from None
 
     failed: list[BaseException] = []
@@ -140,7 +150,7 @@ def serve(
         if server is not None:
             server.should_exit = True
 
-    asgi = create_app(settings, on_fatal=on_fatal)
+    asgi = create_app(settings, on_fatal=on_fatal, syncer=syncer)
     server = _Server(
         uvicorn.Config(
             asgi,
@@ -187,6 +197,7 @@ def worker(
     from inferd.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
+    _sync_remote(settings)
     from inferd.jobs.process import run_worker
 
     try:
@@ -333,6 +344,31 @@ def keys_revoke(
     out.print(f"revoked {record.id} ({record.user})", markup=False)
 
 
+def _sync_remote(settings: Any, summary: bool = False) -> Any:
+    """Sync a remote repository (``s3://``) into its cache; exit 2 when it cannot be read.
+
+    Versions that fail verification are logged (naming the object) and left out. Returns the
+    syncer (None for a local folder) so that the server does not sync twice."""
+    from inferd.models.storage import create_syncer
+
+    try:
+        syncer = create_syncer(settings)
+        if syncer is None:
+            return None
+        report = syncer.sync()
+    except InferdError as exc:
+        raise _fail(exc.message, 2) from None
+    if summary:
+        err.print(
+            f"synced {syncer.url} → {report.cache}: {len(report.downloaded)} downloaded, "
+            f"{report.reused} unchanged, {len(report.removed)} removed, "
+            f"{len(report.failures)} failed",
+            markup=False,
+            highlight=False,
+        )
+    return syncer
+
+
 def _server_class() -> Any:
     import uvicorn
 
@@ -371,6 +407,11 @@ def models_list(
     settings = _settings(config, models_dir=models_dir)
     from inferd.models.repository import ModelRepository
 
+    if settings.model_repository is not None:  # sync log lines go to stderr, not into --json
+        from inferd.logs import configure_logging
+
+        configure_logging("warning", "console", stream=sys.stderr)
+        _sync_remote(settings, summary=True)
     repo = ModelRepository(settings.models_dir)
     try:
         entries = repo.entries()
@@ -395,7 +436,7 @@ def models_list(
     if not rows:
         out.print(f"no models in {repo.root}; run `inferd models train-demo`")
         return
-    table = Table(title=f"models in {repo.root}")
+    table = Table(title=f"models in {settings.model_repository or repo.root}")
     for column in ("name", "versions", "runtime", "task", "inputs", "description"):
         table.add_column(column)
     for row in rows:
@@ -415,11 +456,24 @@ def models_train_demo(
     models_dir: ModelsDirOpt = None,
     config: ConfigOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain models already present.")] = False,
+    vision: Annotated[
+        bool,
+        typer.Option(
+            "--vision",
+            help="Also train the digits image model (needs torch: pip install 'inferd[vision]').",
+        ),
+    ] = False,
 ) -> None:
-    """Train the demo models (iris, iris-forest) into the repository."""
+    """Train the demo models (iris, iris-forest; digits with --vision) into the repository."""
     settings = _settings(config, models_dir=models_dir)
     from inferd.models.demo import DEMO_MODELS, train_demo
 
+    if settings.model_repository is not None:
+        raise _fail(
+            f"train-demo writes to a local folder, not to {settings.model_repository}: train into "
+            "a folder (--models-dir ./models) and upload it (docs/storage.md)",
+            2,
+        )
     target: Path = settings.models_dir
     target.mkdir(parents=True, exist_ok=True)
     with Progress(
@@ -436,6 +490,8 @@ def models_train_demo(
 
         results = train_demo(target, force=force, progress=step)
         progress.update(task, completed=len(DEMO_MODELS) * 2)
+        if vision:
+            results.extend(_train_vision_demo(target, force, step))
     for result in results:
         out.print(
             f"[green]✓[/] {result.name} v{result.version}: accuracy {result.accuracy:.3f} "
@@ -443,6 +499,21 @@ def models_train_demo(
         )
     if not results:
         out.print(f"demo models already in {target} (use --force to retrain)")
+
+
+def _train_vision_demo(target: Path, force: bool, step: Any) -> list[Any]:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise _fail("the digits demo needs PyTorch: pip install 'inferd[vision]'", 2) from None
+    from inferd.models.demo import train_vision_demo
+
+    result = train_vision_demo(target, force=force, progress=step)
+    return [result] if result is not None else []
+
+
+register_client_commands(app)  # inferd predict, inferd requests ...
+register_admin_commands(models_app)  # inferd models index, load, unload, rollback
 
 
 def main() -> None:

@@ -105,6 +105,21 @@ class Metrics:
             registry=r,
         )
 
+        # Image classification (the names of the dashboards that came before inferd).
+        self.predictions = Counter(
+            "predictions_total",
+            "Images classified, by model, version and outcome (status=success, or the error code).",
+            (*mv, "status"),
+            registry=r,
+        )
+        self.prediction_duration = Histogram(
+            "prediction_duration_seconds",
+            "Time to classify one image: decoding, queue wait and inference.",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
         # Readiness and loading.
         self.model_ready = Gauge(
             "inference_model_ready",

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -46,13 +47,84 @@ class Settings(BaseSettings):
     # --- models -------------------------------------------------------------------------------
     models_dir: Path = Path("models")
     """Model repository folder: ``<models_dir>/<name>/model.toml`` and ``<name>/<version>/``.
-    Only this folder is ever read for artifacts, because loading an artifact runs code."""
+    Only this folder is ever read for artifacts, because loading an artifact runs code.
+    An ``s3://bucket/prefix`` URL here sets ``model_repository`` instead, and this then reads
+    as ``model_cache_dir``, the local copy the models are loaded from (docs/storage.md)."""
+
+    model_repository: str | None = None
+    """Where models are kept when not in a local folder: ``s3://bucket/prefix`` in S3 or an
+    S3-compatible store. It is synced into ``model_cache_dir`` before start-up and before the
+    repository is read again at run time; only changed objects are downloaded, each verified
+    (size, and checksums where available). Unset: ``models_dir`` is the repository."""
+
+    model_cache_dir: Path | None = None
+    """Local copy of a remote ``model_repository``, which is what models are loaded from.
+    Unset: ``<data_dir>/model-cache``."""
+
+    s3_endpoint_url: str | None = None
+    """Endpoint of an S3-compatible store (MinIO, Cloudflare R2, ...), e.g.
+    ``http://127.0.0.1:9000``; path-style addressing is used with it. Unset: AWS S3.
+    Credentials come from boto3's usual chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_PROFILE``, an instance or pod role)."""
+
+    s3_region: str | None = None
+    """Region of the bucket. Unset: boto3's chain (``AWS_REGION``, ``~/.aws/config``)."""
+
+    s3_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Connect and read timeout of each S3 call (retries follow ``AWS_MAX_ATTEMPTS``)."""
 
     models: list[str] | None = None
     """Names of the models to serve; unset serves every model in the repository."""
 
     default_model: str | None = None
     """Model that ``POST /predict`` serves; unset picks ``iris`` if present, else the first name."""
+
+    default_vision_model: str | None = None
+    """Image model that ``POST /v1/predict`` serves; unset picks the first image model served."""
+
+    # --- runtimes -----------------------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where torch image models run: ``auto`` is the GPU when torch sees one, else the CPU."""
+
+    torch_threads: int = Field(default=0, ge=0, le=256)
+    """Threads torch uses for one batch on the CPU (``torch.set_num_threads``); 0 keeps torch's
+    default (one per core). Leave a core for decoding images and HTTP when the model is big."""
+
+    onnx_intra_op_threads: int = Field(default=0, ge=0, le=256)
+    """ONNX Runtime threads used inside one operator; 0 lets ONNX Runtime choose (one per
+    core)."""
+
+    onnx_inter_op_threads: int = Field(default=0, ge=0, le=256)
+    """ONNX Runtime threads that run independent operators at once; 0 lets it choose."""
+
+    # --- images -------------------------------------------------------------------------------
+    image_decode_threads: int = Field(default=2, ge=1, le=64)
+    """Threads that decode and prepare uploaded images, off the event loop."""
+
+    image_url_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Hosts that image requests may name by URL (``{"url": "https://host/cat.jpg"}``);
+    empty (the default) refuses images by URL. Comma-separated in the environment."""
+
+    image_url_timeout_s: float = Field(default=5.0, gt=0)
+    """Longest wait for an image fetched by URL."""
+
+    image_request_timeout_ms: float = Field(default=5000.0, gt=0)
+    """Deadline of an image classification (decoding, queue and model); past it the caller
+    gets 504. Longer than ``request_timeout_ms`` because an image model's batch takes tens of
+    milliseconds per image on a CPU. ``X-Request-Timeout-Ms`` may ask for less."""
+
+    # --- model versions -----------------------------------------------------------------------
+    watch_repository: bool = False
+    """Poll the folders of the served models and load what changed by itself: a new version
+    folder, a removed one, a rewritten artifact or ``model.toml`` (as ``POST
+    /v1/admin/models/{name}/load`` would). Off: versions change only through the admin API."""
+
+    watch_interval_seconds: float = Field(default=2.0, gt=0)
+    """How often the repository is polled when ``watch_repository`` is on."""
+
+    version_drain_seconds: float = Field(default=10.0, ge=0)
+    """When a version is swapped out or unloaded, how long the requests already queued for it
+    may take to finish before they are refused with a retryable 503."""
 
     # --- batching and admission ---------------------------------------------------------------
     max_batch_size: int = Field(default=32, ge=1)
@@ -178,6 +250,46 @@ class Settings(BaseSettings):
             return names or None
         return value
 
+    @field_validator("image_url_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _models_dir_may_be_a_bucket(cls, data: Any) -> Any:
+        # ``--models-dir s3://b/p`` arrives as a Path, which folds "//" into "/".
+        if isinstance(data, dict) and _is_s3(data.get("models_dir")):
+            data = dict(data)
+            url = "s3://" + str(data.pop("models_dir"))[len("s3:") :].lstrip("/")
+            other = data.get("model_repository")
+            if other is not None and str(other).rstrip("/") != url.rstrip("/"):
+                raise ValueError(
+                    f"models_dir ({url}) and model_repository ({other}) name different "
+                    "repositories; set one of them"
+                )
+            data["model_repository"] = url
+        return data
+
+    @model_validator(mode="after")
+    def _remote_repository_is_cached(self) -> Settings:
+        if self.model_repository is None:
+            return self
+        from inferd.models.storage import parse_s3_url
+
+        self.model_repository = parse_s3_url(self.model_repository).url
+        cache = (self.model_cache_dir or self.data_dir / "model-cache").expanduser().resolve()
+        if "models_dir" in self.model_fields_set and self.models_dir.resolve() != cache:
+            raise ValueError(
+                f"models_dir ({self.models_dir}) and model_repository ({self.model_repository}) "
+                "both name a repository; set one of them (models_dir may be the s3:// URL)"
+            )
+        self.model_cache_dir = cache
+        self.models_dir = cache  # what the loader reads: the synced copy
+        return self
+
     @property
     def effective_database_url(self) -> str:
         """``database_url``, or the embedded SQLite file under ``data_dir``."""
@@ -249,6 +361,10 @@ class Settings(BaseSettings):
             return target(**clean)
         except ValueError as exc:
             raise ConfigError(f"invalid settings: {exc}") from exc
+
+
+def _is_s3(value: Any) -> bool:
+    return isinstance(value, str | os.PathLike) and str(value).startswith("s3:/")
 
 
 def _is_loopback(host: str) -> bool:

@@ -1,8 +1,9 @@
 """The prediction hot path as plain ASGI, in front of FastAPI.
 
-``POST /predict`` and ``POST /v1/models/{name}/predict`` are answered here without the
+``POST /predict``, ``POST /v1/models/{name}/predict`` and
+``POST /v1/models/{name}/versions/{version}/predict`` are answered here without the
 framework: route by string checks, admission before the body is read, hand-written JSON
-validation, the batcher, orjson. FastAPI documents the two routes in its OpenAPI schema and,
+validation, the batcher, orjson. FastAPI documents these routes in its OpenAPI schema and,
 if a request reaches it (the hot path can be bypassed), serves them through this same code.
 """
 
@@ -26,7 +27,7 @@ from inferd.errors import (
 )
 from inferd.http.context import RequestContext
 from inferd.http.responses import error_body
-from inferd.models.registry import LoadedModel, ModelRegistry
+from inferd.models.registry import LoadedModel, ModelRegistry, ModelState
 from inferd.settings import Settings
 from inferd.tenancy.enforce import Enforcer
 
@@ -37,6 +38,8 @@ _PREFIX = "/v1/models/"
 _SUFFIX = "/predict"
 _DEFAULT_ENDPOINT = "/predict"
 _MODEL_ENDPOINT = "/v1/models/{name}/predict"
+_VERSIONS = "/versions/"
+_VERSION_ENDPOINT = "/v1/models/{name}/versions/{version}/predict"
 _JSON = (b"content-type", b"application/json")
 
 
@@ -66,6 +69,10 @@ class HotPath:
             name = path[len(_PREFIX) : -len(_SUFFIX)]
             if name and "/" not in name:
                 return name
+            # route key "name/version": a model name never holds a slash
+            model, versions, version = name.partition(_VERSIONS)
+            if versions and model and "/" not in model and version.isascii() and version.isdigit():
+                return f"{model}/{int(version)}"
         return None
 
     async def serve(
@@ -77,8 +84,12 @@ class HotPath:
         ctx: RequestContext,
         add_id: bool = True,
     ) -> None:
-        """Answer one prediction request; ``route`` is a model name or :data:`DEFAULT_ROUTE`."""
-        ctx.endpoint = _DEFAULT_ENDPOINT if route == DEFAULT_ROUTE else _MODEL_ENDPOINT
+        """Answer one prediction request; ``route`` is a model name, ``name/version`` or
+        :data:`DEFAULT_ROUTE`."""
+        if route == DEFAULT_ROUTE:
+            ctx.endpoint = _DEFAULT_ENDPOINT
+        else:
+            ctx.endpoint = _VERSION_ENDPOINT if "/" in route else _MODEL_ENDPOINT
         try:
             status, body, extra = await self._answer(scope, receive, route, ctx)
         except _ClientGone:
@@ -100,14 +111,18 @@ class HotPath:
     async def _answer(
         self, scope: dict[str, Any], receive: Any, route: str, ctx: RequestContext
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-        registry = self.registry
-        loaded = registry.get_default() if route == DEFAULT_ROUTE else registry.get(route)
+        loaded = self._lookup(route)
         batcher = loaded.batcher
         ctx.model, ctx.version = loaded.name, loaded.version_str
         if batcher is None:
             raise ValidationFailed(
                 f"model {loaded.name!r} generates text; submit it with POST /v1/requests and "
                 "follow its events"
+            )
+        if loaded.spec.takes_images:
+            raise ValidationFailed(
+                f"model {loaded.name!r} takes images; POST one to "
+                f"/v1/models/{loaded.name}/classify (raw body or multipart)"
             )
         batcher.check_admission()  # shed before reading the body
 
@@ -147,6 +162,12 @@ class HotPath:
             ctx.request_id = parsed.request_id
         rows = parsed.rows
         try:
+            if loaded.state is not ModelState.READY:
+                # Swapped out for a new version while this request was read: the old one is
+                # draining and takes nothing more, so go to what serves now.
+                loaded = self._lookup(route)
+                batcher = loaded.batcher or batcher
+                ctx.version = loaded.version_str
             output = await self._infer(
                 loaded, batcher, rows, rows.shape[0], ctx.started_loop + timeout, receive, ctx
             )
@@ -187,6 +208,12 @@ class HotPath:
             }
         children["latency"].observe(time.perf_counter() - ctx.started)
         return 200, orjson.dumps(payload), []
+
+    def _lookup(self, route: str) -> LoadedModel:
+        if route == DEFAULT_ROUTE:
+            return self.registry.get_default()
+        name, _, version = route.partition("/")
+        return self.registry.get(name, int(version) if version else None)
 
     async def _infer(
         self,

@@ -124,7 +124,6 @@ class LoadedModel:
             "queue_depth": batcher.depth,
         }
 
-
     def _inputs(self) -> dict[str, Any]:
         spec = self.spec
         if spec.input.type == "image":

@@ -15,6 +15,20 @@ left out::
     [generation]
     max_new_tokens = 64
     temperature = 0.0
+
+Image classifiers (``[input] type = "image"``) take one picture per request, decoded and
+prepared as the ``[image]`` table says (see docs/vision.md)::
+
+    runtime = "torch"
+    architecture = "resnet18"
+    weights = "resnet18-*.pth"
+
+    [input]
+    type = "image"
+
+    [image]
+    size = 224
+    resize = 256
 """
 
 from __future__ import annotations
@@ -28,19 +42,30 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from inferd.errors import ModelLoadError
 
-__all__ = ["BatchingSpec", "GenerationSpec", "InputSpec", "ModelSpec", "OutputSpec", "load_spec"]
+__all__ = [
+    "BatchingSpec",
+    "GenerationSpec",
+    "ImageSpec",
+    "InputSpec",
+    "ModelSpec",
+    "OutputSpec",
+    "VersionsSpec",
+    "load_spec",
+]
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class InputSpec(BaseModel):
-    """What one request carries: a row of named features (``tabular``) or a string (``text``)."""
+    """What one request carries: a row of named features (``tabular``), a string (``text``) or
+    a picture (``image``)."""
 
     model_config = _STRICT
 
-    type: Literal["tabular", "text"] = "tabular"
+    type: Literal["tabular", "text", "image"] = "tabular"
     """``tabular`` for classification and regression; ``text`` for text generation (the
-    default when ``task = "text-generation"``)."""
+    default when ``task = "text-generation"``); ``image`` for image classification, prepared
+    as the ``[image]`` table says."""
 
     # An empty list rather than None for text input, so that tabular code can keep treating
     # ``features`` as a plain list; the ``tabular`` check below still requires at least one.
@@ -55,11 +80,13 @@ class InputSpec(BaseModel):
 
     @model_validator(mode="after")
     def _fits_its_type(self) -> InputSpec:
-        if self.type == "text":
+        if self.type in ("text", "image"):
             if self.features:
-                raise ValueError("input.features is for tabular input; text input has none")
+                raise ValueError(f"input.features is for tabular input; {self.type} input has none")
             if self.example is not None:
-                raise ValueError("input.example is for tabular input; text input has none")
+                raise ValueError(f"input.example is for tabular input; {self.type} input has none")
+            if self.type == "image" and "max_chars" in self.model_fields_set:
+                raise ValueError('input.max_chars is for text input (type = "text")')
             return self
         if not self.features:
             raise ValueError("input.features must name at least one feature")
@@ -79,7 +106,97 @@ class OutputSpec(BaseModel):
     model_config = _STRICT
 
     labels: list[str] | None = None
-    """Class names, in the order of the model's classes (classification)."""
+    """Class names, in the order of the model's classes (classification). Image models may
+    instead have a ``labels.txt`` (one name per line) in their version folder."""
+
+    name: str | None = None
+    """ONNX only: the graph output to read. Unset: the first float tensor output of rank 2
+    (classification) or of rank 1 or 2 (regression)."""
+
+    softmax: bool = False
+    """ONNX only: the output is logits; turn them into probabilities with a softmax."""
+
+
+ImageFormat = Literal["jpeg", "png", "webp"]
+
+
+def _all_formats() -> list[ImageFormat]:
+    return ["jpeg", "png", "webp"]
+
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageSpec(BaseModel):
+    """``[image]``: how an uploaded picture becomes the model's input, and what is accepted.
+
+    The picture is converted to ``channels``, resized so that its shorter side is ``resize``,
+    cropped to ``size`` x ``size`` around its centre, scaled to [0, 1] and normalized with
+    ``mean`` and ``std`` per channel: torchvision's usual ``Resize``, ``CenterCrop``,
+    ``ToTensor``, ``Normalize``.
+    """
+
+    model_config = _STRICT
+
+    size: int = Field(default=224, ge=1, le=4096)
+    """Side of the square the model sees, in pixels."""
+    resize: int | None = Field(default=None, ge=1, le=8192)
+    """Shorter side after resizing, before the centre crop (256 for the usual ImageNet
+    preparation); unset means ``size`` (no crop beyond squaring)."""
+    channels: Literal["RGB", "L"] = "RGB"
+    """``RGB`` (3 channels) or ``L`` (1 channel, grayscale)."""
+    mean: list[float] | None = None
+    """Per-channel mean subtracted after scaling to [0, 1]; unset: ImageNet's for RGB, 0.5
+    for L."""
+    std: list[float] | None = None
+    """Per-channel standard deviation divided by; unset: ImageNet's for RGB, 0.5 for L."""
+    max_bytes: int = Field(default=8 * 1024 * 1024, ge=64)
+    """Largest upload accepted (413 above)."""
+    max_pixels: int = Field(default=40_000_000, ge=1)
+    """Largest width x height accepted, read from the header before decoding (413 above)."""
+    formats: list[ImageFormat] = Field(default_factory=_all_formats, min_length=1)
+    """Accepted formats, recognized from the file's first bytes (415 for others)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ImageSpec:
+        n = len(self.channels)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"image.{name} needs {n} values for channels = {self.channels!r}")
+        if self.std is not None and any(v <= 0 for v in self.std):
+            raise ValueError("image.std values must be positive")
+        if self.resize is not None and self.resize < self.size:
+            raise ValueError(
+                f"image.resize ({self.resize}) must be at least image.size ({self.size})"
+            )
+        return self
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channels)
+
+    @property
+    def shorter_side(self) -> int:
+        return self.resize if self.resize is not None else self.size
+
+    @property
+    def mean_values(self) -> tuple[float, ...]:
+        if self.mean is not None:
+            return tuple(self.mean)
+        return _IMAGENET_MEAN if self.channels == "RGB" else (0.5,)
+
+    @property
+    def std_values(self) -> tuple[float, ...]:
+        if self.std is not None:
+            return tuple(self.std)
+        return _IMAGENET_STD if self.channels == "RGB" else (0.5,)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(channels, size, size)``: one image as the model takes it."""
+        return (self.n_channels, self.size, self.size)
 
 
 class BatchingSpec(BaseModel):
@@ -91,6 +208,52 @@ class BatchingSpec(BaseModel):
     batch_window_ms: float | None = Field(default=None, ge=0)
     max_queue_size: int | None = Field(default=None, ge=1)
     concurrency: int | None = Field(default=None, ge=1, le=64)
+
+
+class VersionsSpec(BaseModel):
+    """``[versions]``: which version folders are served, and which one answers by default.
+
+    ``policy = "latest"`` serves the ``count`` highest versions (1 by default);
+    ``policy = "specific"`` serves exactly ``versions``. ``default`` is the version that
+    ``/v1/models/{name}/predict`` uses; unset, the highest one served.
+    """
+
+    model_config = _STRICT
+
+    policy: Literal["latest", "specific"] = "latest"
+    """``latest``: the ``count`` highest version folders; ``specific``: the ones listed."""
+    count: int = Field(default=1, ge=1, le=64)
+    """``latest`` only: how many of the highest versions are served."""
+    versions: list[int] = Field(default_factory=list, max_length=64)
+    """``specific`` only: the version numbers served."""
+    default: int | None = Field(default=None, ge=1)
+    """The version answering requests that name none; unset: the highest served."""
+
+    @model_validator(mode="after")
+    def _fits_its_policy(self) -> VersionsSpec:
+        if self.policy == "specific":
+            if not self.versions:
+                raise ValueError('versions.policy = "specific" needs versions = [1, ...]')
+            if any(v < 1 for v in self.versions):
+                raise ValueError("versions.versions are version folder numbers (1 or more)")
+            if "count" in self.model_fields_set:
+                raise ValueError('versions.count is for policy = "latest"')
+            if self.default is not None and self.default not in self.versions:
+                raise ValueError(
+                    f"versions.default ({self.default}) is not among versions.versions "
+                    f"{sorted(set(self.versions))}"
+                )
+        elif self.versions:
+            raise ValueError('versions.versions is for policy = "specific"')
+        return self
+
+    def select(self, available: tuple[int, ...]) -> list[int]:
+        """The versions to serve, ascending, out of ``available`` (sorted) on disk. A
+        ``specific`` version that is not on disk stays in the list: loading it then fails
+        and says so."""
+        if self.policy == "specific":
+            return sorted(set(self.versions))
+        return list(available[-self.count :])
 
 
 class GenerationSpec(BaseModel):
@@ -137,10 +300,12 @@ class ModelSpec(BaseModel):
     model_config = _STRICT
 
     name: str
-    runtime: Literal["sklearn", "python", "transformers"] = "sklearn"
+    runtime: Literal["sklearn", "python", "transformers", "onnx", "torch"] = "sklearn"
     """``sklearn``: a joblib artifact; ``python``: the class named by ``class``;
     ``transformers``: a causal language model and its tokenizer saved with
-    ``save_pretrained`` (the default for ``task = "text-generation"``)."""
+    ``save_pretrained`` (the default for ``task = "text-generation"``); ``onnx``: an ONNX
+    graph run by ONNX Runtime; ``torch``: an image classifier (``architecture``) whose weights
+    are a state dict in the version folder."""
     class_: str | None = Field(default=None, alias="class")
     """For ``runtime = "python"``: ``package.module:ClassName`` implementing the Model protocol."""
     task: Literal["classification", "regression", "text-generation"] = "classification"
@@ -153,8 +318,20 @@ class ModelSpec(BaseModel):
     """Required for tabular tasks; text generation defaults to ``type = "text"``."""
     output: OutputSpec = OutputSpec()
     batching: BatchingSpec = BatchingSpec()
+    versions: VersionsSpec = VersionsSpec()
+    """Which versions are served and which is the default (``[versions]``)."""
     generation: GenerationSpec = GenerationSpec()
     """Text generation only."""
+    image: ImageSpec = ImageSpec()
+    """Image input only."""
+    architecture: str | None = None
+    """``runtime = "torch"``: the network, ``resnet18``, ``resnet34`` or ``resnet-small``
+    (a narrow ResNet for small pictures, used by the digits demo)."""
+    weights: str | None = None
+    """``runtime = "torch"``: file name (a glob) of the state dict in the version folder;
+    unset: ``<architecture>-*.pth`` (torchvision's naming, e.g. ``resnet18-f37072fd.pth``)."""
+    num_classes: int | None = Field(default=None, ge=1)
+    """``runtime = "torch"``: outputs of the last layer; unset: read from the weights."""
 
     @model_validator(mode="before")
     @classmethod
@@ -187,11 +364,28 @@ class ModelSpec(BaseModel):
             raise ValueError(
                 f'runtime "transformers" serves task "text-generation" only, not {self.task!r}'
             )
-        if self.input.type != "tabular":
-            raise ValueError(f"task {self.task!r} needs tabular input with input.features")
         if "generation" in self.model_fields_set:
             raise ValueError('[generation] is for task "text-generation" only')
+        if self.input.type == "image":
+            if self.task != "classification" or self.runtime not in ("torch", "onnx", "python"):
+                raise ValueError(
+                    'image input (input.type = "image") is for task "classification" with '
+                    'runtime "torch", "onnx" or "python"'
+                )
+        elif "image" in self.model_fields_set:
+            raise ValueError('[image] is for image input (input.type = "image")')
+        elif self.runtime == "torch":
+            raise ValueError('runtime "torch" serves image input only (input.type = "image")')
+        elif self.input.type != "tabular":
+            raise ValueError(f"task {self.task!r} needs tabular input with input.features")
+        if self.runtime == "torch" and not self.architecture:
+            raise ValueError('runtime "torch" needs architecture (e.g. "resnet18")')
         return self
+
+    @property
+    def takes_images(self) -> bool:
+        """True for image classifiers, served by ``/v1/models/{name}/classify``."""
+        return self.input.type == "image"
 
     @property
     def generates_text(self) -> bool:
@@ -208,6 +402,8 @@ class ModelSpec(BaseModel):
         """The artifact file in a version folder; None when the folder itself is the artifact."""
         if self.artifact is not None:
             return self.artifact
+        if self.runtime == "onnx":
+            return "model.onnx"
         return "model.joblib" if self.runtime == "sklearn" else None
 
 

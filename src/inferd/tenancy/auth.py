@@ -18,22 +18,35 @@ from inferd.tenancy.keys import ApiKey, Forbidden, KeyStore, Unauthorized, hash_
 __all__ = ["KEYS_CHANNEL", "Authenticator", "required_scope"]
 
 KEYS_CHANNEL = "__api_keys__"  # event-bus topic: "a key was revoked, forget cached keys"
-_PUBLIC = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/v2/health", "/favicon")
+_PUBLIC = (
+    "/health",
+    "/metrics",
+    "/docs",
+    "/redoc",
+    "/openapi.json",
+    "/v2/health",
+    "/favicon",
+    "/console",  # static files only; the page asks for a key before calling the API
+)
 _MAX_CACHE = 10_000
 _MISSING = "a valid API key is required (Authorization: Bearer <key>)"
 
 
 def required_scope(method: str, path: str) -> str | None:
     """The scope a route needs: None for public routes, "" for any valid key."""
-    if path.startswith(_PUBLIC):
+    if path.startswith(_PUBLIC) or path == "/v2":  # /v2: the V2 protocol's server metadata
         return None
-    if path == "/predict" or (path.startswith("/v1/models") and path.endswith("/predict")):
+    if path.startswith("/v2/models/"):  # V2 model metadata, readiness and infer
+        return "predict"
+    if path in ("/predict", "/v1/predict") or (
+        path.startswith("/v1/models") and path.endswith(("/predict", "/classify"))
+    ):
         return "predict"
     if path.startswith("/v1/models") and method in ("GET", "HEAD"):
         return "predict"
     if path.startswith("/v1/requests"):
         return "requests"
-    if path == "/v1/usage":
+    if path in ("/v1/usage", "/v1/stats"):
         return ""
     return "admin"
 
