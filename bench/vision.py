@@ -237,11 +237,14 @@ def served(
     script.write_text(_LUA.format(n=8, folder=root / "images", path=path))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERD_")}
+    if torch_threads > 0:
+        env.update(
+            INFERD_TORCH_THREADS=str(torch_threads),
+            # Batches side by side, one torch thread each: a thread preempted by HTTP or
+            # decoding then delays its own batch only, not a barrier every thread waits at.
+            INFERD_BATCH_CONCURRENCY=str(max(1, threads // torch_threads)),
+        )
     env.update(
-        INFERD_TORCH_THREADS=str(torch_threads),
-        # Batches side by side, one torch thread each: a thread preempted by HTTP or decoding
-        # then delays its own batch only, not a barrier that every torch thread waits at.
-        INFERD_BATCH_CONCURRENCY=str(max(1, threads // torch_threads)),
         INFERD_DEVICE="cpu",
         INFERD_ACCESS_LOG="false",
         INFERD_WORKERS="0",
@@ -314,7 +317,11 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
-        "--torch-threads", type=int, default=1, help="the server's torch threads per batch"
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="the server's torch threads per batch, with threads/torch-threads batches at once; "
+        "0 (default): the server's own choice for a torch model on this CPU",
     )
     parser.add_argument("--max-batch", type=int, default=16, help="the server's max_batch_size")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "vision")

@@ -87,8 +87,9 @@ class Settings(BaseSettings):
     """Where torch image models run: ``auto`` is the GPU when torch sees one, else the CPU."""
 
     torch_threads: int = Field(default=0, ge=0, le=256)
-    """Threads torch uses for one batch on the CPU (``torch.set_num_threads``); 0 keeps torch's
-    default (one per core). Leave a core for decoding images and HTTP when the model is big."""
+    """Threads torch uses for one batch on the CPU (``torch.set_num_threads``); 0 divides the
+    cores among the batches a torch model runs at once (by default ``min(4, cores)`` of them,
+    see ``batch_concurrency``), which on 2 cores is one thread for each of two batches."""
 
     onnx_intra_op_threads: int = Field(default=0, ge=0, le=256)
     """ONNX Runtime threads used inside one operator; 0 lets ONNX Runtime choose (one per
@@ -135,7 +136,9 @@ class Settings(BaseSettings):
     running. An idle model takes a lone request at once; this never delays it."""
 
     batch_concurrency: int = Field(default=1, ge=1, le=64)
-    """Batches of one model version that may run at the same time (threads)."""
+    """Batches of one model version that may run at the same time (threads). Set here, it applies
+    to every model; unset, torch image models run `min(4, cores)` batches at once (see
+    docs/vision.md) and the others one."""
 
     max_queue_size: int = Field(default=2000, ge=1)
     """Bound of each model version's request queue; a full queue rejects with 503."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import os
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -265,3 +266,21 @@ async def test_model_metadata_describes_image_input_and_device(
     assert iris["inputs"]["type"] == "tabular"
     assert iris["inputs"]["features"][0] == "sepal_length_cm"
     assert iris["device"] == "cpu"
+
+
+async def test_a_torch_model_on_the_cpu_shares_the_cores_among_its_batches(
+    serve: Callable[..., Any], vision_models: Path
+) -> None:
+    cores = os.cpu_count() or 1
+    async with serve() as served:
+        auto = served.app.registry.get("tiny-vision")
+        iris = served.app.registry.get("iris")
+        assert auto.batcher is not None and iris.batcher is not None
+        batches, threads = auto.batcher.concurrency, auto.model.threads  # type: ignore[attr-defined]
+        assert iris.batcher.concurrency == 1  # tabular models keep the settings' default
+    assert batches == max(1, min(4, cores))
+    assert threads == max(1, cores // batches)
+    async with serve(batch_concurrency=1) as served:  # said explicitly: kept
+        said = served.app.registry.get("tiny-vision")
+        assert said.batcher is not None and said.batcher.concurrency == 1
+        assert said.model.threads == cores  # type: ignore[attr-defined]

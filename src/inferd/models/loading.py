@@ -14,7 +14,12 @@ from inferd.concurrency import run_blocking
 from inferd.metrics import Metrics
 from inferd.models.base import FloatArray, Model
 from inferd.models.repository import Fingerprint, ModelEntry
-from inferd.models.runtimes import create_model, sample_batch, validate_output
+from inferd.models.runtimes import (
+    create_model,
+    default_concurrency,
+    sample_batch,
+    validate_output,
+)
 from inferd.models.spec import ModelSpec
 from inferd.settings import Settings
 
@@ -150,7 +155,12 @@ def prepare(
     """The runtime object and batcher of one version, not loaded yet."""
     s, spec = settings, entry.spec
     b = spec.batching
-    model = create_model(spec, version, entry.artifact(version))
+    concurrency = b.concurrency or (
+        s.batch_concurrency
+        if "batch_concurrency" in s.model_fields_set
+        else default_concurrency(spec) or s.batch_concurrency
+    )
+    model = create_model(spec, version, entry.artifact(version), concurrency=concurrency)
     vstr = str(version)
     m = metrics
     children = {
@@ -179,7 +189,7 @@ def prepare(
             / 1000.0,
             max_queue_size=b.max_queue_size or s.max_queue_size,
             shed_threshold=s.shed_threshold,
-            concurrency=b.concurrency or s.batch_concurrency,
+            concurrency=concurrency,
             retry_after=s.retry_after_s,
             on_batch=on_batch,
             on_reject=on_reject,

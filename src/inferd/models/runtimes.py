@@ -9,6 +9,7 @@ Process-wide runtime options (device, thread counts) come from the settings thro
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,14 @@ from inferd.models.sklearn import SklearnModel
 from inferd.models.spec import ModelSpec
 from inferd.models.vision import TorchImageClassifier
 
-__all__ = ["RuntimeOptions", "configure", "create_model", "sample_batch", "validate_output"]
+__all__ = [
+    "RuntimeOptions",
+    "configure",
+    "create_model",
+    "default_concurrency",
+    "sample_batch",
+    "validate_output",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +62,28 @@ def configure(options: RuntimeOptions) -> None:
     _options = options
 
 
+def default_concurrency(spec: ModelSpec) -> int | None:
+    """Batches a runtime runs at once when neither ``model.toml`` nor the settings say.
+
+    A torch image model on a CPU answers more images per second as a few batches side by side,
+    each on a few threads, than as one batch on every core: a thread held up for a moment by
+    HTTP or decoding stalls only its own batch (see docs/vision.md). Others keep the settings'
+    ``batch_concurrency`` (None)."""
+    if spec.runtime == "torch":
+        return max(1, min(4, os.cpu_count() or 1))
+    return None
+
+
 def create_model(
-    spec: ModelSpec, version: int, path: Path, options: RuntimeOptions | None = None
+    spec: ModelSpec,
+    version: int,
+    path: Path,
+    options: RuntimeOptions | None = None,
+    *,
+    concurrency: int = 1,
 ) -> Model:
-    """The runtime object for one version of a model (not loaded yet)."""
+    """The runtime object for one version of a model (not loaded yet). ``concurrency`` is how
+    many batches its batcher runs at once (torch shares the CPU's threads among them)."""
     opts = options if options is not None else _options
     if spec.runtime == "onnx":
         return OnnxModel(
@@ -70,7 +96,12 @@ def create_model(
         )
     if spec.runtime == "torch":
         return TorchImageClassifier(
-            spec, version, path, device=opts.device, threads=opts.torch_threads
+            spec,
+            version,
+            path,
+            device=opts.device,
+            threads=opts.torch_threads,
+            concurrency=concurrency,
         )
     if spec.runtime == "sklearn":
         return SklearnModel(spec, version, path)

@@ -16,6 +16,7 @@ inferd works without it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +51,20 @@ class TorchImageClassifier:
     """A ResNet (or another architecture of :mod:`inferd.models.resnet`) with its weights."""
 
     def __init__(
-        self, spec: ModelSpec, version: int, path: Path, device: str = "auto", threads: int = 0
+        self,
+        spec: ModelSpec,
+        version: int,
+        path: Path,
+        device: str = "auto",
+        threads: int = 0,
+        concurrency: int = 1,
     ) -> None:
         self.spec = spec
         self.version = version
         self.path = path
         self.device_setting = device
         self.threads = threads
+        self.concurrency = max(1, concurrency)
         self.device: str | None = None
         self.weights_file: Path | None = None
         self._torch: Any = None
@@ -83,8 +91,13 @@ class TorchImageClassifier:
             known = ", ".join(sorted(resnet.ARCHITECTURES))
             raise ModelLoadError(f"{where}: unknown architecture {architecture!r} (known: {known})")
         device = resolve_device(torch, self.device_setting)
-        if self.threads > 0 and torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
+        threads = self.threads
+        if threads == 0 and device == "cpu":
+            # The cores shared among the batches that run at once (torch's own default, one
+            # thread per core for each batch, oversubscribes them).
+            threads = self.threads = max(1, (os.cpu_count() or 1) // self.concurrency)
+        if threads > 0 and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         self.weights_file = self._find_weights(architecture)
         state = self._read_state(torch, self.weights_file)
         labels = self._labels()
