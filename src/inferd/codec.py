@@ -14,7 +14,7 @@ import orjson
 from inferd.errors import BadRequest, PayloadTooLarge, ValidationFailed
 from inferd.models.base import FloatArray
 
-__all__ = ["ParsedRequest", "parse_predict", "parse_predict_doc", "render_rows"]
+__all__ = ["ParsedRequest", "json_kind", "parse_predict", "parse_predict_doc", "render_rows"]
 
 _MAX_REQUEST_ID = 128
 _NUMBER = (int, float)
@@ -48,7 +48,7 @@ def parse_predict(
             ) from None
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
-        raise BadRequest(f"request body must be a JSON object, got {_kind(doc)}")
+        raise BadRequest(f"request body must be a JSON object, got {json_kind(doc)}")
     return parse_predict_doc(doc, n_features, feature_names, max_instances, allow_batch)
 
 
@@ -100,7 +100,7 @@ def parse_predict_doc(
 
 def _check_row(row: Any, n: int, names: list[str], where: str) -> None:
     if not isinstance(row, list):
-        raise ValidationFailed(f"{where} must be a list of {n} numbers, got {_kind(row)}")
+        raise ValidationFailed(f"{where} must be a list of {n} numbers, got {json_kind(row)}")
     if len(row) != n:
         raise ValidationFailed(
             f"{where} has {len(row)} values; the model expects {n} ({', '.join(names)})"
@@ -108,7 +108,7 @@ def _check_row(row: Any, n: int, names: list[str], where: str) -> None:
     for i, value in enumerate(row):
         if type(value) not in _NUMBER:  # bool is not a number here
             raise ValidationFailed(
-                f"{where}[{i}] ({names[i]}) must be a number, got {_kind(value)}"
+                f"{where}[{i}] ({names[i]}) must be a number, got {json_kind(value)}"
             )
 
 
@@ -119,7 +119,8 @@ def _to_array(values: list[Any]) -> FloatArray:
         raise ValidationFailed("features must be finite numbers; a value is too large") from None
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
+    """What a JSON value is, for error messages (``a string``, ``null``...)."""
     if value is None:
         return "null"
     if isinstance(value, bool):

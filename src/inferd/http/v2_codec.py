@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from inferd.codec import json_kind
 from inferd.errors import BadRequest
 
 __all__ = [
@@ -119,7 +120,7 @@ def parse_request(body: bytes, header_length: int | None = None) -> InferRequest
         )
         raise BadRequest(f"request body is not valid JSON: {exc}{hint}") from None
     if not isinstance(doc, dict):
-        raise BadRequest(f"request body must be a JSON object, got {_kind(doc)}")
+        raise BadRequest(f"request body must be a JSON object, got {json_kind(doc)}")
     for key in doc:
         if key not in ("id", "parameters", "inputs", "outputs"):
             raise BadRequest(f"unknown field {key!r}; expected id, parameters, inputs, outputs")
@@ -150,7 +151,7 @@ def _input(raw: Any, index: int, tail: bytes, offset: int) -> tuple[Tensor, int]
     """One entry of ``inputs``; returns the tensor and the binary bytes it used."""
     where = f"inputs[{index}]"
     if not isinstance(raw, dict):
-        raise BadRequest(f"{where} must be an object, got {_kind(raw)}")
+        raise BadRequest(f"{where} must be an object, got {json_kind(raw)}")
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         raise BadRequest(f"{where}.name must be a non-empty string")
@@ -216,7 +217,7 @@ def _parameters(raw: Any, where: str) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise BadRequest(f"{where} must be an object, got {_kind(raw)}")
+        raise BadRequest(f"{where} must be an object, got {json_kind(raw)}")
     return raw
 
 
@@ -224,7 +225,7 @@ def _outputs(raw: Any) -> list[RequestedOutput] | None:
     if raw is None:
         return None
     if not isinstance(raw, list):
-        raise BadRequest(f"outputs must be a list, got {_kind(raw)}")
+        raise BadRequest(f"outputs must be a list, got {json_kind(raw)}")
     outputs: list[RequestedOutput] = []
     for i, item in enumerate(raw):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
@@ -263,7 +264,9 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> 
         values = []
         for i, value in enumerate(flat):
             if not isinstance(value, str):
-                raise BadRequest(f"{where}: BYTES element {i} must be a string, got {_kind(value)}")
+                raise BadRequest(
+                    f"{where}: BYTES element {i} must be a string, got {json_kind(value)}"
+                )
             values.append(value.encode())
         return _object_array(values, shape)
     if datatype == "BOOL":
@@ -278,7 +281,7 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> 
     for i, value in enumerate(flat):
         if type(value) not in allowed:
             raise BadRequest(
-                f"{where}: {datatype} element {i} must be {wanted}, got {_kind(value)}"
+                f"{where}: {datatype} element {i} must be {wanted}, got {json_kind(value)}"
             )
     try:
         array = np.array(flat, dtype=DATATYPES[datatype])
@@ -394,17 +397,3 @@ def _to_json(tensor: Tensor) -> list[Any]:
         ]
     values: list[Any] = flat.astype(DATATYPES[tensor.datatype], copy=False).tolist()
     return values
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
