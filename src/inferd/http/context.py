@@ -11,9 +11,10 @@ import asyncio
 import itertools
 import os
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from inferd.errors import InferdError
+from inferd.errors import BadRequest, InferdError
 from inferd.http.responses import send_error
 from inferd.logs import AccessLog, get_logger
 from inferd.metrics import Metrics
@@ -37,6 +38,34 @@ class _RequestIds:
 
     def __call__(self) -> str:
         return f"{self._prefix}-{next(self._counter):x}"
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited; there is nobody to answer."""
+
+
+def disconnect_probe(receive: Any) -> Callable[[], bool] | None:
+    """``() -> bool`` telling whether the client has gone, read from uvicorn's request cycle
+    (its ``disconnected`` flag, set when the connection is lost), or None elsewhere."""
+    cycle = getattr(receive, "__self__", None)
+    if cycle is None or not isinstance(getattr(cycle, "disconnected", None), bool):
+        return None
+    return lambda: bool(cycle.disconnected)
+
+
+def request_timeout(value: str | bytes) -> float:
+    """Seconds asked for by an ``X-Request-Timeout-Ms`` header (the client may only shorten
+    the server's deadline); :class:`BadRequest` unless it is a positive number."""
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    try:
+        ms = float(text)
+    except ValueError:
+        ms = -1.0
+    if not 0 < ms < 1e9:
+        raise BadRequest(
+            f"X-Request-Timeout-Ms must be a positive number of milliseconds, got {text!r}"
+        )
+    return ms / 1000.0
 
 
 class RequestContext:

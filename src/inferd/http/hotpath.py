@@ -25,7 +25,7 @@ from inferd.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
-from inferd.http.context import RequestContext
+from inferd.http.context import ClientGone, RequestContext, disconnect_probe, request_timeout
 from inferd.http.responses import error_body
 from inferd.models.registry import LoadedModel, ModelRegistry, ModelState
 from inferd.settings import Settings
@@ -41,10 +41,6 @@ _MODEL_ENDPOINT = "/v1/models/{name}/predict"
 _VERSIONS = "/versions/"
 _VERSION_ENDPOINT = "/v1/models/{name}/versions/{version}/predict"
 _JSON = (b"content-type", b"application/json")
-
-
-class _ClientGone(Exception):
-    """The client disconnected while its request waited; there is nobody to answer."""
 
 
 class HotPath:
@@ -92,7 +88,7 @@ class HotPath:
             ctx.endpoint = _VERSION_ENDPOINT if "/" in route else _MODEL_ENDPOINT
         try:
             status, body, extra = await self._answer(scope, receive, route, ctx)
-        except _ClientGone:
+        except ClientGone:
             ctx.detail = "client disconnected; dropped before the model ran"
             return
         except InferdError as error:
@@ -138,7 +134,7 @@ class HotPath:
                 except ValueError:
                     raise BadRequest("Content-Length is not a number") from None
             elif key == b"x-request-timeout-ms":
-                timeout = min(timeout, _parse_timeout(value))
+                timeout = min(timeout, request_timeout(value))
         if content_type != b"application/json" and not _is_json_type(content_type):
             raise UnsupportedMediaType(
                 f"Content-Type must be application/json, got {content_type.decode('latin-1')!r}"
@@ -171,7 +167,7 @@ class HotPath:
             output = await self._infer(
                 loaded, batcher, rows, rows.shape[0], ctx.started_loop + timeout, receive, ctx
             )
-        except (InferdError, _ClientGone):
+        except (InferdError, ClientGone):
             if quota is not None and self.enforcer is not None:
                 await self.enforcer.refund(ctx.key, quota)  # not served, not charged
             raise
@@ -231,7 +227,7 @@ class HotPath:
         the batcher asks the connection directly (no cost per request); under another server,
         a request that will not make the next batch gets a task that waits for the disconnect.
         """
-        gone = _disconnect_probe(receive)
+        gone = disconnect_probe(receive)
         watch = None
         if gone is None and (batcher.depth >= batcher.max_batch_size or batcher.running):
             future = batcher.submit(rows, n, deadline)
@@ -248,7 +244,7 @@ class HotPath:
             task = asyncio.current_task()
             if future.cancelled() and task is not None and not task.cancelling():
                 loaded.metrics_children["disconnects"].inc()
-                raise _ClientGone from None
+                raise ClientGone from None
             raise
         finally:
             if watch is not None:
@@ -264,7 +260,7 @@ class HotPath:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise _ClientGone
+                raise ClientGone
             chunk = message.get("body", b"")
             if chunk:
                 size += len(chunk)
@@ -278,15 +274,6 @@ class HotPath:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _disconnect_probe(receive: Any) -> Any:
-    """``() -> bool`` telling whether the client has gone, read from uvicorn's request cycle
-    (its ``disconnected`` flag, set when the connection is lost), or None elsewhere."""
-    cycle = getattr(receive, "__self__", None)
-    if cycle is None or not isinstance(getattr(cycle, "disconnected", None), bool):
-        return None
-    return lambda: cycle.disconnected
-
-
 async def _watch(receive: Any, future: asyncio.Future[Any]) -> None:
     """Cancel ``future`` when the client disconnects."""
     message = await receive()
@@ -296,15 +283,3 @@ async def _watch(receive: Any, future: asyncio.Future[Any]) -> None:
 
 def _is_json_type(value: bytes) -> bool:
     return value.split(b";", 1)[0].strip().lower() == b"application/json"
-
-
-def _parse_timeout(value: bytes) -> float:
-    try:
-        ms = float(value)
-    except ValueError:
-        raise BadRequest(
-            f"X-Request-Timeout-Ms must be a positive number of milliseconds, got {value!r}"
-        ) from None
-    if not 0 < ms < 1e9:
-        raise BadRequest("X-Request-Timeout-Ms must be a positive number of milliseconds")
-    return ms / 1000.0

@@ -33,8 +33,7 @@ from inferd.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from inferd.http.context import RequestContext
-from inferd.http.hotpath import _disconnect_probe
+from inferd.http.context import ClientGone, RequestContext, disconnect_probe, request_timeout
 from inferd.http.v2_codec import encode_response, parse_request
 from inferd.http.v2_models import (
     INPUT_NAME,
@@ -92,10 +91,6 @@ _INFER_BODY = {
         },
     },
 }
-
-
-class _ClientGone(Exception):
-    """The client disconnected while its request waited."""
 
 
 class OpenInference:
@@ -185,7 +180,7 @@ class OpenInference:
             output = await self._run(
                 loaded, batcher, rows, ctx.started_loop + timeout, request, ctx
             )
-        except (InferdError, _ClientGone, asyncio.CancelledError):
+        except (InferdError, ClientGone, asyncio.CancelledError):
             if quota is not None and enforcer is not None:
                 await enforcer.refund(ctx.key, quota)  # not served, not charged
             raise
@@ -236,15 +231,7 @@ class OpenInference:
             header_length = int(raw)
         given = headers.get("x-request-timeout-ms")
         if given is not None:
-            try:
-                ms = float(given)
-            except ValueError:
-                ms = -1.0
-            if not 0 < ms < 1e9:
-                raise BadRequest(
-                    f"X-Request-Timeout-Ms must be a positive number of milliseconds, got {given!r}"
-                )
-            timeout = min(timeout, ms / 1000.0)
+            timeout = min(timeout, request_timeout(given))
         return timeout, header_length
 
     async def read_body(self, request: Request) -> bytes:
@@ -261,7 +248,7 @@ class OpenInference:
                     )
                 chunks.append(chunk)
         except ClientDisconnect:
-            raise _ClientGone from None
+            raise ClientGone from None
         body = b"".join(chunks)
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding == "identity":
@@ -294,7 +281,7 @@ class OpenInference:
 
         Under uvicorn, a client that disconnects is dropped before the model runs it, as on
         the hot path."""
-        future = batcher.submit(rows, rows.shape[0], deadline, _disconnect_probe(request.receive))
+        future = batcher.submit(rows, rows.shape[0], deadline, disconnect_probe(request.receive))
         try:
             output, batch_rows = await future
         except DeadlineExceeded:
@@ -303,7 +290,7 @@ class OpenInference:
         except asyncio.CancelledError:
             if future.cancelled():
                 loaded.metrics_children["disconnects"].inc()
-                raise _ClientGone from None
+                raise ClientGone from None
             raise
         finally:
             if not future.done():
@@ -411,7 +398,7 @@ def build_v2_router(
         except InferdError as error:
             ctx.detail = error.message
             return _error(error)
-        except _ClientGone:
+        except ClientGone:
             ctx.detail = "client disconnected; dropped before the model ran"
             return Response(status_code=499)
 

@@ -32,7 +32,7 @@ from inferd.errors import (
     PayloadTooLarge,
     ValidationFailed,
 )
-from inferd.http.context import RequestContext
+from inferd.http.context import RequestContext, request_timeout
 from inferd.logs import get_logger
 from inferd.metrics import Metrics
 from inferd.models.images import ImageInput, Preprocessor
@@ -149,7 +149,7 @@ class VisionService:
         timeout = self.timeout
         header = request.headers.get("x-request-timeout-ms")
         if header is not None:
-            timeout = min(timeout, _parse_timeout(header))
+            timeout = min(timeout, request_timeout(header))
         deadline = ctx.started_loop + timeout
 
         pre = self.preprocessor(loaded)
@@ -398,18 +398,6 @@ def _top_k(top_k: int | None, n_classes: int) -> int:
     if not 1 <= top_k <= n_classes:
         raise ValidationFailed(f"top_k must be between 1 and {n_classes} (the model's classes)")
     return top_k
-
-
-def _parse_timeout(value: str) -> float:
-    try:
-        ms = float(value)
-    except ValueError:
-        ms = -1.0
-    if not 0 < ms < 1e9:
-        raise BadRequest(
-            f"X-Request-Timeout-Ms must be a positive number of milliseconds, got {value!r}"
-        )
-    return ms / 1000.0
 
 
 _IMAGE_BODY = {
