@@ -284,3 +284,50 @@ async def test_a_torch_model_on_the_cpu_shares_the_cores_among_its_batches(
         said = served.app.registry.get("tiny-vision")
         assert said.batcher is not None and said.batcher.concurrency == 1
         assert said.model.threads == cores  # type: ignore[attr-defined]
+
+
+async def test_an_upload_read_during_a_swap_is_served_by_the_new_version(
+    serve: Callable[..., Any], vision_models: Path
+) -> None:
+    """The model is looked up before the upload arrives; version 2 replaces version 1 (which
+    drains and unloads) while the upload is read; the image must still be classified."""
+    import asyncio
+    import json
+    import shutil
+
+    data = encode(picture(24, 24, seed=9), "PNG")
+    async with serve(image_request_timeout_ms=10_000) as served:
+        shutil.copytree(vision_models / "tiny-vision" / "1", vision_models / "tiny-vision" / "2")
+        body_sent = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            await body_sent.wait()
+            return {"type": "http.request", "body": data, "more_body": False}
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "server": ("inferd", 80),
+            "path": "/v1/models/tiny-vision/classify",
+            "raw_path": b"/v1/models/tiny-vision/classify",
+            "root_path": "",
+            "headers": [(b"content-type", b"image/png"), (b"host", b"inferd")],
+            "query_string": b"",
+        }
+        request = asyncio.ensure_future(served.app(scope, receive, send))
+        await asyncio.sleep(0.05)  # looked up version 1, now waiting for the upload
+        swapped = await served.client.post("/v1/admin/models/tiny-vision/load")
+        body_sent.set()
+        await request
+    assert swapped.status_code == 200, swapped.text
+    assert sent[0]["status"] == 200, sent
+    answer = json.loads(sent[1]["body"])
+    assert answer["version"] == "2"
+    assert answer["predictions"][0]["class_id"] == int(np.argmax(_expected(vision_models, data)))

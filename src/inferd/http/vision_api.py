@@ -155,6 +155,15 @@ class VisionService:
         pre = self.preprocessor(loaded)
         data = await self._image_bytes(request, pre)
         prepared = await self._prepare(pre, data, deadline)
+        current = self.registry.refresh(loaded)
+        if current is not loaded:
+            # Swapped for a new version while the upload was read: the old one drains and
+            # takes nothing more, so go to what serves now (prepared as that one says).
+            if current.spec.image != loaded.spec.image:
+                prepared = await self._prepare(self.preprocessor(current), data, deadline)
+            loaded, batcher = current, current.batcher
+            assert batcher is not None
+            ctx.version = loaded.version_str
 
         quota = None
         enforcer = self.enforcer
