@@ -175,15 +175,10 @@ class VisionService:
         future = batcher.submit(payload, 1, deadline)
         try:
             output, batch_rows = await future
-        except DeadlineExceeded:
-            loaded.metrics_children["timeouts"].inc()
-            if quota is not None and enforcer is not None:
-                await enforcer.refund(ctx.key, quota)
-            raise
-        except asyncio.CancelledError:
-            future.cancel()  # the caller went away: drop the image unrun
-            raise
-        except Exception:
+        except (asyncio.CancelledError, Exception) as exc:
+            if isinstance(exc, DeadlineExceeded):
+                loaded.metrics_children["timeouts"].inc()
+            future.cancel()  # the caller went away (or it failed): drop the image unrun
             if quota is not None and enforcer is not None:
                 await enforcer.refund(ctx.key, quota)  # not served, not charged
             raise
