@@ -6,19 +6,26 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 BIN := $(VENV)/bin
 
-.PHONY: run test lint unit integration e2e deploy promtool chromium bench models clean
+.PHONY: lock run test lint unit integration e2e deploy promtool chromium bench models clean
 
+# Both installs come from the locks (requirements/*.txt: every package pinned, with hashes), so
+# a fresh machine gets what CI tested; `make lock` refreshes them after pyproject.toml changes.
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+$(VENV)/.installed-run: requirements/run.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/run.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+$(VENV)/.installed-dev: requirements/dev.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $@ $(VENV)/.installed-run
+
+# Resolve requirements/*.txt again from pyproject.toml (uv, from the dev lock).
+lock: $(VENV)/.installed-dev
+	$(BIN)/python tools/lock.py refresh
 
 # With torch in the venv (pip install -e '.[vision]'), the digits image model too (~10 s).
 $(MODELS_DIR)/iris/1/model.joblib: | $(VENV)/.installed-run
@@ -31,8 +38,9 @@ run: $(VENV)/.installed-run models
 	$(BIN)/inferd serve --models-dir $(MODELS_DIR) --host $(HOST) --port $(PORT)
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/python tools/lock.py check
+	$(BIN)/ruff check src tests bench tools
+	$(BIN)/ruff format --check src tests bench tools
 	$(BIN)/mypy
 
 test: lint promtool chromium

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from dockerfile_parse import DockerfileParser
+from tools.lock import LOCKS
 
 import inferd
 from tests.deploy.conftest import DEPLOY, ROOT
@@ -174,7 +175,10 @@ def test_the_builder_makes_the_wheel_and_the_demo_models() -> None:
     assert re.search(r"pip wheel .*\.\[\$\{EXTRAS\}\]", runs)
     assert "inferd models train-demo --models-dir /models" in runs
     assert "--no-index" in runs, "the venv is installed from the built wheels only"
+    assert "--require-hashes --no-deps --wheel-dir /wheels -r requirements/run.txt" in runs
     extras = build_args(builder)["EXTRAS"].split(",")
+    (run_lock,) = (lock for lock in LOCKS if lock.path == "requirements/run.txt")
+    assert set(extras) == set(run_lock.extras), "the default image is the run lock"
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert set(extras) == {"postgres", "redis", "s3"}, "slim by default: no torch"
     assert set(extras) | {"text"} <= set(project["optional-dependencies"])
