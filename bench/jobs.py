@@ -96,8 +96,8 @@ def database(backend: str, folder: Path) -> tuple[str, Any]:
 
 
 async def throughput(url: str, models_dir: Path, jobs: int, concurrency: int) -> dict[str, Any]:
+    from inferd.db.migrate import migrate
     from inferd.jobs.events import InProcessEventBus
-    from inferd.jobs.migrate import migrate
     from inferd.jobs.runner import ModelExecutor
     from inferd.jobs.sql import SqlStore
     from inferd.jobs.worker import Worker

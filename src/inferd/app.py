@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
+from inferd.backends import Backends, prepare_database
 from inferd.concurrency import run_blocking
 from inferd.console import Stats, build_console_router
 from inferd.errors import InferdError
@@ -28,7 +29,6 @@ from inferd.http.hotpath import HotPath
 from inferd.http.requests_api import build_requests_router
 from inferd.http.v2 import build_v2_router
 from inferd.http.vision_api import VisionService, build_vision_router
-from inferd.jobs.backends import Backends, prepare_database
 from inferd.jobs.runner import ModelExecutor
 from inferd.jobs.service import RequestService
 from inferd.jobs.worker import Worker
@@ -81,13 +81,14 @@ class InferdApp:
             self.bus,
             self.executor,
             max_attempts=settings.max_attempts,
-            sse_keepalive=settings.sse_keepalive_seconds,
-            sse_retry_ms=settings.sse_retry_ms,
+            keepalive=settings.sse_keepalive_seconds,
             on_submit=self.worker.wake if self.worker is not None else None,
             enforcer=self.enforcer,
         )
         self.api: FastAPI = build_api(self.registry, self.metrics, self.hot, self._lifespan)
-        self.api.include_router(build_requests_router(self.requests, settings.max_body_bytes))
+        self.api.include_router(
+            build_requests_router(self.requests, settings.max_body_bytes, settings.sse_retry_ms)
+        )
         self.api.include_router(build_admin_router(self.registry))  # /v1/admin: load, unload
         # Image classification: /v1/models/{name}/classify and /v1/predict.
         self.vision = VisionService(self.registry, settings, self.metrics, self.enforcer)

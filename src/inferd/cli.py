@@ -198,7 +198,7 @@ def worker(
 
     configure_logging(settings.log_level, settings.log_format)
     _sync_remote(settings)
-    from inferd.jobs.process import run_worker
+    from inferd.worker_process import run_worker
 
     try:
         ran = asyncio.run(run_worker(settings, concurrency or max(settings.workers, 1), burst))
@@ -219,7 +219,7 @@ def db_upgrade(
     import asyncio
 
     settings = _settings(config, database_url=database_url)
-    from inferd.jobs.migrate import migrate
+    from inferd.db.migrate import migrate
 
     if settings.database_url is None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +231,7 @@ def db_upgrade(
 
 
 async def _with_keys(settings: Any, action: Any) -> Any:
-    from inferd.jobs.migrate import migrate
+    from inferd.db.migrate import migrate
     from inferd.jobs.sql import SqlStore
     from inferd.tenancy.keys import KeyStore
 

@@ -20,7 +20,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from inferd.db.engine import sqlite_url
 from inferd.errors import ConfigError
+from inferd.s3url import parse_s3_url
 
 __all__ = ["Settings"]
 
@@ -280,8 +282,6 @@ class Settings(BaseSettings):
     def _remote_repository_is_cached(self) -> Settings:
         if self.model_repository is None:
             return self
-        from inferd.models.storage import parse_s3_url
-
         self.model_repository = parse_s3_url(self.model_repository).url
         cache = (self.model_cache_dir or self.data_dir / "model-cache").expanduser().resolve()
         if "models_dir" in self.model_fields_set and self.models_dir.resolve() != cache:
@@ -298,8 +298,6 @@ class Settings(BaseSettings):
         """``database_url``, or the embedded SQLite file under ``data_dir``."""
         if self.database_url:
             return self.database_url
-        from inferd.jobs.schema import sqlite_url
-
         return sqlite_url((self.data_dir / "inferd.db").resolve())
 
     @property

@@ -232,8 +232,8 @@ def test_dockerignore_keeps_the_sources_and_drops_the_rest() -> None:
         for source in sources:
             assert (ROOT / source).exists(), source
             assert not ignored(source), f"{source} is copied but .dockerignore excludes it"
-    assert not ignored("src/inferd/migrations/env.py")
-    assert not ignored("src/inferd/migrations/versions/0001_initial.py")
+    assert not ignored("src/inferd/db/migrations/env.py")
+    assert not ignored("src/inferd/db/migrations/versions/0001_initial.py")
     for junk in (
         ".venv/bin/python",
         ".git/HEAD",
@@ -276,12 +276,12 @@ def test_the_wheel_the_image_builds_is_this_project(tmp_path: Path) -> None:
         info = next(n for n in names if n.endswith(".dist-info/METADATA"))
         metadata = email.parser.Parser().parsestr(archive.read(info).decode())
         entry_points = archive.read(info.replace("METADATA", "entry_points.txt")).decode()
-    assert "inferd/migrations/env.py" in names
-    assert "inferd/migrations/script.py.mako" in names
+    assert "inferd/db/migrations/env.py" in names
+    assert "inferd/db/migrations/script.py.mako" in names
     assert "inferd/py.typed" in names
     package = Path(inferd.__file__).parent
-    for migration in (package / "migrations" / "versions").glob("*.py"):
-        assert f"inferd/migrations/versions/{migration.name}" in names, migration.name
+    for migration in (package / "db" / "migrations" / "versions").glob("*.py"):
+        assert f"inferd/db/migrations/versions/{migration.name}" in names, migration.name
     modules = {p.relative_to(package.parent).as_posix() for p in package.rglob("*.py")}
     assert modules <= names, f"missing from the wheel: {modules - names}"
     assert metadata["Name"] == "inferd"

@@ -396,7 +396,7 @@ async def _create_key(
     daily_tokens: int | None = None,
     rate: str | None = None,
 ) -> str:
-    from inferd.jobs.migrate import migrate
+    from inferd.db.migrate import migrate
     from inferd.jobs.sql import SqlStore
     from inferd.tenancy.keys import KeyStore
 

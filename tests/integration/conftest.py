@@ -18,8 +18,8 @@ import pytest
 from sqlalchemy import URL, make_url
 from sqlalchemy.dialects import postgresql
 
-from inferd.jobs.migrate import migrate
-from inferd.jobs.sql import sqlite_url
+from inferd.db.engine import sqlite_url
+from inferd.db.migrate import migrate
 
 # Read at import: the autouse fixture of tests/conftest.py clears INFERD_* for each test.
 ADMIN_URL = make_url(

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from inferd.tenancy.limits import MemoryLimiter
+from inferd.tenancy.limits_memory import MemoryLimiter
 from tests.support.models import write_streaming_model
 
 SETOSA = [5.1, 3.5, 1.4, 0.2]

@@ -19,12 +19,12 @@ import pytest
 import redis
 import redis.asyncio
 
+from inferd.backends import create_limiter
 from inferd.tenancy import (
     Limiter,
     LimiterUnavailable,
     MemoryLimiter,
     RedisLimiter,
-    create_limiter,
     parse_rate,
 )
 from tests.unit.test_limits import START, FakeClock

@@ -19,11 +19,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, column, select, table, text
 
+from inferd.db.engine import sqlite_url
+from inferd.db.migrate import migrate
+from inferd.db.schema import VERSION_TABLE, metadata
 from inferd.errors import BadRequest, IdempotencyConflict, StoreUnavailable
 from inferd.jobs.ids import encode_cursor
-from inferd.jobs.migrate import migrate
-from inferd.jobs.schema import VERSION_TABLE, metadata
-from inferd.jobs.sql import SqlStore, sqlite_url
+from inferd.jobs.sql import SqlStore
 from inferd.jobs.types import EventKind, Lease, RequestRecord, RequestStatus
 
 BACKENDS = ["sqlite", "postgres"]

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from inferd.backends import create_limiter
 from inferd.errors import InferdError
 from inferd.tenancy import (
     Limiter,
@@ -15,7 +16,6 @@ from inferd.tenancy import (
     Rate,
     RateDecision,
     RedisLimiter,
-    create_limiter,
     parse_rate,
     rate_limit_headers,
 )

@@ -11,6 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from inferd.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from inferd.http import sse
 from inferd.jobs.service import RequestService
 from inferd.jobs.types import RequestRecord
 
@@ -66,7 +67,9 @@ def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) ->
     return Response(orjson.dumps(doc), status, headers, media_type="application/json")
 
 
-def build_requests_router(service: RequestService, max_body_bytes: int) -> APIRouter:
+def build_requests_router(
+    service: RequestService, max_body_bytes: int, sse_retry_ms: int = 1000
+) -> APIRouter:
     router = APIRouter(prefix="/v1/requests", tags=["requests"])
 
     @router.post(
@@ -150,12 +153,10 @@ def build_requests_router(service: RequestService, max_body_bytes: int) -> APIRo
         request_id: str,
         last_event_id: str | None = Header(default=None, alias="Last-Event-ID"),
     ) -> StreamingResponse:
-        from inferd.http.sse import parse_last_event_id
-
-        after = parse_last_event_id(last_event_id)
-        frames = await service.follow(request_user(request), request_id, after)
+        after = sse.parse_last_event_id(last_event_id)
+        events = await service.follow(request_user(request), request_id, after)
         return StreamingResponse(
-            frames,
+            sse.frames(events, sse_retry_ms),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )

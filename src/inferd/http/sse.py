@@ -1,29 +1,24 @@
-"""Server-Sent Events without HTTP: frames, ``Last-Event-ID``, and following a request.
+"""Server-Sent Events: frames, ``Last-Event-ID``, and a followed request as a frame stream.
 
-:func:`follow` turns a request's stored events into SSE frames: everything after the client's
-``Last-Event-ID`` first, then new events as the bus announces them, until a terminal event.
-The store is the source of truth; the bus only saves waiting for the next poll.
+:func:`frames` turns what :func:`inferd.jobs.follow.follow_events` yields into SSE frames (the
+first one carries ``retry:``, keep-alive ticks become comments); :func:`follow` is the two
+together: everything after the client's ``Last-Event-ID`` first, then new events as they come,
+until a terminal event.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import orjson
 
-from inferd.errors import BadRequest, NotFound
-from inferd.jobs.events import SupportsReady
-from inferd.jobs.types import EventBus, EventKind, RequestStore
+from inferd.errors import BadRequest
+from inferd.jobs.follow import follow_events
+from inferd.jobs.types import Event, EventBus, RequestStore
 
-__all__ = ["follow", "format_comment", "format_event", "parse_last_event_id"]
+__all__ = ["follow", "format_comment", "format_event", "frames", "parse_last_event_id"]
 
-log = logging.getLogger("inferd.http.sse")
-
-_FINAL = frozenset({EventKind.DONE, EventKind.ERROR})
-_PAGE = 1000  # events per store read; a longer backlog is read in several
 _MAX_ID = 2**63 - 1  # what a SQL BIGINT holds
 
 
@@ -69,54 +64,26 @@ def parse_last_event_id(value: str | None) -> int:
     return int(text)
 
 
-class _Listener:
-    """A bus subscription waited on with timeouts. One ``anext`` stays pending across waits:
-    cancelling it could end an async-generator subscription for good."""
-
-    def __init__(self, sub: AsyncIterator[int]) -> None:
-        self._sub = sub
-        self._next: asyncio.Future[int] | None = None
-        self._alive = True
-
-    async def ready(self) -> None:
-        if isinstance(self._sub, SupportsReady):
-            await self._sub.ready()
-
-    async def wait(self, within: float) -> int | None:
-        """The next announced seq, or None after ``within`` seconds (or early, once the bus
-        has ended)."""
-        if not self._alive:
-            await asyncio.sleep(within)  # the bus went away: polling the store still works
-            return None
-        if self._next is None:
-            self._next = asyncio.ensure_future(anext(self._sub))
-        done, _ = await asyncio.wait({self._next}, timeout=within)
-        if not done:
-            return None
-        future, self._next = self._next, None
-        try:
-            return future.result()
-        except StopAsyncIteration:
-            pass
-        except Exception:
-            log.warning("sse: event bus subscription failed; polling the store", exc_info=True)
-        self._alive = False
-        return None
-
-    async def close(self) -> None:
-        if self._next is not None:
-            # An async generator refuses aclose() while an anext runs: stop that first.
-            self._next.cancel()
-            await asyncio.wait({self._next})
-            if not self._next.cancelled():
-                self._next.exception()  # retrieved, so that asyncio does not log it
-            self._next = None
-        aclose = getattr(self._sub, "aclose", None)
+async def frames(
+    events: AsyncIterator[Event | None], retry_ms: int | None = 1000
+) -> AsyncGenerator[bytes, None]:
+    """SSE frames of a followed request: id = seq, event = kind, data = event data; ``None``
+    (nothing for a while) becomes a keep-alive comment. The first frame carries ``retry:``."""
+    retry = retry_ms
+    try:
+        async for event in events:
+            if event is None:
+                yield format_comment("keep-alive", retry)
+            else:
+                yield format_event(event.seq, event.kind, event.data, retry)
+            retry = None
+    finally:
+        aclose = getattr(events, "aclose", None)
         if aclose is not None:
             await aclose()
 
 
-async def follow(
+def follow(
     store: RequestStore,
     bus: EventBus,
     request_id: str,
@@ -127,61 +94,7 @@ async def follow(
     retry_ms: int = 1000,
     user: str | None = None,
 ) -> AsyncGenerator[bytes, None]:
-    """SSE frames for the events of ``request_id`` with ``seq > after``, then live ones.
-
-    Subscribes first, then replays the store, so nothing published in between is missed.
-    Each event is sent once, in seq order (id = seq, event = kind, data = event data); the
-    first frame carries ``retry:``. Waits for the bus, but re-reads the store every ``poll``
-    seconds anyway (a lost notification only delays delivery) and sends a keep-alive comment
-    after ``keepalive`` seconds without a frame. Ends after a ``done`` or ``error`` event, or
-    once a terminal request has nothing more to send. Raises
-    :class:`~inferd.errors.NotFound` before any frame if the request does not exist (or,
-    with ``user``, belongs to someone else)."""
-    if keepalive <= 0 or poll <= 0:
-        raise ValueError("keepalive and poll must be > 0")
-    record = await store.get(request_id, user)
-    if record is None:
-        raise NotFound(f"no request {request_id!r}")
-    final_seq = record.last_seq if record.terminal else None
-    loop = asyncio.get_running_loop()
-    last, idle_poll = after, False
-    retry: int | None = retry_ms  # sent on the first frame only
-    listener = _Listener(bus.subscribe(request_id))
-    try:
-        await listener.ready()
-        last_frame = loop.time()
-        while True:
-            events = await store.events(request_id, last, _PAGE)
-            for event in events:
-                if event.seq <= last:
-                    continue  # a store that ignored ``after``: never send an id twice
-                yield format_event(event.seq, event.kind, event.data, retry)
-                last, retry, last_frame = event.seq, None, loop.time()
-                if event.kind in _FINAL:
-                    return
-            if len(events) >= _PAGE:
-                continue
-            if idle_poll and not events:
-                # Nothing announced and nothing new: re-check the record, so a request that
-                # ended without a terminal event (or was deleted) does not hold the stream.
-                record = await store.get(request_id, user)
-                if record is None:
-                    return
-                final_seq = record.last_seq if record.terminal else None
-            if final_seq is not None and last >= final_seq:
-                return
-            read_at, idle_poll = loop.time(), False
-            while True:  # wait for something to read, sending keep-alives meanwhile
-                now = loop.time()
-                if now - last_frame >= keepalive:
-                    yield format_comment("keep-alive", retry)
-                    retry, last_frame = None, loop.time()
-                elif now - read_at >= poll:
-                    idle_poll = True
-                    break
-                else:
-                    seq = await listener.wait(min(read_at + poll, last_frame + keepalive) - now)
-                    if seq is not None and seq > last:
-                        break  # a seq already sent (replayed, then announced) needs no read
-    finally:
-        await listener.close()
+    """SSE frames for the events of ``request_id`` with ``seq > after``, then live ones (see
+    :func:`~inferd.jobs.follow.follow_events`)."""
+    events = follow_events(store, bus, request_id, after, keepalive=keepalive, poll=poll, user=user)
+    return frames(events, retry_ms)

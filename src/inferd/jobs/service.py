@@ -7,8 +7,9 @@ from typing import Any
 
 from inferd.concurrency import run_blocking
 from inferd.errors import NotFound, ValidationFailed
+from inferd.jobs.follow import follow_events
 from inferd.jobs.runner import ModelExecutor
-from inferd.jobs.types import EventBus, Page, RequestRecord, RequestStore
+from inferd.jobs.types import Event, EventBus, Page, RequestRecord, RequestStore
 from inferd.tenancy.enforce import Enforcer
 
 __all__ = ["RequestService"]
@@ -26,8 +27,7 @@ class RequestService:
         executor: ModelExecutor,
         *,
         max_attempts: int = 3,
-        sse_keepalive: float = 15.0,
-        sse_retry_ms: int = 1000,
+        keepalive: float = 15.0,
         on_submit: Callable[[], None] | None = None,
         enforcer: Enforcer | None = None,
     ) -> None:
@@ -35,8 +35,7 @@ class RequestService:
         self.bus = bus
         self.executor = executor
         self.max_attempts = max_attempts
-        self.sse_keepalive = sse_keepalive
-        self.sse_retry_ms = sse_retry_ms
+        self.keepalive = keepalive
         self.on_submit = on_submit
         self.enforcer = enforcer
 
@@ -120,16 +119,9 @@ class RequestService:
             await self.bus.publish(request_id, record.last_seq)
         return record
 
-    async def follow(self, user: str, request_id: str, after: int) -> AsyncIterator[bytes]:
-        """The SSE frames of a request, from ``after`` until its terminal event."""
-        from inferd.http.sse import follow
-
+    async def follow(self, user: str, request_id: str, after: int) -> AsyncIterator[Event | None]:
+        """The events of a request after seq ``after``, then live ones until its terminal
+        event; ``None`` after ``keepalive`` seconds without one (see
+        :func:`~inferd.jobs.follow.follow_events`)."""
         await self.get(user, request_id)  # 404 for another user's request, before streaming
-        return follow(
-            self.store,
-            self.bus,
-            request_id,
-            after,
-            keepalive=self.sse_keepalive,
-            retry_ms=self.sse_retry_ms,
-        )
+        return follow_events(self.store, self.bus, request_id, after, keepalive=self.keepalive)

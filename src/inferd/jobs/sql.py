@@ -22,7 +22,7 @@ racing a reaper or a new claim cannot slip through.
 A request whose cancel was asked for is never requeued: where a retry, a reaped lease or a
 release would put it back in the queue, it becomes ``cancelled`` instead.
 
-The schema is created by the migrations (:func:`inferd.jobs.migrate.migrate`), not here.
+The schema is created by the migrations (:func:`inferd.db.migrate.migrate`), not here.
 """
 
 from __future__ import annotations
@@ -39,25 +39,14 @@ from sqlalchemy import URL, Row, func, select, tuple_, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from inferd.db.engine import UNAVAILABLE_ERRORS, create_engine
+from inferd.db.schema import charges, events, jobs, requests
 from inferd.errors import BadRequest, ConfigError, IdempotencyConflict, StoreUnavailable
 from inferd.jobs.ids import decode_cursor, encode_cursor, new_request_id
-from inferd.jobs.schema import (
-    UNAVAILABLE_ERRORS,
-    body_hash,
-    charges,
-    create_engine,
-    events,
-    iso,
-    jobs,
-    requests,
-    sqlite_url,
-    to_datetime,
-    to_event,
-    to_record,
-)
+from inferd.jobs.rows import body_hash, iso, to_datetime, to_event, to_record
 from inferd.jobs.types import Event, EventKind, Lease, Page, RequestRecord, RequestStatus
 
-__all__ = ["CANCELLED_BY_USER", "SqlStore", "sqlite_url"]
+__all__ = ["CANCELLED_BY_USER", "SqlStore"]
 
 CANCELLED_BY_USER = "cancelled by the user"
 """The error of a request cancelled by its user."""
@@ -78,7 +67,7 @@ class SqlStore:
     ``backoff_base`` and ``backoff_max`` (seconds) shape the retry delay of a failed attempt:
     ``min(max, base * 2**(attempt-1))`` times a random factor in [0.5, 1], so that jobs
     failing together do not retry together. The other options go to
-    :func:`inferd.jobs.schema.create_engine`. Constructing a store does no I/O (beyond
+    :func:`inferd.db.engine.create_engine`. Constructing a store does no I/O (beyond
     creating the folder of a SQLite file); :meth:`connect` also checks that it answers.
     """
 

@@ -43,6 +43,7 @@ from typing import Any
 from inferd.errors import ConfigError
 from inferd.logs import get_logger
 from inferd.models.spec import ModelSpec
+from inferd.s3url import S3Location, parse_s3_url
 
 __all__ = [
     "RemoteRepository",
@@ -61,7 +62,6 @@ MANIFEST = ".inferd-sync.json"
 SUMS_FILE = "SHA256SUMS"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as ModelRepository accepts
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,254}$")
 _SUMS_LINE = re.compile(r"^([0-9a-fA-F]{64})\s+\*?(.+)$")
 _SMALL = 1 << 20  # model.toml and SHA256SUMS are read into memory; more than this is wrong
 _CHUNK = 1 << 20
@@ -83,37 +83,6 @@ class _VersionFailed(Exception):
         super().__init__(f"{key}: {reason}")
         self.key = key
         self.reason = reason
-
-
-@dataclass(frozen=True, slots=True)
-class S3Location:
-    """A bucket and a key prefix (empty, or ending with ``/``)."""
-
-    bucket: str
-    prefix: str
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-
-    def key(self, rel: str) -> str:
-        return self.prefix + rel
-
-    def uri(self, rel: str) -> str:
-        return f"s3://{self.bucket}/{self.prefix}{rel}"
-
-
-def parse_s3_url(url: str) -> S3Location:
-    """``s3://bucket[/prefix]`` → :class:`S3Location`; anything else is a ConfigError."""
-    if not url.startswith("s3://"):
-        raise ConfigError(f"{url!r} is not an s3:// URL (expected s3://bucket/prefix)")
-    bucket, _, prefix = url[len("s3://") :].partition("/")
-    if not _BUCKET.match(bucket):
-        raise ConfigError(f"{url!r}: {bucket!r} is not a valid bucket name")
-    prefix = prefix.strip("/")
-    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
-        raise ConfigError(f"{url!r}: the prefix may not contain empty, '.' or '..' parts")
-    return S3Location(bucket, prefix + "/" if prefix else "")
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,16 +17,16 @@ from inferd.metrics import Metrics
 from inferd.tenancy.keys import ApiKey
 from inferd.tenancy.limits import (
     Limiter,
-    MemoryLimiter,
     QuotaDecision,
     Rate,
     RateDecision,
     parse_rate,
     rate_limit_headers,
 )
+from inferd.tenancy.limits_memory import MemoryLimiter
 from inferd.tenancy.usage import UsageLedger
 
-__all__ = ["Enforcer", "QuotaExceeded", "RateLimited", "settle_usage"]
+__all__ = ["Enforcer", "QuotaExceeded", "RateLimited"]
 
 
 class _Limited(InferdError):
@@ -178,30 +178,3 @@ def _period(seconds: float) -> str:
 def _user_label(key: ApiKey) -> str:
     # Bounded cardinality: the user, not the key (users are few; keys rotate).
     return key.user
-
-
-def headers_list(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
-    return [(k.encode(), v.encode()) for k, v in headers.items()]
-
-
-async def settle_usage(
-    enforcer: Enforcer, executor: Any, lease: Any, event: Any, chunks: list[Any]
-) -> None:
-    """A long-running request ended: settle its reservation with what it used (the chunks a
-    streaming model produced; the reserved rows of a served tabular request; nothing for a
-    request that failed without output)."""
-    from inferd.jobs.types import EventKind
-
-    streams = executor.streams(lease.model)
-    actual = len(chunks) if streams else None
-    served = event.kind is EventKind.DONE
-    await enforcer.settle_request(
-        lease.request_id, lease.model, actual, _reserved_rows(lease) if served else 0
-    )
-
-
-def _reserved_rows(lease: Any) -> int:
-    value = lease.input if isinstance(lease.input, dict) else {}
-    if isinstance(value.get("instances"), list):
-        return len(value["instances"])
-    return 1

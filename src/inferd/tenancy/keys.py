@@ -24,8 +24,8 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from inferd.db.schema import api_keys
 from inferd.errors import InferdError, NotFound, ValidationFailed
-from inferd.jobs.schema import api_keys
 
 __all__ = [
     "SCOPES",

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from inferd.jobs.schema import charges, usage
+from inferd.db.schema import charges, usage
 from inferd.logs import get_logger
 
 __all__ = ["UsageLedger"]

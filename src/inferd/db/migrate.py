@@ -1,4 +1,4 @@
-"""Bring the request store's database to the newest schema, from inside the process.
+"""Bring inferd's database to the newest schema, from inside the process.
 
 Alembic is synchronous; :func:`migrate` opens the store's async engine and runs Alembic on
 the connection with ``run_sync``, so no synchronous database driver is needed. The whole
@@ -15,12 +15,12 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import URL, Connection, func, select
 
+from inferd.db.engine import UNAVAILABLE_ERRORS, create_engine
 from inferd.errors import StoreUnavailable
-from inferd.jobs.schema import UNAVAILABLE_ERRORS, create_engine
 
 __all__ = ["MIGRATIONS_DIR", "alembic_config", "migrate"]
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 """Alembic's script folder, installed with the package."""
 
 # Any constant works, as long as every inferd process uses the same one ("inferd" in ASCII).

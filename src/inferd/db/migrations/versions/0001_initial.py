@@ -5,7 +5,7 @@ Revises:
 Create Date: 2025-01-01
 
 A migration is frozen history: it spells the tables out instead of importing
-``inferd.jobs.schema``, which will keep changing after this revision. Names are final
+``inferd.db.schema``, which will keep changing after this revision. Names are final
 (``op.f``): the naming convention of the current metadata must not rewrite them.
 """
 

@@ -1,7 +1,14 @@
-"""The parts an API process and a worker process both build from settings, built one way."""
+"""The backends of one process, chosen by settings: built one way for API and worker processes.
+
+Each seam has an embedded backend and a scale-out one beside its interface; this module, above
+:mod:`inferd.jobs` and :mod:`inferd.tenancy`, is the one place that picks between them: the
+request store (SQLite or PostgreSQL, one :class:`~inferd.jobs.sql.SqlStore`), the event bus
+(in-process or Redis) and the limiter (in-process or Redis).
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,19 +16,34 @@ from inferd.jobs.events import create_event_bus
 from inferd.jobs.runner import ModelExecutor
 from inferd.jobs.sql import SqlStore
 from inferd.jobs.types import EventBus
+from inferd.jobs.usage import settle_usage
 from inferd.jobs.worker import Worker
 from inferd.metrics import Metrics
 from inferd.settings import Settings
-from inferd.tenancy.enforce import Enforcer, settle_usage
-from inferd.tenancy.limits import Limiter, create_limiter
+from inferd.tenancy.enforce import Enforcer
+from inferd.tenancy.limits import Clock, Limiter
+from inferd.tenancy.limits_memory import MemoryLimiter
 from inferd.tenancy.usage import UsageLedger
 
-__all__ = ["Backends", "prepare_database"]
+__all__ = ["Backends", "create_limiter", "prepare_database"]
+
+
+def create_limiter(
+    redis_url: str | None, fail_open: bool, clock: Clock = time.time, timeout: float = 1.0
+) -> Limiter:
+    """A :class:`~inferd.tenancy.limits_redis.RedisLimiter` on ``redis_url`` when it is set
+    (shared by every API process), else a :class:`MemoryLimiter` (``fail_open`` is moot).
+    ``timeout`` bounds each Redis call; past it the call counts as an outage."""
+    if redis_url:
+        from inferd.tenancy.limits_redis import RedisLimiter
+
+        return RedisLimiter(redis_url, fail_open=fail_open, clock=clock, timeout=timeout)
+    return MemoryLimiter(clock=clock)
 
 
 async def prepare_database(settings: Settings) -> None:
     """Create the embedded database's folder and migrate the schema (if ``auto_migrate``)."""
-    from inferd.jobs.migrate import migrate
+    from inferd.db.migrate import migrate
 
     if settings.database_url is None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)

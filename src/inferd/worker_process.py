@@ -1,4 +1,4 @@
-"""``inferd worker``: a process that only runs long-running requests.
+"""``inferd worker``: the composition root of a process that only runs long-running requests.
 
 It loads the models it serves, claims jobs from the shared database and writes their chunks
 there, and wakes API processes through the event bus (Redis) so their SSE followers see the
@@ -14,7 +14,7 @@ import gc
 import os
 import signal
 
-from inferd.jobs.backends import Backends, prepare_database
+from inferd.backends import Backends, prepare_database
 from inferd.jobs.runner import ModelExecutor
 from inferd.logs import get_logger
 from inferd.metrics import Metrics

@@ -2,7 +2,7 @@
 
 Two ways in:
 
-* :func:`inferd.jobs.migrate.migrate` (what inferd runs) opens a connection itself and hands
+* :func:`inferd.db.migrate.migrate` (what inferd runs) opens a connection itself and hands
   it over in ``config.attributes["connection"]``; this file only runs the migrations on it.
 * The ``alembic`` command, given ``script_location`` and ``sqlalchemy.url`` (an async URL),
   e.g. to generate the SQL of a migration with ``--sql`` for a reviewing DBA.
@@ -15,7 +15,7 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from inferd.jobs.schema import VERSION_TABLE, metadata
+from inferd.db.schema import VERSION_TABLE, metadata
 
 config = context.config
 
@@ -48,7 +48,7 @@ def run_migrations(connection: Connection) -> None:
 
 async def run_migrations_from_url(url: str) -> None:
     """Open the store's engine on ``url`` and migrate (the ``alembic`` command's path)."""
-    from inferd.jobs.schema import create_engine
+    from inferd.db.engine import create_engine
 
     engine = create_engine(url)
     try:

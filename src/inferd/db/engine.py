@@ -1,0 +1,113 @@
+"""The database engine: URLs of both databases, configured the way inferd's stores rely on.
+
+:func:`create_engine` is what every store, the migrations and the key store open; SQLite's
+transactions begin with ``BEGIN IMMEDIATE`` (see :mod:`inferd.jobs.sql` for why).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import URL, event, make_url
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from inferd.errors import ConfigError
+
+__all__ = ["UNAVAILABLE_ERRORS", "create_engine", "normalize_url", "sqlite_url"]
+
+
+def normalize_url(url: str | URL) -> URL:
+    """The URL with its async driver: ``sqlite://`` gets aiosqlite, ``postgresql://`` asyncpg."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if parsed.drivername == "sqlite":
+            parsed = parsed.set(drivername="sqlite+aiosqlite")
+        if parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory":
+            # Connections of an in-memory database would share one DBAPI connection, whose
+            # transactions interleave; every part of inferd expects a file it can share.
+            raise ConfigError("the SQLite request store needs a file, not an in-memory database")
+    elif backend in ("postgresql", "postgres"):
+        if parsed.drivername in ("postgresql", "postgres"):
+            parsed = parsed.set(drivername="postgresql+asyncpg")
+    else:
+        raise ConfigError(f"unsupported database {backend!r}: use sqlite or postgresql")
+    return parsed
+
+
+def sqlite_url(path: str | Path) -> str:
+    """The URL of the SQLite store at ``path`` (relative paths are relative to the cwd)."""
+    return URL.create("sqlite+aiosqlite", database=str(path)).render_as_string()
+
+
+def create_engine(
+    url: str | URL,
+    *,
+    pool_size: int = 5,
+    busy_timeout: float = 5.0,
+    connect_timeout: float = 10.0,
+    echo: bool = False,
+) -> AsyncEngine:
+    """An async engine configured for the store (used by the migrations too).
+
+    SQLite: creates the file's folder, hands transaction control to SQLAlchemy (the driver's
+    own implicit BEGIN is turned off), begins write transactions with ``BEGIN IMMEDIATE``
+    and read-only ones (execution option ``inferd_read_only``) with a plain ``BEGIN``.
+    """
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        assert parsed.database is not None  # normalize_url refuses the in-memory forms
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        # sqlite3's ``timeout`` is SQLite's busy timeout: how long a writer waits for
+        # another process's write lock before "database is locked".
+        engine = create_async_engine(
+            parsed,
+            echo=echo,
+            pool_size=pool_size,
+            connect_args={"timeout": busy_timeout},
+        )
+        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+        event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
+        return engine
+    return create_async_engine(
+        parsed,
+        echo=echo,
+        pool_size=pool_size,
+        pool_pre_ping=True,  # a restarted server leaves dead connections in the pool
+        connect_args={
+            "timeout": connect_timeout,
+            "server_settings": {"application_name": "inferd"},
+        },
+    )
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # None: the driver emits no BEGIN of its own, _sqlite_on_begin does.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; safe in WAL
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(connection: Any) -> None:
+    if connection.get_execution_options().get("inferd_read_only"):
+        connection.exec_driver_sql("BEGIN")
+    else:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,  # no pooled connection became free in time
+    OSError,  # asyncpg's connect raises ConnectionRefusedError and friends unwrapped
+    TimeoutError,
+)
+"""Exceptions that mean the database cannot be reached or used now (not that the call is
+wrong): the store turns them into :class:`inferd.errors.StoreUnavailable`."""
