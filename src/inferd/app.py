@@ -38,6 +38,7 @@ from inferd.models.registry import ModelRegistry
 from inferd.models.runtimes import RuntimeOptions
 from inferd.models.runtimes import configure as configure_runtimes
 from inferd.models.storage import RemoteRepository, create_syncer
+from inferd.serving import DataPlane
 from inferd.settings import Settings
 from inferd.tenancy.auth import KEYS_CHANNEL, Authenticator
 from inferd.tenancy.keys import KeyStore
@@ -71,8 +72,11 @@ class InferdApp:
         self.store, self.bus = self.backends.store, self.backends.bus
         self.limiter, self.ledger = self.backends.limiter, self.backends.ledger
         self.enforcer = self.backends.enforcer
-        self.hot = HotPath(self.registry, settings, self.enforcer)
-        self.executor = ModelExecutor(self.registry, settings.max_instances)
+        self.plane = DataPlane(self.registry, self.enforcer)  # every prediction goes through it
+        self.hot = HotPath(self.plane, settings)
+        self.executor = ModelExecutor(
+            self.registry, settings.max_instances, settings.lease_seconds, self.plane
+        )
         self.worker: Worker | None = None
         if settings.workers > 0:
             self.worker = self.backends.worker(settings, self.executor, settings.workers)
@@ -85,16 +89,16 @@ class InferdApp:
             on_submit=self.worker.wake if self.worker is not None else None,
             enforcer=self.enforcer,
         )
-        self.api: FastAPI = build_api(self.registry, self.metrics, self.hot, self._lifespan)
+        self.api: FastAPI = build_api(self.registry, self.metrics, self._lifespan)
         self.api.include_router(
             build_requests_router(self.requests, settings.max_body_bytes, settings.sse_retry_ms)
         )
         self.api.include_router(build_admin_router(self.registry))  # /v1/admin: load, unload
         # Image classification: /v1/models/{name}/classify and /v1/predict.
-        self.vision = VisionService(self.registry, settings, self.metrics, self.enforcer)
+        self.vision = VisionService(self.plane, settings, self.metrics)
         self.api.include_router(build_vision_router(self.vision))
         # The Open Inference Protocol (V2): the same registry, batchers and budgets.
-        self.api.include_router(build_v2_router(self.registry, settings, self.enforcer))
+        self.api.include_router(build_v2_router(self.plane, settings))
         self.api.add_api_route(
             "/v1/usage",
             self._usage,

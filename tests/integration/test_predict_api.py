@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from inferd.http.routes import LEAN_ROUTES, match_lean
 from tests.support.models import BATCHES, write_scripted_model
 
 IRIS_SETOSA = [5.1, 3.5, 1.4, 0.2]
@@ -181,19 +182,25 @@ async def test_default_model_setting(serve: Callable[..., Any]) -> None:
     assert listing["default"] == "iris-forest"
 
 
-async def test_framework_route_gives_the_same_answer(serve: Callable[..., Any]) -> None:
-    """FastAPI documents and can serve the hot routes through the same code."""
+async def test_the_lean_routes_and_their_documentation_are_one_table(
+    serve: Callable[..., Any],
+) -> None:
+    """Every route the lean path answers is documented, with its path parameters, and every
+    documented prediction route is one the lean path answers."""
     async with serve() as s:
-        api_transport = __import__("httpx").ASGITransport(app=s.app.api)
-        import httpx
-
-        async with httpx.AsyncClient(transport=api_transport, base_url="http://x") as api:
-            via_api = await api.post("/predict", json={"features": IRIS_SETOSA, "request_id": "r"})
-            bad = await api.post("/predict", json={"features": [1]})
-        direct = await s.client.post("/predict", json={"features": IRIS_SETOSA, "request_id": "r"})
-    assert via_api.status_code == 200
-    assert via_api.json() == direct.json()
-    assert bad.status_code == 422
+        schema = (await s.client.get("/openapi.json")).json()
+    documented = {
+        (method.upper(), path): operation
+        for path, item in schema["paths"].items()
+        for method, operation in item.items()
+        if "predict" in operation.get("tags", [])
+    }
+    assert {(r.method, r.path) for r in LEAN_ROUTES} == set(documented)
+    for route in LEAN_ROUTES:
+        params = {p["name"] for p in documented[(route.method, route.path)].get("parameters", [])}
+        assert params == set(route.params), route.path
+        example = route.path.replace("{name}", "iris").replace("{version}", "1")
+        assert match_lean(route.method, example) is not None, example
 
 
 async def test_openapi_documents_the_hot_routes(serve: Callable[..., Any]) -> None:

@@ -94,8 +94,6 @@ class ScriptedStreamer:
     (counted in ``behaviour["state_dir"]``). It stops between chunks when asked to.
     """
 
-    can_stream = True
-
     def __init__(self, spec: Any, version: int, path: Path) -> None:
         self.spec = spec
         self.version = version

@@ -52,7 +52,7 @@ def test_demo_logistic_regression_uses_the_fast_path(models_dir: Path) -> None:
 
     out = model.predict(rows)
 
-    assert model.fast_path is True
+    assert model.capabilities.fast_path is True
     assert isinstance(model.estimator, LogisticRegression)
     assert out.dtype == np.float64
     assert out.shape == (200, 3)
@@ -73,7 +73,7 @@ def test_demo_forest_uses_scikit_learn(models_dir: Path) -> None:
     model.load()
     rows = random_rows(n=20)
 
-    assert model.fast_path is False
+    assert model.capabilities.fast_path is False
     np.testing.assert_array_equal(model.predict(rows), model.estimator.predict_proba(rows))
 
 
@@ -98,7 +98,7 @@ def test_binary_logistic_regression_fast_path(tmp_path: Path) -> None:
 
     out = model.predict(rows)
 
-    assert model.fast_path is True
+    assert model.capabilities.fast_path is True
     assert out.shape == (200, 2)
     np.testing.assert_allclose(out, estimator.predict_proba(rows), rtol=0, atol=1e-9)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,22 +11,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
 
 from inferd import __version__
 from inferd.errors import InferdError, ModelNotFound, ModelNotReady
-from inferd.http.context import RequestContext
-from inferd.http.hotpath import DEFAULT_ROUTE, HotPath
 from inferd.http.responses import error_body
-from inferd.http.schemas import (
-    ERROR_RESPONSES,
-    ModelPredictRequest,
-    ModelPredictResponse,
-    PredictRequest,
-    PredictResponse,
-)
+from inferd.http.routes import LEAN_ROUTES, LeanRoute
+from inferd.http.schemas import ERROR_RESPONSES
 from inferd.metrics import Metrics
 from inferd.models.registry import ModelRegistry
+from inferd.serving import ClientGone
 
 __all__ = ["build_api"]
 
@@ -41,15 +34,15 @@ _STATUS_CODES = {
 }
 
 
-class _Passthrough(Response):
-    """Lets a FastAPI route hand the raw ASGI exchange to the hot path."""
+class _Unanswered(Response):
+    """What a route returns for a client that has gone: nothing is sent (the access log says
+    499)."""
 
-    def __init__(self, serve: Any) -> None:
-        self._serve = serve
-        self.background = None
+    def __init__(self) -> None:
+        super().__init__(status_code=499)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._serve(scope, receive, send)
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        return None
 
 
 def _error_response(error: InferdError) -> Response:
@@ -61,10 +54,8 @@ def _error_response(error: InferdError) -> Response:
     )
 
 
-def build_api(
-    registry: ModelRegistry, metrics: Metrics, hot: HotPath | None, lifespan: Any
-) -> FastAPI:
-    """The FastAPI app for everything but the hot path (which it documents)."""
+def build_api(registry: ModelRegistry, metrics: Metrics, lifespan: Any) -> FastAPI:
+    """The FastAPI app for everything but the lean routes (which it documents)."""
     api = FastAPI(
         title="inferd",
         version=__version__,
@@ -78,6 +69,13 @@ def build_api(
     @api.exception_handler(InferdError)
     async def _inferd_error(request: Request, exc: InferdError) -> Response:
         return _error_response(exc)
+
+    @api.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+        ctx = request.scope.get("inferd")
+        if ctx is not None:
+            ctx.detail = "client disconnected; dropped before the model ran"
+        return _Unanswered()
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -187,53 +185,40 @@ def build_api(
         return JSONResponse({"name": name, "version": loaded.version_str, "ready": True})
 
     # ------------------------------------------------------------------ predictions
-    # Served by the hot path before FastAPI sees them; declared here for the OpenAPI schema,
-    # and working through the same code if reached (the hot path can be left out).
-    if hot is not None:
-
-        def passthrough(route: str) -> _Passthrough:
-            async def serve(scope: Scope, receive: Receive, send: Send) -> None:
-                ctx = scope.get("inferd") or RequestContext("-", time.perf_counter(), 0.0)
-                if not ctx.started_loop:
-                    ctx.started_loop = asyncio.get_running_loop().time()
-                await hot.serve(dict(scope), receive, send, route, ctx, add_id=False)
-
-            return _Passthrough(serve)
-
-        @api.post(
-            "/predict",
-            tags=["predict"],
-            summary="Predict with the default model",
-            response_model=PredictResponse,
+    # Answered on the lean path before FastAPI sees them; documented from the same table.
+    for route in LEAN_ROUTES:
+        api.add_api_route(
+            route.path,
+            _documented(route),
+            methods=[route.method],
+            tags=list(route.tags),
+            summary=route.summary,
+            response_model=route.response,
             responses=ERROR_RESPONSES,
-            openapi_extra={"requestBody": _body(PredictRequest)},
+            openapi_extra={"requestBody": _body(route.request)},
         )
-        async def predict(request: Request) -> Response:
-            return passthrough(DEFAULT_ROUTE)
-
-        @api.post(
-            "/v1/models/{name}/predict",
-            tags=["predict"],
-            summary="Predict with a named model; one row or a batch of rows",
-            response_model=ModelPredictResponse,
-            responses=ERROR_RESPONSES,
-            openapi_extra={"requestBody": _body(ModelPredictRequest)},
-        )
-        async def model_predict(name: str, request: Request) -> Response:
-            return passthrough(name)
-
-        @api.post(
-            "/v1/models/{name}/versions/{version}/predict",
-            tags=["predict"],
-            summary="Predict with one version of a model; one row or a batch of rows",
-            response_model=ModelPredictResponse,
-            responses=ERROR_RESPONSES,
-            openapi_extra={"requestBody": _body(ModelPredictRequest)},
-        )
-        async def version_predict(name: str, version: int, request: Request) -> Response:
-            return passthrough(f"{name}/{version}")
 
     return api
+
+
+def _documented(route: LeanRoute) -> Callable[..., Any]:
+    """A FastAPI endpoint that documents ``route`` (its path parameters included); the lean
+    path answers before FastAPI would call it."""
+
+    async def endpoint(**_: Any) -> Response:
+        raise InferdError(
+            f"{route.method} {route.path} is served by inferd's lean path; serve the InferdApp, "
+            "not its FastAPI part alone"
+        )
+
+    endpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind)
+            for name, kind in route.params.items()
+        ]
+    )
+    endpoint.__name__ = route.path.strip("/").replace("/", "_").replace("{", "").replace("}", "")
+    return endpoint
 
 
 def _body(model: type[Any]) -> dict[str, Any]:

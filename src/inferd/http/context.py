@@ -1,8 +1,9 @@
 """Pure-ASGI middleware: request id, timing, access log and request metrics for every route.
 
 ``BaseHTTPMiddleware`` halves the throughput of the prediction path, so this is written
-against ASGI directly. It puts a :class:`RequestContext` in ``scope["inferd"]``; handlers fill
-in what the access line should say (model, queue depth, batch size, detail).
+against ASGI directly. It puts a :class:`~inferd.serving.RequestContext` in
+``scope["inferd"]``; handlers fill in what the access line should say (model, queue depth,
+batch size, detail).
 """
 
 from __future__ import annotations
@@ -18,11 +19,17 @@ from inferd.errors import BadRequest, InferdError
 from inferd.http.responses import send_error
 from inferd.logs import AccessLog, get_logger
 from inferd.metrics import Metrics
+from inferd.serving.context import RequestContext
 from inferd.tenancy.auth import Authenticator, required_scope
 from inferd.tenancy.enforce import Enforcer
-from inferd.tenancy.limits import limit_header_fields
 
-__all__ = ["FastPath", "RequestContext", "RequestContextMiddleware"]
+__all__ = [
+    "FastPath",
+    "RequestContextMiddleware",
+    "disconnect_probe",
+    "request_timeout",
+    "watch_disconnect",
+]
 
 log = get_logger("inferd.http")
 
@@ -40,10 +47,6 @@ class _RequestIds:
         return f"{self._prefix}-{next(self._counter):x}"
 
 
-class ClientGone(Exception):
-    """The client disconnected while its request waited; there is nobody to answer."""
-
-
 def disconnect_probe(receive: Any) -> Callable[[], bool] | None:
     """``() -> bool`` telling whether the client has gone, read from uvicorn's request cycle
     (its ``disconnected`` flag, set when the connection is lost), or None elsewhere."""
@@ -51,6 +54,18 @@ def disconnect_probe(receive: Any) -> Callable[[], bool] | None:
     if cycle is None or not isinstance(getattr(cycle, "disconnected", None), bool):
         return None
     return lambda: bool(cycle.disconnected)
+
+
+def watch_disconnect(receive: Any, future: asyncio.Future[Any]) -> asyncio.Task[None]:
+    """A task that cancels ``future`` when the client disconnects (for servers without the
+    cheap probe of :func:`disconnect_probe`)."""
+
+    async def watch() -> None:
+        message = await receive()
+        if message["type"] == "http.disconnect" and not future.done():
+            future.cancel()
+
+    return asyncio.get_running_loop().create_task(watch())
 
 
 def request_timeout(value: str | bytes) -> float:
@@ -68,49 +83,6 @@ def request_timeout(value: str | bytes) -> float:
     return ms / 1000.0
 
 
-class RequestContext:
-    """What one request's access line and metrics need; handlers write into it."""
-
-    __slots__ = (
-        "batch_size",
-        "detail",
-        "endpoint",
-        "key",
-        "limit_headers",
-        "model",
-        "queue_depth",
-        "quota",
-        "rate",
-        "request_id",
-        "started",
-        "started_loop",
-        "status",
-        "version",
-    )
-
-    def __init__(self, request_id: str, started: float, started_loop: float) -> None:
-        self.request_id = request_id
-        self.started = started
-        self.started_loop = started_loop
-        self.endpoint: str | None = None
-        self.status = 0
-        self.queue_depth: int | None = None
-        self.batch_size: int | None = None
-        self.detail: str | None = None
-        self.model: str | None = None
-        self.version: str | None = None
-        self.key: Any = None  # the verified ApiKey when authentication is on
-        self.rate: Any = None  # the rate decision of this request, for the quota's headers
-        self.quota: Any = None  # the daily-budget decision, once the request was charged
-        self.limit_headers: list[tuple[bytes, bytes]] | None = None
-
-    def rate_limit_headers(self) -> list[tuple[bytes, bytes]]:
-        """RateLimit-Policy and RateLimit for this request's decisions, built once."""
-        if self.limit_headers is None:
-            self.limit_headers = limit_header_fields(self.rate, self.quota)
-        return self.limit_headers
-
-
 def _incoming_id(headers: list[tuple[bytes, bytes]]) -> str | None:
     for key, value in headers:
         if key == b"x-request-id":
@@ -125,11 +97,11 @@ def _incoming_id(headers: list[tuple[bytes, bytes]]) -> str | None:
 class FastPath(Protocol):
     """Routes answered without the framework (see :mod:`inferd.http.hotpath`)."""
 
-    def match(self, scope: dict[str, Any]) -> str | None:
-        """A route key if this path serves the request, else None."""
+    def match(self, scope: dict[str, Any]) -> Any | None:
+        """What :meth:`serve` needs to answer the request if this path serves it, else None."""
 
     async def serve(
-        self, scope: dict[str, Any], receive: Any, send: Any, route: str, ctx: RequestContext
+        self, scope: dict[str, Any], receive: Any, send: Any, route: Any, ctx: RequestContext
     ) -> None:
         """Answer the request; set ``ctx.status`` and send ``x-request-id``."""
 

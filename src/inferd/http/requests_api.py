@@ -10,8 +10,9 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from inferd.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from inferd.errors import BadRequest, UnsupportedMediaType
 from inferd.http import sse
+from inferd.http.body import check_length, read_body
 from inferd.jobs.service import RequestService
 from inferd.jobs.types import RequestRecord
 
@@ -90,11 +91,8 @@ def build_requests_router(
         content_type = request.headers.get("content-type", "")
         if content_type.split(";")[0].strip().lower() != "application/json":
             raise UnsupportedMediaType("Content-Type must be application/json")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body_bytes:
-                raise PayloadTooLarge(f"request body is over the limit of {max_body_bytes} bytes")
+        check_length(request.headers.get("content-length"), max_body_bytes)
+        body = await read_body(request.receive, max_body_bytes)
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as exc:

@@ -15,26 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-import zlib
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from starlette.requests import ClientDisconnect
 
 from inferd import __version__
 from inferd.batching import Batcher
-from inferd.errors import (
-    BadRequest,
-    DeadlineExceeded,
-    InferdError,
-    ModelNotFound,
-    PayloadTooLarge,
-    UnsupportedMediaType,
-)
-from inferd.http.context import ClientGone, RequestContext, disconnect_probe, request_timeout
-from inferd.http.v2_codec import encode_response, parse_request
+from inferd.errors import BadRequest, InferdError, ModelNotFound
+from inferd.http.body import check_length, decompress, read_body
+from inferd.http.context import disconnect_probe, request_timeout, watch_disconnect
+from inferd.http.v2_codec import InferRequest, RequestedOutput, encode_response, parse_request
 from inferd.http.v2_models import (
     INPUT_NAME,
     model_input,
@@ -44,9 +37,9 @@ from inferd.http.v2_models import (
     selected_outputs,
 )
 from inferd.models.base import FloatArray
-from inferd.models.registry import LoadedModel, ModelRegistry
+from inferd.models.registry import LoadedModel
+from inferd.serving import DataPlane, Decoded, RequestContext
 from inferd.settings import Settings
-from inferd.tenancy.enforce import Enforcer
 
 __all__ = ["EXTENSIONS", "OpenInference", "build_v2_router"]
 
@@ -96,11 +89,9 @@ _INFER_BODY = {
 class OpenInference:
     """The V2 routes over the registry; :func:`build_v2_router` mounts them."""
 
-    def __init__(
-        self, registry: ModelRegistry, settings: Settings, enforcer: Enforcer | None = None
-    ) -> None:
-        self.registry = registry
-        self.enforcer = enforcer
+    def __init__(self, plane: DataPlane, settings: Settings) -> None:
+        self.plane = plane
+        self.registry = plane.registry
         self.max_body = settings.max_body_bytes
         self.max_instances = settings.max_instances
         self.timeout = settings.request_timeout_ms / 1000.0
@@ -147,60 +138,8 @@ class OpenInference:
     async def infer(
         self, request: Request, name: str, version: str | None, ctx: RequestContext
     ) -> Response:
-        loaded = self.lookup(name, version)
-        ctx.model, ctx.version = loaded.name, loaded.version_str
-        batcher = _batcher(loaded)
-        batcher.check_admission()  # shed before reading the body
-
-        timeout, header_length = self._headers(request)
-        body = await self.read_body(request)
-        parsed = parse_request(body, header_length)
-        rows = model_input(parsed, loaded, self.max_instances)
-        selected = selected_outputs(parsed, loaded)
-        wanted_us = parsed.parameters.get("timeout")  # tritonclient's, in microseconds
-        if type(wanted_us) is int and wanted_us > 0:
-            timeout = min(timeout, wanted_us / 1e6)
-        if parsed.id and parsed.id.isascii() and parsed.id.isprintable():
-            ctx.request_id = parsed.id
-
-        n = rows.shape[0]
-        enforcer, quota = self.enforcer, None
-        if ctx.key is not None and enforcer is not None:
-            quota = ctx.quota = await enforcer.charge(ctx.key, n, ctx.rate)
-        ctx.queue_depth = batcher.depth
-        try:
-            if not loaded.ready:
-                # Swapped for a new version while the body was read: the old one drains and
-                # takes nothing more, so go to what serves now (checked against it again).
-                loaded = self.lookup(name, version)
-                batcher = _batcher(loaded)
-                rows = model_input(parsed, loaded, self.max_instances)
-                selected = selected_outputs(parsed, loaded)
-                ctx.version = loaded.version_str
-            output = await self._run(
-                loaded, batcher, rows, ctx.started_loop + timeout, request, ctx
-            )
-        except (InferdError, ClientGone, asyncio.CancelledError):
-            if quota is not None and enforcer is not None:
-                await enforcer.refund(ctx.key, quota)  # not served, not charged
-            raise
-        if quota is not None and enforcer is not None:
-            enforcer.record(ctx.key, loaded.name, quota.day, n)
-
-        tensors = model_outputs(loaded, output)
-        children = loaded.metrics_children
-        observe = children["prediction"].observe  # confidences, or values: as the hot path
-        scores = output.max(axis=1) if "probabilities" in tensors else output.reshape(-1)
-        for value in scores.tolist():
-            observe(value)
-        encoded = encode_response(
-            loaded.name,
-            loaded.version_str,
-            parsed.id,
-            [render_output(tensors, wanted, loaded, parsed.binary_output) for wanted in selected],
-        )
-        children["latency"].observe(time.perf_counter() - ctx.started)
-        content, json_length = encoded
+        inbound = V2Inbound(self, ctx, request, name, version)
+        content, json_length = await self.plane.infer(inbound)
         if json_length is None:
             return Response(content, 200, media_type=_JSON)
         return Response(
@@ -210,93 +149,13 @@ class OpenInference:
             media_type=_BINARY,
         )
 
-    def _headers(self, request: Request) -> tuple[float, int | None]:
-        timeout = self.timeout
-        header_length: int | None = None
-        headers = request.headers
-        length = headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                raise BadRequest("Content-Length is not a number")
-            if int(length) > self.max_body:
-                raise PayloadTooLarge(
-                    f"request body of {length} bytes is over the limit of {self.max_body} bytes"
-                )
-        raw = headers.get("inference-header-content-length")
-        if raw is not None:
-            if not raw.strip().isdigit():
-                raise BadRequest(
-                    f"Inference-Header-Content-Length must be a number of bytes, got {raw!r}"
-                )
-            header_length = int(raw)
-        given = headers.get("x-request-timeout-ms")
-        if given is not None:
-            timeout = min(timeout, request_timeout(given))
-        return timeout, header_length
-
     async def read_body(self, request: Request) -> bytes:
         """The body, counted against ``max_body_bytes``, decompressed if the client sent it
         compressed (``tritonclient`` can: gzip or deflate)."""
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > self.max_body:
-                    raise PayloadTooLarge(
-                        f"request body is over the limit of {self.max_body} bytes"
-                    )
-                chunks.append(chunk)
-        except ClientDisconnect:
-            raise ClientGone from None
-        body = b"".join(chunks)
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        if encoding == "identity":
-            return body
-        if encoding not in ("gzip", "deflate"):
-            raise UnsupportedMediaType(
-                f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none"
-            )
-        inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
-        try:
-            plain = inflater.decompress(body, self.max_body + 1)
-        except zlib.error as exc:
-            raise BadRequest(f"request body is not valid {encoding} data: {exc}") from None
-        if len(plain) > self.max_body or inflater.unconsumed_tail:
-            raise PayloadTooLarge(
-                f"decompressed request body is over the limit of {self.max_body} bytes"
-            )
-        return plain
-
-    async def _run(
-        self,
-        loaded: LoadedModel,
-        batcher: Batcher[FloatArray, FloatArray],
-        rows: FloatArray,
-        deadline: float,
-        request: Request,
-        ctx: RequestContext,
-    ) -> FloatArray:
-        """Queue the rows on the model's batcher and wait; the batcher enforces the deadline.
-
-        Under uvicorn, a client that disconnects is dropped before the model runs it, as on
-        the hot path."""
-        future = batcher.submit(rows, rows.shape[0], deadline, disconnect_probe(request.receive))
-        try:
-            output, batch_rows = await future
-        except DeadlineExceeded:
-            loaded.metrics_children["timeouts"].inc()
-            raise
-        except asyncio.CancelledError:
-            if future.cancelled():
-                loaded.metrics_children["disconnects"].inc()
-                raise ClientGone from None
-            raise
-        finally:
-            if not future.done():
-                future.cancel()
-        ctx.batch_size = batch_rows
-        return output
+        headers = request.headers
+        check_length(headers.get("content-length"), self.max_body)
+        body = await read_body(request.receive, self.max_body)
+        return decompress(body, headers.get("content-encoding"), self.max_body)
 
     # ------------------------------------------------------------------ repository
     async def repository_index(self, body: bytes) -> list[dict[str, Any]]:
@@ -325,6 +184,79 @@ class OpenInference:
         if not isinstance(parameters, dict):
             raise BadRequest("parameters must be an object")
         await self.registry.unload_model(name)
+
+
+class V2Inbound:
+    """One V2 ``infer`` request, as the data plane sees it."""
+
+    def __init__(
+        self,
+        v2: OpenInference,
+        ctx: RequestContext,
+        request: Request,
+        name: str,
+        version: str | None,
+    ) -> None:
+        self.v2 = v2
+        self.ctx = ctx
+        self.request = request
+        self.model: str | None = name
+        self.version = None if version is None else _version(name, version)
+        self.timeout = v2.timeout
+        self._parsed: InferRequest | None = None
+
+    def accept(self, loaded: LoadedModel) -> None:
+        _batcher(loaded)
+
+    async def read(self, loaded: LoadedModel) -> None:
+        headers = self.request.headers
+        header_length: int | None = None
+        raw = headers.get("inference-header-content-length")
+        if raw is not None:
+            if not raw.strip().isdigit():
+                raise BadRequest(
+                    f"Inference-Header-Content-Length must be a number of bytes, got {raw!r}"
+                )
+            header_length = int(raw)
+        given = headers.get("x-request-timeout-ms")
+        if given is not None:
+            self.timeout = min(self.timeout, request_timeout(given))
+        body = await self.v2.read_body(self.request)
+        parsed = self._parsed = parse_request(body, header_length)
+        if parsed.id and parsed.id.isascii() and parsed.id.isprintable():
+            self.ctx.request_id = parsed.id
+
+    async def decode(
+        self, loaded: LoadedModel, deadline: float, previous: Decoded[Any] | None
+    ) -> Decoded[tuple[InferRequest, list[RequestedOutput]]]:
+        parsed = self._parsed
+        assert parsed is not None
+        rows = model_input(parsed, loaded, self.v2.max_instances)
+        selected = selected_outputs(parsed, loaded)
+        wanted_us = parsed.parameters.get("timeout")  # tritonclient's, in microseconds
+        timeout = wanted_us / 1e6 if type(wanted_us) is int and wanted_us > 0 else None
+        return Decoded(rows, rows.shape[0], (parsed, selected), timeout)
+
+    def disconnect_probe(self) -> Callable[[], bool] | None:
+        return disconnect_probe(self.request.receive)
+
+    def watch(self, future: asyncio.Future[Any]) -> asyncio.Task[None] | None:
+        return watch_disconnect(self.request.receive, future)
+
+    def encode(
+        self,
+        loaded: LoadedModel,
+        decoded: Decoded[tuple[InferRequest, list[RequestedOutput]]],
+        output: FloatArray,
+    ) -> tuple[bytes, int | None]:
+        parsed, selected = decoded.meta
+        tensors = model_outputs(loaded, output)
+        return encode_response(
+            loaded.name,
+            loaded.version_str,
+            parsed.id,
+            [render_output(tensors, wanted, loaded, parsed.binary_output) for wanted in selected],
+        )
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -383,11 +315,10 @@ def _context(request: Request) -> RequestContext:
 
 
 # ---------------------------------------------------------------------------------- routes
-def build_v2_router(
-    registry: ModelRegistry, settings: Settings, enforcer: Enforcer | None = None
-) -> APIRouter:
+def build_v2_router(plane: DataPlane, settings: Settings) -> APIRouter:
     """The ``/v2`` routes."""
-    v2 = OpenInference(registry, settings, enforcer)
+    v2 = OpenInference(plane, settings)
+    registry = plane.registry
     router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
     async def guarded(request: Request, call: Any) -> Response:
@@ -398,9 +329,7 @@ def build_v2_router(
         except InferdError as error:
             ctx.detail = error.message
             return _error(error)
-        except ClientGone:
-            ctx.detail = "client disconnected; dropped before the model ran"
-            return Response(status_code=499)
+        # A client that has gone (ClientGone) is the app's exception handler's: no answer.
 
     @router.get("", summary="Server metadata: name, version, protocol extensions")
     async def server_metadata() -> Response:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,16 +30,17 @@ from inferd.errors import (
     DeadlineExceeded,
     InferdError,
     ModelNotFound,
-    PayloadTooLarge,
     ValidationFailed,
 )
-from inferd.http.context import RequestContext, request_timeout
+from inferd.http.body import check_length, read_body
+from inferd.http.context import disconnect_probe, request_timeout, watch_disconnect
 from inferd.logs import get_logger
 from inferd.metrics import Metrics
 from inferd.models.images import ImageInput, Preprocessor
-from inferd.models.registry import LoadedModel, ModelRegistry
+from inferd.models.registry import LoadedModel
+from inferd.models.spec import ImageSpec
+from inferd.serving import DataPlane, Decoded, RequestContext
 from inferd.settings import Settings
-from inferd.tenancy.enforce import Enforcer
 
 __all__ = ["UrlNotAllowed", "VisionService", "build_vision_router"]
 
@@ -62,16 +64,10 @@ class UrlNotAllowed(InferdError):
 class VisionService:
     """Reads, prepares and classifies one picture per request through the model's batcher."""
 
-    def __init__(
-        self,
-        registry: ModelRegistry,
-        settings: Settings,
-        metrics: Metrics,
-        enforcer: Enforcer | None = None,
-    ) -> None:
-        self.registry = registry
+    def __init__(self, plane: DataPlane, settings: Settings, metrics: Metrics) -> None:
+        self.plane = plane
+        self.registry = plane.registry
         self.metrics = metrics
-        self.enforcer = enforcer
         self.default_model = settings.default_vision_model
         self.timeout = settings.image_request_timeout_ms / 1000.0
         self.allowed_hosts = frozenset(h.lower() for h in settings.image_url_allowed_hosts)
@@ -82,22 +78,9 @@ class VisionService:
         self._preprocessors: dict[int, tuple[LoadedModel, Preprocessor]] = {}
 
     # ------------------------------------------------------------------ lookups
-    def resolve(self, name: str | None) -> LoadedModel:
-        """The ready model ``name``, or the default image model; 404 / 503 / 400."""
-        if name is None:
-            name = self.default_model or self._first_image_model()
-        loaded = self.registry.get(name)
-        if not loaded.spec.takes_images:
-            where = (
-                "POST /v1/requests"
-                if loaded.spec.generates_text
-                else f"POST /v1/models/{loaded.name}/predict"
-            )
-            raise BadRequest(
-                f"model {loaded.name!r} takes {loaded.spec.input.type} input, not images; "
-                f"use {where}"
-            )
-        return loaded
+    def default_name(self) -> str:
+        """The image model ``POST /v1/predict`` serves."""
+        return self.default_model or self._first_image_model()
 
     def _first_image_model(self) -> str:
         for loaded in self.registry.all():
@@ -125,102 +108,18 @@ class VisionService:
             loop_now = asyncio.get_running_loop().time()
             ctx = RequestContext("-", time.perf_counter(), loop_now)
         ctx.endpoint = _PREDICT_ENDPOINT if name is None else _CLASSIFY_ENDPOINT
-        loaded: LoadedModel | None = None
         try:
-            loaded = self.resolve(name)
-            body = await self._answer(request, loaded, top_k, ctx)
+            inbound = ImageInbound(self, ctx, request, name or self.default_name(), top_k)
+            body = await self.plane.infer(inbound)
         except InferdError as error:
             ctx.detail = error.message
-            if loaded is not None:
-                self.metrics.predictions.labels(loaded.name, loaded.version_str, error.code).inc()
+            if ctx.model is not None and ctx.version is not None:
+                self.metrics.predictions.labels(ctx.model, ctx.version, error.code).inc()
             raise
-        self.metrics.predictions.labels(loaded.name, loaded.version_str, "success").inc()
+        assert ctx.model is not None
+        assert ctx.version is not None
+        self.metrics.predictions.labels(ctx.model, ctx.version, "success").inc()
         return Response(body, media_type="application/json")
-
-    async def _answer(
-        self, request: Request, loaded: LoadedModel, top_k: int | None, ctx: RequestContext
-    ) -> bytes:
-        batcher = loaded.batcher
-        assert batcher is not None  # image models are never text generators
-        ctx.model, ctx.version = loaded.name, loaded.version_str
-        batcher.check_admission()  # shed before reading the body
-        n_classes = len(loaded.labels or loaded.classes or ())
-        k = _top_k(top_k, n_classes)
-        timeout = self.timeout
-        header = request.headers.get("x-request-timeout-ms")
-        if header is not None:
-            timeout = min(timeout, request_timeout(header))
-        deadline = ctx.started_loop + timeout
-
-        pre = self.preprocessor(loaded)
-        data = await self._image_bytes(request, pre)
-        prepared = await self._prepare(pre, data, deadline)
-        current = self.registry.refresh(loaded)
-        if current is not loaded:
-            # Swapped for a new version while the upload was read: the old one drains and
-            # takes nothing more, so go to what serves now (prepared as that one says).
-            if current.spec.image != loaded.spec.image:
-                prepared = await self._prepare(self.preprocessor(current), data, deadline)
-            loaded, batcher = current, current.batcher
-            assert batcher is not None
-            ctx.version = loaded.version_str
-
-        quota = None
-        enforcer = self.enforcer
-        if ctx.key is not None and enforcer is not None:
-            quota = ctx.quota = await enforcer.charge(ctx.key, 1, ctx.rate)
-        ctx.queue_depth = batcher.depth
-        submitted = time.perf_counter()
-        payload: Any = prepared.array  # float32 images; the batcher only concatenates
-        future = batcher.submit(payload, 1, deadline)
-        try:
-            output, batch_rows = await future
-        except (asyncio.CancelledError, Exception) as exc:
-            if isinstance(exc, DeadlineExceeded):
-                loaded.metrics_children["timeouts"].inc()
-            future.cancel()  # the caller went away (or it failed): drop the image unrun
-            if quota is not None and enforcer is not None:
-                await enforcer.refund(ctx.key, quota)  # not served, not charged
-            raise
-        if quota is not None and enforcer is not None:
-            enforcer.record(ctx.key, loaded.name, quota.day, 1)
-        ctx.batch_size = batch_rows
-        elapsed = time.perf_counter() - ctx.started
-        inference_ms = (time.perf_counter() - submitted) * 1000.0
-        children = loaded.metrics_children
-        children["latency"].observe(elapsed)
-        self.metrics.prediction_duration.labels(loaded.name, loaded.version_str).observe(elapsed)
-
-        probabilities = np.asarray(output[0], dtype=np.float64)
-        order = np.argsort(-probabilities, kind="stable")[:k]
-        labels = loaded.labels
-        predictions = [
-            {
-                "label": labels[i] if labels is not None else str(i),
-                "class_id": int(i),
-                "probability": float(probabilities[i]),
-            }
-            for i in order
-        ]
-        children["prediction"].observe(predictions[0]["probability"])
-        if self.debug:
-            log.debug(
-                "prediction",
-                request_id=ctx.request_id,
-                model=loaded.name,
-                inference_time_ms=round(inference_ms, 3),
-                **{"class": predictions[0]["label"]},
-                probability=predictions[0]["probability"],
-            )
-        return orjson.dumps(
-            {
-                "model": loaded.name,
-                "version": loaded.version_str,
-                "predictions": predictions,
-                "inference_time_ms": round(inference_ms, 3),
-                "request_id": ctx.request_id,
-            }
-        )
 
     async def _prepare(self, pre: Preprocessor, data: bytes, deadline: float) -> ImageInput:
         """Decode in the image threads, within what is left of the deadline."""
@@ -302,24 +201,113 @@ class VisionService:
         return b"".join(chunks)
 
 
+class ImageInbound:
+    """One image classification request, as the data plane sees it."""
+
+    def __init__(
+        self,
+        service: VisionService,
+        ctx: RequestContext,
+        request: Request,
+        name: str,
+        top_k: int | None,
+    ) -> None:
+        self.service = service
+        self.ctx = ctx
+        self.request = request
+        self.model: str | None = name
+        self.version: int | None = None
+        self.top_k = top_k
+        self.timeout = service.timeout
+        self._data = b""
+
+    def accept(self, loaded: LoadedModel) -> None:
+        if not loaded.spec.takes_images:
+            where = (
+                "POST /v1/requests"
+                if loaded.spec.generates_text
+                else f"POST /v1/models/{loaded.name}/predict"
+            )
+            raise BadRequest(
+                f"model {loaded.name!r} takes {loaded.spec.input.type} input, not images; "
+                f"use {where}"
+            )
+
+    async def read(self, loaded: LoadedModel) -> None:
+        header = self.request.headers.get("x-request-timeout-ms")
+        if header is not None:
+            self.timeout = min(self.timeout, request_timeout(header))
+        _top_k(self.top_k, _n_classes(loaded))  # a wrong top_k is refused before the upload
+        pre = self.service.preprocessor(loaded)
+        self._data = await self.service._image_bytes(self.request, pre)
+
+    async def decode(
+        self, loaded: LoadedModel, deadline: float, previous: Decoded[Any] | None
+    ) -> Decoded[tuple[int, ImageSpec]]:
+        k = _top_k(self.top_k, _n_classes(loaded))
+        image = loaded.spec.image
+        if previous is not None and previous.meta[1] == image:
+            prepared: Any = previous.payload  # the new version prepares images the same way
+        else:
+            pre = self.service.preprocessor(loaded)
+            prepared = (await self.service._prepare(pre, self._data, deadline)).array
+        return Decoded(prepared, 1, (k, image))
+
+    def disconnect_probe(self) -> Callable[[], bool] | None:
+        return disconnect_probe(self.request.receive)
+
+    def watch(self, future: asyncio.Future[Any]) -> asyncio.Task[None] | None:
+        return watch_disconnect(self.request.receive, future)
+
+    def encode(
+        self, loaded: LoadedModel, decoded: Decoded[tuple[int, ImageSpec]], output: Any
+    ) -> bytes:
+        ctx, service = self.ctx, self.service
+        now = time.perf_counter()
+        submitted = ctx.submitted if ctx.submitted is not None else now
+        inference_ms = (now - submitted) * 1000.0
+        service.metrics.prediction_duration.labels(loaded.name, loaded.version_str).observe(
+            now - ctx.started
+        )
+        probabilities = np.asarray(output[0], dtype=np.float64)
+        order = np.argsort(-probabilities, kind="stable")[: decoded.meta[0]]
+        labels = loaded.labels
+        predictions = [
+            {
+                "label": labels[i] if labels is not None else str(i),
+                "class_id": int(i),
+                "probability": float(probabilities[i]),
+            }
+            for i in order
+        ]
+        if service.debug:
+            log.debug(
+                "prediction",
+                request_id=ctx.request_id,
+                model=loaded.name,
+                inference_time_ms=round(inference_ms, 3),
+                **{"class": predictions[0]["label"]},
+                probability=predictions[0]["probability"],
+            )
+        return orjson.dumps(
+            {
+                "model": loaded.name,
+                "version": loaded.version_str,
+                "predictions": predictions,
+                "inference_time_ms": round(inference_ms, 3),
+                "request_id": ctx.request_id,
+            }
+        )
+
+
+def _n_classes(loaded: LoadedModel) -> int:
+    return len(loaded.labels or loaded.classes or ())
+
+
 async def _read(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is over ``limit`` bytes."""
-    length = request.headers.get("content-length")
-    if length is not None:
-        if not length.isdigit():
-            raise BadRequest("Content-Length is not a number")
-        if int(length) > limit:
-            raise PayloadTooLarge(
-                f"request body of {length} bytes is over the limit of {limit} bytes"
-            )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    check_length(request.headers.get("content-length"), limit)
+    return await read_body(request.receive, limit)
 
 
 def _multipart_file(body: bytes, content_type: bytes) -> bytes:

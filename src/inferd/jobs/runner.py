@@ -1,19 +1,25 @@
-"""How a long-running request runs on a model: validation up front, then a stream of chunks.
+"""How a long-running request runs on a model: validation up front, then its chunks.
 
-Models with a ``stream`` method (text generation, user code) yield many chunks; any other model
-is run once through ``predict`` and gives one chunk. All of it is blocking and runs in a
-worker's thread.
+Streaming models (text generation, user code with ``stream``) yield many chunks, computed in a
+worker's thread (:meth:`ModelExecutor.chunks`). Any other model answers with one chunk, and
+runs like a synchronous prediction: through the data plane and the version's batcher
+(:meth:`ModelExecutor.predict`), so a job shares batches with the synchronous traffic, counts
+against the batcher's bound, and never runs on a version that is being unloaded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from inferd.codec import parse_predict_doc, render_rows
 from inferd.errors import ModelNotFound, ValidationFailed
+from inferd.models.base import RequestValidator, StreamingModel
 from inferd.models.registry import LoadedModel, ModelRegistry, ModelState
+from inferd.serving import DataPlane, Decoded, RequestContext
 
 __all__ = ["ModelExecutor"]
 
@@ -21,9 +27,18 @@ __all__ = ["ModelExecutor"]
 class ModelExecutor:
     """Validates and runs requests against the models of a registry."""
 
-    def __init__(self, registry: ModelRegistry, max_instances: int = 1024) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        max_instances: int = 1024,
+        timeout: float = 30.0,
+        plane: DataPlane | None = None,
+    ) -> None:
         self.registry = registry
+        self.plane = plane if plane is not None else DataPlane(registry)
         self.max_instances = max_instances
+        self.timeout = timeout
+        """How long a non-streaming job waits for its batch (seconds)."""
         self._gates: dict[str, threading.BoundedSemaphore] = {}
         self._gates_lock = threading.Lock()
 
@@ -74,11 +89,8 @@ class ModelExecutor:
         if loaded.state is ModelState.FAILED:
             raise ModelNotFound(f"model {name!r} failed to load: {loaded.error}")
         model = loaded.model
-        validate = getattr(model, "request_validator", None) or getattr(
-            model, "validate_request", None
-        )
-        if callable(validate):
-            validate(input, parameters)
+        if model.capabilities.validates_requests:
+            cast(RequestValidator, model).validate_request(input, parameters)
             return
         if _streams(loaded):
             return  # user code with a stream() validates its own input when it runs
@@ -99,6 +111,20 @@ class ModelExecutor:
             input, spec.n_features, spec.input.features, self.max_instances, allow_batch=True
         ).rows
 
+    async def predict(
+        self,
+        request_id: str,
+        name: str,
+        input: Any,
+        parameters: dict[str, Any],
+        should_stop: Callable[[], bool],
+    ) -> Any:
+        """The one chunk of a non-streaming model's request, computed in the version's batcher
+        (a job whose ``should_stop`` turns true while it waits is dropped unrun)."""
+        loop = asyncio.get_running_loop()
+        ctx = RequestContext(request_id, time.perf_counter(), loop.time())
+        return await self.plane.infer(_JobInbound(self, ctx, name, input, parameters, should_stop))
+
     def chunks(
         self,
         name: str,
@@ -106,26 +132,19 @@ class ModelExecutor:
         parameters: dict[str, Any],
         should_stop: Callable[[], bool],
     ) -> Iterator[Any]:
-        """The chunks of one request (blocking). The last one is not special: see
-        :meth:`result`."""
+        """The chunks of a streaming model's request (blocking, in a worker's thread). The last
+        one is not special: see :meth:`result`."""
         loaded = self._loaded(name)
-        if _streams(loaded):
-            gate = self._gate(loaded)
-            while not gate.acquire(timeout=0.2):
-                if should_stop():
-                    return
-            try:
-                yield from loaded.model.stream(input, parameters, should_stop)  # type: ignore[attr-defined]
-            finally:
-                gate.release()
-            return
-        rows = self._rows(loaded, input, parameters)
-        output = loaded.model.predict(rows)
-        yield {
-            "model": loaded.name,
-            "model_version": loaded.version_str,
-            "predictions": render_rows(output, loaded.spec.task, loaded.classes, loaded.labels),
-        }
+        if not _streams(loaded):
+            raise ValidationFailed(f"model {name!r} does not stream; run it with predict()")
+        gate = self._gate(loaded)
+        while not gate.acquire(timeout=0.2):
+            if should_stop():
+                return
+        try:
+            yield from cast(StreamingModel, loaded.model).stream(input, parameters, should_stop)
+        finally:
+            gate.release()
 
     def result(self, name: str, chunks: list[Any]) -> Any:
         """The final result of a request from all its chunks."""
@@ -137,7 +156,58 @@ class ModelExecutor:
         return chunks[-1] if chunks else None
 
 
+class _JobInbound:
+    """A non-streaming job's input, as the data plane sees it."""
+
+    def __init__(
+        self,
+        executor: ModelExecutor,
+        ctx: RequestContext,
+        name: str,
+        input: Any,
+        parameters: dict[str, Any],
+        should_stop: Callable[[], bool],
+    ) -> None:
+        self.executor = executor
+        self.ctx = ctx
+        self.model: str | None = name
+        self.version: int | None = None
+        self.timeout = executor.timeout
+        self.input = input
+        self.parameters = parameters
+        self.should_stop = should_stop
+
+    def accept(self, loaded: LoadedModel) -> None:
+        if _streams(loaded) or loaded.batcher is None:
+            raise ValidationFailed(f"model {loaded.name!r} streams; it runs chunk by chunk")
+        if loaded.spec.takes_images:
+            raise ValidationFailed(
+                f"model {loaded.name!r} takes images; POST them to "
+                f"/v1/models/{loaded.name}/classify"
+            )
+
+    async def read(self, loaded: LoadedModel) -> None:
+        return None  # the input came with the job
+
+    async def decode(
+        self, loaded: LoadedModel, deadline: float, previous: Decoded[Any] | None
+    ) -> Decoded[None]:
+        rows = self.executor._rows(loaded, self.input, self.parameters)
+        return Decoded(rows, int(rows.shape[0]), None)
+
+    def disconnect_probe(self) -> Callable[[], bool] | None:
+        return self.should_stop
+
+    def watch(self, future: asyncio.Future[Any]) -> asyncio.Task[None] | None:
+        return None
+
+    def encode(self, loaded: LoadedModel, decoded: Decoded[None], output: Any) -> Any:
+        return {
+            "model": loaded.name,
+            "model_version": loaded.version_str,
+            "predictions": render_rows(output, loaded.spec.task, loaded.classes, loaded.labels),
+        }
+
+
 def _streams(loaded: LoadedModel) -> bool:
-    stream = getattr(loaded.model, "stream", None)
-    can = getattr(loaded.model, "can_stream", True)
-    return callable(stream) and bool(can)
+    return loaded.model.capabilities.streams

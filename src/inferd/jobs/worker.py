@@ -133,10 +133,6 @@ class Worker:
                 await asyncio.wait(pending)
         log.info("worker stopped", worker=self.id, processed=self.processed)
 
-    @property
-    def busy(self) -> int:
-        return len(self._jobs)
-
     async def _claim(self) -> Lease | None:
         try:
             return await self.queue.claim(self.id, self.lease_seconds, self.models)
@@ -174,7 +170,10 @@ class Worker:
         started = time.perf_counter()
         error: BaseException | None = None
         try:
-            await run_blocking(self._generate, job, loop)
+            if self.executor.streams(lease.model):
+                await run_blocking(self._generate, job, loop)
+            else:
+                await self._predict(job)
         except Exception as exc:
             error = exc
         finally:
@@ -203,6 +202,19 @@ class Worker:
             close = getattr(chunks, "close", None)
             if callable(close):
                 close()
+
+    async def _predict(self, job: _Job) -> None:
+        """A non-streaming model's one chunk, through the model's batcher."""
+        lease = job.lease
+        chunk = await self.executor.predict(
+            lease.request_id, lease.model, lease.input, lease.parameters, job.stopped.is_set
+        )
+        if job.stopped.is_set():
+            return
+        if not await self._store(job, chunk):
+            job.stop(_STOP_LOST)
+            return
+        job.chunks.append(chunk)
 
     async def _store(self, job: _Job, chunk: Any) -> bool:
         event = await self.queue.append(

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from inferd.batching import Batcher
 from inferd.concurrency import run_blocking
 from inferd.metrics import Metrics
-from inferd.models.base import FloatArray, Model
+from inferd.models.base import FloatArray, Model, WarmsUp
 from inferd.models.repository import Fingerprint, ModelEntry
 from inferd.models.runtimes import (
     create_model,
@@ -89,10 +89,7 @@ class LoadedModel:
     @property
     def device(self) -> str | None:
         """Where the model runs (``cpu``, ``cuda``...), once loaded; scikit-learn is ``cpu``."""
-        if self.spec.runtime == "sklearn":
-            return "cpu"
-        device = getattr(self.model, "device", None)
-        return None if device is None else str(device)
+        return self.model.capabilities.device
 
     def status(self, default: bool = False) -> dict[str, Any]:
         """One line of a model's version list: state, load time, error."""
@@ -233,9 +230,8 @@ def _load_streaming(loaded: LoadedModel) -> None:
     """Blocking: load a text model and run one short generation through it."""
     model = loaded.model
     model.load()
-    warm_up = getattr(model, "warm_up", None)
-    if callable(warm_up):
-        warm_up()
+    if model.capabilities.warms_up:
+        cast(WarmsUp, model).warm_up()
 
 
 def _warm_up(loaded: LoadedModel) -> None:

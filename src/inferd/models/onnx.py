@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from inferd.errors import ModelLoadError
-from inferd.models.base import FloatArray
+from inferd.models.base import Capabilities, FloatArray
 from inferd.models.spec import ModelSpec
 
 __all__ = ["OnnxModel"]
@@ -52,6 +52,7 @@ class OnnxModel:
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
         self.device = device
+        self.capabilities = Capabilities(device=None)
         self.input_name = ""
         self.output_name = ""
         self.providers: list[str] = []
@@ -88,6 +89,8 @@ class OnnxModel:
         self._pick_output(session)
         self._session = session
         self.providers = list(session.get_providers())
+        on_gpu = self.providers[0] == "CUDAExecutionProvider"
+        self.capabilities = Capabilities(device="cuda" if on_gpu else "cpu")
         if self.spec.task == "classification":
             self._classes = self._find_classes(session)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from inferd.errors import ModelLoadError
-from inferd.models.base import FloatArray
+from inferd.models.base import Capabilities, FloatArray
 from inferd.models.spec import ModelSpec
 
 __all__ = ["PythonModel"]
@@ -27,6 +27,7 @@ class PythonModel:
         self.spec = spec
         self.version = version
         self.path = path
+        self.capabilities = Capabilities()
         self._impl: Any = None
 
     def load(self) -> None:
@@ -50,21 +51,19 @@ class PythonModel:
             raise ModelLoadError(f"{where}: {target} lacks {', '.join(missing)}()")
         impl.load()
         self._impl = impl
+        # User code is duck-typed by the documented contract: read it once, here.
+        self.capabilities = Capabilities(
+            streams=callable(getattr(impl, "stream", None)),
+            validates_requests=callable(getattr(impl, "validate_request", None)),
+        )
 
     def predict(self, batch: FloatArray) -> FloatArray:
         result: FloatArray = self._impl.predict(batch)
         return result
 
-    @property
-    def request_validator(self) -> Any:
-        """The user's ``validate_request(input, parameters)``, if it has one."""
-        validate = getattr(self._impl, "validate_request", None)
-        return validate if callable(validate) else None
-
-    @property
-    def can_stream(self) -> bool:
-        """True when the user's class has a ``stream(input, parameters, should_stop)``."""
-        return callable(getattr(self._impl, "stream", None))
+    def validate_request(self, input: Any, parameters: dict[str, Any]) -> None:
+        """Delegate to the user's ``validate_request`` (``capabilities.validates_requests``)."""
+        self._impl.validate_request(input, parameters)
 
     def stream(self, input: Any, parameters: dict[str, Any], should_stop: Any) -> Any:
         """Delegate to the user's ``stream``."""

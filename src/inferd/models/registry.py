@@ -522,7 +522,7 @@ class ModelRegistry:
             to_version=version,
             ms=round(loaded.load_seconds * 1000, 2),
             runtime=spec.runtime,
-            fast_path=getattr(loaded.model, "fast_path", None),
+            fast_path=loaded.model.capabilities.fast_path,
         )
         return loaded
 

@@ -17,7 +17,7 @@ import joblib
 import numpy as np
 
 from inferd.errors import ModelLoadError
-from inferd.models.base import FloatArray
+from inferd.models.base import Capabilities, FloatArray
 from inferd.models.spec import ModelSpec
 
 __all__ = ["SklearnModel"]
@@ -35,7 +35,7 @@ class SklearnModel:
         self.version = version
         self.path = path
         self.estimator: Any = None
-        self.fast_path = False
+        self.capabilities = Capabilities()
         self._predict: Callable[[FloatArray], FloatArray] | None = None
         self._classes: list[int | str] | None = None
 
@@ -56,7 +56,8 @@ class SklearnModel:
             self._classes = [_plain(c) for c in estimator.classes_]
             fast = _linear_fast_path(estimator)
             if fast is not None and _agrees(fast, estimator.predict_proba, self.spec.n_features):
-                self._predict, self.fast_path = fast, True
+                self._predict = fast
+                self.capabilities = Capabilities(fast_path=True)
             else:
                 self._predict = estimator.predict_proba
         else:

@@ -12,6 +12,7 @@ module imports them only when a model loads, so the rest of inferd works without
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from inferd.errors import BadRequest, ModelLoadError, ValidationFailed
-from inferd.models.base import FloatArray
+from inferd.models.base import Capabilities, FloatArray
 from inferd.models.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -213,15 +214,15 @@ class TextStream(Iterator[str]):
             yield rest
 
 
+_CAPABILITIES = Capabilities(streams=True, validates_requests=True, warms_up=True, device=None)
+
+
 class TextGenerationModel:
     """A causal language model that streams its output token by token.
 
     ``predict`` is not supported: text models answer long-running requests
     (``POST /v1/requests``) through :meth:`stream`.
     """
-
-    can_stream = True
-    """Read by the request runner: requests go through :meth:`stream`."""
 
     def __init__(self, spec: ModelSpec, version: int, path: Path) -> None:
         self.spec = spec
@@ -232,6 +233,7 @@ class TextGenerationModel:
         self.tokenizer: Any = None
         """The loaded tokenizer (None until :meth:`load`)."""
         self.device: torch.device | None = None
+        self.capabilities = _CAPABILITIES
         self.eos_ids: frozenset[int] = frozenset()
         self.context_length: int | None = None
         """The most tokens (prompt and output) the model reads, when its config says."""
@@ -299,6 +301,7 @@ class TextGenerationModel:
                 eos.update(i for i in ids if isinstance(i, int))
         length = getattr(model.config, "max_position_embeddings", None)
         self.tokenizer, self.model, self.device = tokenizer, model, torch.device(device)
+        self.capabilities = dataclasses.replace(_CAPABILITIES, device=str(device))
         self.eos_ids = frozenset(eos)
         self.context_length = length if isinstance(length, int) and length > 0 else None
 

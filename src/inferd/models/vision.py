@@ -24,7 +24,7 @@ import numpy as np
 
 from inferd.errors import ModelLoadError
 from inferd.logs import get_logger
-from inferd.models.base import FloatArray
+from inferd.models.base import Capabilities, FloatArray
 from inferd.models.spec import ModelSpec
 
 __all__ = ["TorchImageClassifier", "resolve_device"]
@@ -66,6 +66,7 @@ class TorchImageClassifier:
         self.threads = threads
         self.concurrency = max(1, concurrency)
         self.device: str | None = None
+        self.capabilities = Capabilities(device=None)
         self.weights_file: Path | None = None
         self._torch: Any = None
         self._net: Any = None
@@ -114,6 +115,7 @@ class TorchImageClassifier:
         net.eval()
         net.to(device)
         self._torch, self._net, self.device = torch, net, device
+        self.capabilities = Capabilities(device=str(device))
         self._classes = list(labels) if labels is not None and spec.output.labels is None else None
         if self._classes is None:
             self._classes = list(range(num_classes))

@@ -1,0 +1,113 @@
+"""The routes answered on the lean ASGI path: one table that the path matches requests against
+and that the OpenAPI document is built from, so neither can have a route the other lacks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from inferd.http.schemas import (
+    ModelPredictRequest,
+    ModelPredictResponse,
+    PredictRequest,
+    PredictResponse,
+)
+
+__all__ = ["LEAN_ROUTES", "LeanRoute", "match_lean"]
+
+_PARAM = re.compile(r"\{(\w+)\}")
+
+
+@dataclass(frozen=True, slots=True)
+class LeanRoute:
+    """One route of the lean path, with what its documentation says."""
+
+    method: str
+    path: str
+    """The template, as OpenAPI writes it: ``/v1/models/{name}/predict``."""
+    summary: str
+    tags: tuple[str, ...]
+    request: type[BaseModel]
+    response: type[BaseModel]
+    params: dict[str, type] = field(default_factory=dict)
+    """Path parameters and their types (``int`` ones must be decimal digits)."""
+    _parts: tuple[str, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_parts", tuple(_PARAM.split(self.path)))
+
+    def match(self, path: str) -> dict[str, Any] | None:
+        """The path parameters if ``path`` is this route's, else None."""
+        parts = self._parts
+        if len(parts) == 1:
+            return {} if path == parts[0] else None
+        head, tail = parts[0], parts[-1]
+        if not (path.startswith(head) and path.endswith(tail)) or len(path) <= len(head) + len(
+            tail
+        ):
+            return None
+        rest = path[len(head) : len(path) - len(tail)]
+        values: dict[str, Any] = {}
+        for i in range(1, len(parts) - 1, 2):
+            name, literal = parts[i], parts[i + 1] if i + 2 < len(parts) else ""
+            if literal:
+                value, found, rest = rest.partition(literal)
+                if not found:
+                    return None
+            else:
+                value, rest = rest, ""
+            if not value or "/" in value:
+                return None
+            if self.params.get(name) is int:
+                if not (value.isascii() and value.isdigit()):
+                    return None
+                values[name] = int(value)
+            else:
+                values[name] = value
+        return values
+
+
+LEAN_ROUTES: tuple[LeanRoute, ...] = (
+    LeanRoute(
+        "POST",
+        "/predict",
+        "Predict with the default model",
+        ("predict",),
+        PredictRequest,
+        PredictResponse,
+    ),
+    LeanRoute(
+        "POST",
+        "/v1/models/{name}/predict",
+        "Predict with a named model; one row or a batch of rows",
+        ("predict",),
+        ModelPredictRequest,
+        ModelPredictResponse,
+        {"name": str},
+    ),
+    LeanRoute(
+        "POST",
+        "/v1/models/{name}/versions/{version}/predict",
+        "Predict with one version of a model; one row or a batch of rows",
+        ("predict",),
+        ModelPredictRequest,
+        ModelPredictResponse,
+        {"name": str, "version": int},
+    ),
+)
+
+
+def match_lean(
+    method: str, path: str, routes: tuple[LeanRoute, ...] = LEAN_ROUTES
+) -> tuple[LeanRoute, dict[str, Any]] | None:
+    """The route of ``method path`` and its parameters, or None."""
+    for route in routes:
+        if route.method == method:
+            params = route.match(path)
+            if params is not None:
+                return route, params
+    return None

@@ -1,0 +1,66 @@
+"""What one call carries through the data plane, whatever protocol it came by.
+
+The transport makes a :class:`RequestContext` when a request arrives (the HTTP middleware, the
+gRPC servicer, a worker running a job); the data plane and the route fill it in, and the
+transport writes the access line and the request metrics from it at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from inferd.tenancy.limits import limit_header_fields
+
+__all__ = ["ClientGone", "RequestContext"]
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited; there is nobody to answer."""
+
+
+class RequestContext:
+    """What one request's access line and metrics need; handlers write into it."""
+
+    __slots__ = (
+        "batch_size",
+        "detail",
+        "endpoint",
+        "key",
+        "limit_headers",
+        "model",
+        "queue_depth",
+        "quota",
+        "rate",
+        "request_id",
+        "started",
+        "started_loop",
+        "status",
+        "submitted",
+        "version",
+    )
+
+    def __init__(self, request_id: str, started: float, started_loop: float) -> None:
+        self.request_id = request_id
+        self.started = started
+        """``time.perf_counter()`` when the request arrived."""
+        self.started_loop = started_loop
+        """The event loop's clock when the request arrived: deadlines count from it."""
+        self.endpoint: str | None = None
+        self.status = 0
+        self.queue_depth: int | None = None
+        self.batch_size: int | None = None
+        self.submitted: float | None = None
+        """``time.perf_counter()`` when the request joined its model's queue."""
+        self.detail: str | None = None
+        self.model: str | None = None
+        self.version: str | None = None
+        self.key: Any = None  # the verified ApiKey when authentication is on
+        self.rate: Any = None  # the rate decision of this request, for the quota's headers
+        self.quota: Any = None  # the daily-budget decision, once the request was charged
+        self.limit_headers: list[tuple[bytes, bytes]] | None = None
+
+    def rate_limit_headers(self) -> list[tuple[bytes, bytes]]:
+        """RateLimit-Policy and RateLimit for this request's decisions, built once."""
+        if self.limit_headers is None:
+            self.limit_headers = limit_header_fields(self.rate, self.quota)
+        return self.limit_headers

@@ -1,0 +1,219 @@
+"""The data plane: the one procedure every synchronous prediction goes through.
+
+``POST /predict``, ``/v1/models/{name}[/versions/{v}]/predict``, the Open Inference Protocol,
+image classification and the tabular long-running requests all call :meth:`DataPlane.infer`
+with an :class:`Inbound`: the protocol's part of the request (which models it serves, how its
+body is read and decoded, how the answer is encoded). Everything else is done here, once:
+
+1. look the model version up (404, 503 while loading) and let the route refuse it (a text
+   model on a tabular route...);
+2. admission: shed with 503 before the body is read, when the model's queue is past its mark;
+3. read and decode the body; the deadline counts from the request's arrival;
+4. reserve the caller's tokens for the rows (429 when the daily budget is spent);
+5. a version swapped out while the body was read (or decoded, or charged) sends the request to
+   the version that serves now, decoded and validated against that one;
+6. queue it on the version's batcher, dropped unrun if the caller goes away (under uvicorn the
+   batcher asks the connection; elsewhere a task waits for the disconnect when the request
+   will wait); 504 at the deadline;
+7. refund the reservation of a request that was not served, record the served ones;
+8. the per-version metrics and the access-log fields (model, version, queue depth, batch size).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
+
+from inferd.errors import DeadlineExceeded
+from inferd.models.registry import LoadedModel, ModelRegistry
+from inferd.serving.context import ClientGone, RequestContext
+from inferd.tenancy.enforce import Enforcer
+
+__all__ = ["DataPlane", "Decoded", "Inbound"]
+
+M = TypeVar("M")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+@dataclass(slots=True)
+class Decoded(Generic[M]):
+    """A request body decoded for one model version."""
+
+    payload: Any
+    """What the batcher concatenates with other requests' payloads along the first axis."""
+    rows: int
+    """Rows in ``payload``: its share of a batch and the tokens it costs."""
+    meta: M
+    """Whatever the route needs again to encode the answer (request form, outputs asked)."""
+    timeout: float | None = None
+    """A shorter deadline asked for inside the body (seconds), if any."""
+
+
+class Inbound(Protocol[R_co]):
+    """One prediction request as its protocol carried it (see the module's docstring)."""
+
+    @property
+    def ctx(self) -> RequestContext:
+        """The request's context: access-log fields, caller's key, arrival time."""
+
+    @property
+    def model(self) -> str | None:
+        """The model asked for; None for the server's default model."""
+
+    @property
+    def version(self) -> int | None:
+        """The version asked for; None for the model's default version."""
+
+    @property
+    def timeout(self) -> float:
+        """Seconds the request may take from its arrival: the route's limit, or less if the
+        client asked (``X-Request-Timeout-Ms``, a gRPC deadline)."""
+
+    def accept(self, loaded: LoadedModel) -> None:
+        """Raise the route's 4xx if it cannot serve ``loaded`` (say where to go instead)."""
+
+    async def read(self, loaded: LoadedModel) -> None:
+        """Read the request body (its limits may depend on the model)."""
+
+    async def decode(
+        self, loaded: LoadedModel, deadline: float, previous: Decoded[Any] | None
+    ) -> Decoded[Any]:
+        """The body decoded and validated for ``loaded``. Called again with ``previous`` when
+        the version was swapped while the body was read (a route may reuse what still holds).
+        ``deadline`` is on the loop's clock."""
+
+    def disconnect_probe(self) -> Callable[[], bool] | None:
+        """A cheap ``() -> bool`` that says the caller has gone, or None if there is none."""
+
+    def watch(self, future: asyncio.Future[Any]) -> asyncio.Task[None] | None:
+        """Without a probe: a task that cancels ``future`` when the caller goes (or None)."""
+
+    def encode(self, loaded: LoadedModel, decoded: Decoded[Any], output: Any) -> R_co:
+        """The answer to send for the model's ``output`` rows."""
+
+
+class DataPlane:
+    """Runs :class:`Inbound` requests on the registry's models (see the module's docstring)."""
+
+    def __init__(self, registry: ModelRegistry, enforcer: Enforcer | None = None) -> None:
+        self.registry = registry
+        self.enforcer = enforcer
+
+    def lookup(self, inbound: Inbound[Any]) -> LoadedModel:
+        """The ready version ``inbound`` asks for, once the route accepts it."""
+        name = inbound.model
+        if name is None:
+            loaded = self.registry.get_default()
+        else:
+            loaded = self.registry.get(name, inbound.version)
+        inbound.accept(loaded)
+        return loaded
+
+    async def infer(self, inbound: Inbound[R]) -> R:
+        """Serve one prediction; raises :class:`~inferd.errors.InferdError` (a 4xx or 5xx to
+        answer) or :class:`ClientGone` (nobody to answer)."""
+        ctx = inbound.ctx
+        loaded = self.lookup(inbound)
+        ctx.model, ctx.version = loaded.name, loaded.version_str
+        batcher = loaded.batcher
+        assert batcher is not None, "the route accepted a model without a batcher"
+        batcher.check_admission()  # shed before reading the body
+
+        await inbound.read(loaded)
+        # Swapped for a new version while the body was read? The old one drains and takes
+        # nothing more: decode for (and send to) what serves now.
+        loaded = self._current(loaded, inbound)
+        deadline = ctx.started_loop + inbound.timeout
+        decoded = await inbound.decode(loaded, deadline, None)
+        if decoded.timeout is not None:
+            deadline = min(deadline, ctx.started_loop + decoded.timeout)
+
+        enforcer, key, quota = self.enforcer, ctx.key, None
+        if key is not None and enforcer is not None:
+            quota = ctx.quota = await enforcer.charge(key, decoded.rows, ctx.rate)
+        try:
+            current = self._current(loaded, inbound)
+            if current is not loaded:  # swapped while it was decoded or charged
+                decoded = await inbound.decode(current, deadline, decoded)
+                loaded = current
+            output = await self._run(loaded, decoded, deadline, inbound, ctx)
+        except BaseException:
+            if quota is not None and enforcer is not None:
+                # Not served, not charged (shielded: a cancelled caller still gives it back).
+                await asyncio.shield(enforcer.refund(key, quota))
+            raise
+        if quota is not None and enforcer is not None:
+            enforcer.record(key, loaded.name, quota.day, decoded.rows)
+
+        children = loaded.metrics_children
+        observe = children["prediction"].observe
+        for value in _scores(output):
+            observe(value)
+        children["latency"].observe(time.perf_counter() - ctx.started)
+        return inbound.encode(loaded, decoded, output)
+
+    def _current(self, loaded: LoadedModel, inbound: Inbound[Any]) -> LoadedModel:
+        """``loaded`` while it serves, else the version that serves the request now."""
+        current = self.registry.refresh(loaded, inbound.version)
+        if current is not loaded:
+            inbound.accept(current)
+            inbound.ctx.version = current.version_str
+        return current
+
+    async def _run(
+        self,
+        loaded: LoadedModel,
+        decoded: Decoded[Any],
+        deadline: float,
+        inbound: Inbound[Any],
+        ctx: RequestContext,
+    ) -> Any:
+        """Queue the payload and wait for its batch; the batcher fails it at the deadline."""
+        batcher = loaded.batcher
+        assert batcher is not None
+        ctx.queue_depth = batcher.depth
+        gone = inbound.disconnect_probe()
+        watch = None
+        ctx.submitted = time.perf_counter()
+        if gone is None and (batcher.depth >= batcher.max_batch_size or batcher.running):
+            # It will wait for a batch: worth a task that notices a disconnect meanwhile.
+            future = batcher.submit(decoded.payload, decoded.rows, deadline)
+            watch = inbound.watch(future)
+        else:
+            future = batcher.submit(decoded.payload, decoded.rows, deadline, gone)
+        try:
+            output, batch_rows = await future
+        except DeadlineExceeded:
+            loaded.metrics_children["timeouts"].inc()
+            ctx.detail = "deadline exceeded"
+            raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if future.cancelled() and task is not None and not task.cancelling():
+                # The item was dropped because the caller left, not this task cancelled.
+                loaded.metrics_children["disconnects"].inc()
+                raise ClientGone from None
+            raise
+        finally:
+            if watch is not None:
+                watch.cancel()
+            if not future.done():
+                future.cancel()
+        ctx.batch_size = batch_rows
+        return output
+
+
+def _scores(output: Any) -> list[float]:
+    """What ``prediction_value_distribution`` observes per row: the top class probability of
+    a classifier's probabilities, the value of a regressor."""
+    array = np.asarray(output)
+    if array.ndim == 2 and array.shape[1] > 1:
+        array = array.max(axis=1)
+    scores: list[float] = array.reshape(-1).tolist()
+    return scores
