@@ -82,6 +82,7 @@ class Run:
     wrk_cpu_pct: float = 0.0
     server: dict[str, int] = field(default_factory=dict)  # inferd's /metrics, deltas over the run
     round: int = 1
+    monitor_us: float | None = None  # drift monitor's time per request (its own clock)
 
 
 @dataclass
@@ -193,6 +194,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * TICK_S  # utime + stime, all threads
 
 
+def monitor_seconds(port: int) -> float | None:
+    """Time the drift monitor has spent binning and exporting so far (None when it is off)."""
+    status, body = http(port, "/v1/models/iris/drift")
+    if status != 200:
+        return None
+    value = json.loads(body).get("update_seconds_total")
+    return float(value) if value is not None else None
+
+
 def server_counters(port: int) -> dict[str, int]:
     """inferd's /predict responses by status, its timeouts and queue rejections (/metrics)."""
     counts: dict[str, int] = {}
@@ -204,6 +214,10 @@ def server_counters(port: int) -> dict[str, int]:
             key = "status_" + status.group(1)
         elif name in ("inference_request_timeouts_total", "inference_queue_rejections_total"):
             key = name.removeprefix("inference_").removesuffix("_total")
+        elif name == "inference_batch_size_sum" and 'model="iris"' in labels:
+            key = "batched_rows"
+        elif name == "inference_batch_size_count" and 'model="iris"' in labels:
+            key = "batches"
         else:
             continue
         counts[key] = counts.get(key, 0) + int(float(value))
@@ -258,12 +272,16 @@ def bench_target(target: str, models_dir: Path, opts: Options, round: int = 1) -
             if opts.warmup:
                 wrk(port, conns, opts.warmup, opts)
             before = server_counters(port) if inferd else {}
+            busy_before = monitor_seconds(port) if inferd else None
             cpu_before, start = cpu_seconds(pid), time.monotonic()
             text, wrk_cpu = wrk(port, conns, opts.duration, opts)
             server_cpu = 100 * (cpu_seconds(pid) - cpu_before) / (time.monotonic() - start)
             run = Run(target, conns, **parse_wrk(text), rss_mib=rss_mib(pid), round=round)
             run.server_cpu_pct, run.wrk_cpu_pct = server_cpu, wrk_cpu
             after = server_counters(port) if inferd else {}
+            busy_after = monitor_seconds(port) if inferd else None
+            if busy_before is not None and busy_after is not None and run.requests:
+                run.monitor_us = (busy_after - busy_before) / run.requests * 1e6
             run.server = {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
             runs.append(run)
             print(f"  -c{conns}: {run.rps:,.0f} req/s, p99 {run.p99_ms:.2f} ms", file=sys.stderr)
@@ -357,6 +375,12 @@ def drift_costs(runs: list[Run]) -> list[dict[str, Any]]:
                 "p99_off_ms": off.p99_ms,
                 "cpu_us_on": cpu_us(on),
                 "cpu_us_off": cpu_us(off),
+                "monitor_us": on.monitor_us,
+                "mean_batch": (
+                    on.server["batched_rows"] / on.server["batches"]
+                    if on.server.get("batches")
+                    else None
+                ),
             }
         )
     return out
@@ -398,7 +422,8 @@ def markdown(report: dict[str, Any]) -> str:
         )
         if r.non_2xx or errors:
             parts = [f"{n} x {c}" for c, n in sorted(r.statuses.items()) if c[0] != "2"]
-            parts += [f"server {k} {n}" for k, n in sorted(r.server.items()) if k[0] != "s"]
+            shed = ("request_timeouts", "queue_rejections")
+            parts += [f"server {k} {n}" for k, n in sorted(r.server.items()) if k in shed]
             parts += [f"{n} socket {k} errors" for k, n in r.socket_errors.items() if n]
             notes.append(f"- {r.target} at {r.connections}: " + ", ".join(parts))
     if notes:
@@ -418,18 +443,20 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             "## Drift monitoring on vs off",
             "",
-            "inferd with its defaults (drift monitoring on) against `INFERD_DRIFT_ENABLED=false`.",
+            "inferd with its defaults (drift monitoring on) against `INFERD_DRIFT_ENABLED=false`;",
+            "monitor µs/req: the monitor's binning and export time (its own clock) per request.",
             "",
             "| round | conns | req/s on | req/s off | change | p99 ms on | p99 ms off "
-            "| CPU µs/req on | CPU µs/req off |",
-            "|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+            "| CPU µs/req on | CPU µs/req off | monitor µs/req | mean batch |",
+            "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         for d in report["drift"]:
             on_us, off_us = d["cpu_us_on"], d["cpu_us_off"]
             lines.append(
                 f"| {d['round']} | {d['connections']} | {d['rps_on']:,.0f} | {d['rps_off']:,.0f} "
                 f"| {percent(d['rps_change'])} | {d['p99_on_ms']:.2f} | {d['p99_off_ms']:.2f} "
-                f"| {on_us or 0:.1f} | {off_us or 0:.1f} |"
+                f"| {on_us or 0:.1f} | {off_us or 0:.1f} | {d['monitor_us'] or 0:.2f} "
+                f"| {d['mean_batch'] or 0:.1f} |"
             )
         changes = sorted(d["rps_change"] for d in report["drift"] if d["rps_change"] is not None)
         if changes:

@@ -45,6 +45,7 @@ def build_drift_router(registry: ModelRegistry, monitor: Monitor | None) -> APIR
         monitor.update()  # figures up to this moment, gauges included
         body["interval_seconds"] = monitor.interval
         body["sampled_rows"] = monitor.sampled_rows
+        body["update_seconds_total"] = round(monitor.busy_seconds, 6)
         body["versions"] = [
             {"default": v.version == default, **monitor.report(v)} for v in versions
         ]

@@ -105,8 +105,8 @@ class Monitor:
         self._versions: dict[LoadedModel, _Version] = {}
         self.sampled_rows = 0
         """Input rows left out of the binning by sampling, since start-up."""
-        self.update_seconds = 0.0
-        """Time the last update took."""
+        self.busy_seconds = 0.0
+        """Time spent binning and exporting since start-up (updates, and early flushes)."""
 
     # ------------------------------------------------------------------ request path
     def observe(self, loaded: LoadedModel, rows: Any, outputs: Any) -> None:
@@ -120,7 +120,9 @@ class Monitor:
             self._pending.append((loaded, rows, outputs))
             self._held += n
             if self._held >= FLUSH_ROWS:
+                started = time.perf_counter()
                 self._ingest(self.clock())
+                self.busy_seconds += time.perf_counter() - started
         except Exception as exc:  # monitoring must never fail a request
             log.warning("drift monitor: could not record a batch", detail=repr(exc))
 
@@ -144,7 +146,7 @@ class Monitor:
                 self._forget(version)
             else:
                 self._export(version, version.window.totals(now))
-        self.update_seconds = time.perf_counter() - started
+        self.busy_seconds += time.perf_counter() - started
 
     def _ingest(self, now: float) -> None:
         pending, self._pending, self._held = self._pending, [], 0
