@@ -386,6 +386,14 @@ def drift_costs(runs: list[Run]) -> list[dict[str, Any]]:
     return out
 
 
+def median(values: list[float | None]) -> float | None:
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return None
+    mid = len(known) // 2
+    return known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
+
+
 def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.1%}"
 
@@ -458,10 +466,17 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {on_us or 0:.1f} | {off_us or 0:.1f} | {d['monitor_us'] or 0:.2f} "
                 f"| {d['mean_batch'] or 0:.1f} |"
             )
-        changes = sorted(d["rps_change"] for d in report["drift"] if d["rps_change"] is not None)
-        if changes:
-            median = changes[len(changes) // 2]
-            lines += ["", f"Median req/s change with drift monitoring on: {percent(median)}."]
+        lines.append("")
+        for conns in sorted({d["connections"] for d in report["drift"]}):
+            at = [d for d in report["drift"] if d["connections"] == conns]
+            change = median([d["rps_change"] for d in at])
+            on, off = median([d["cpu_us_on"] for d in at]), median([d["cpu_us_off"] for d in at])
+            own = median([d["monitor_us"] for d in at])
+            lines.append(
+                f"- {conns} connection(s), median of {len(at)} round(s): req/s {percent(change)} "
+                f"with drift on; server CPU {on or 0:.1f} µs/request on, {off or 0:.1f} off; "
+                f"the monitor's own time {own or 0:.2f} µs/request."
+            )
     if report["checks"]:
         lines += ["", "## Goals", ""]
         for c in report["checks"]:
