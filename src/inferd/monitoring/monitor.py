@@ -311,7 +311,9 @@ class Monitor:
         if reference is None or not reference.enabled:
             out["status"] = "no_reference"
             out["detail"] = (
-                reference.detail if reference is not None else "this model has no reference"
+                reference.detail
+                if reference is not None
+                else "drift is watched for tabular and image models, not this one"
             )
             return out
         features = [self._feature_report(version, totals, i) for i in range(len(version.features))]
