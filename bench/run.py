@@ -1,7 +1,11 @@
 """Load-test inferd and two baselines with wrk; write a JSON and a Markdown report.
 
     python bench/run.py [--targets inferd,raw-asgi,naive-fastapi] [--connections 1,50,256]
-                        [--duration 10] [--warmup 2] [--models-dir DIR] [--out DIR] [--no-pin]
+                        [--duration 10] [--warmup 2] [--rounds 1] [--models-dir DIR] [--out DIR]
+                        [--no-pin]
+
+``--targets inferd,inferd-nodrift`` sets inferd against itself with drift monitoring off
+(``INFERD_DRIFT_ENABLED=false``); ``--rounds N`` runs the targets N times in turn.
 
 Each server runs alone on one CPU and wrk (one thread, closed loop) on another; everything is on
 127.0.0.1. bench/README.md explains the targets and how to read the report.
@@ -35,7 +39,8 @@ HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: python, inferd
 BODY = '{"features": [5.1, 3.5, 1.4, 0.2]}'
-TARGETS = ("inferd", "raw-asgi", "naive-fastapi")
+TARGETS = ("inferd", "raw-asgi", "naive-fastapi", "inferd-nodrift")
+DEFAULT_TARGETS = ("inferd", "raw-asgi", "naive-fastapi")
 BASELINES = ("raw-asgi", "naive-fastapi")
 READY_TIMEOUT_S, STOP_TIMEOUT_S, WRK_SLACK_S = 90.0, 15.0, 30
 UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
@@ -76,6 +81,8 @@ class Run:
     server_cpu_pct: float = 0.0  # 100 = one core
     wrk_cpu_pct: float = 0.0
     server: dict[str, int] = field(default_factory=dict)  # inferd's /metrics, deltas over the run
+    round: int = 1
+    monitor_us: float | None = None  # drift monitor's time per request (its own clock)
 
 
 @dataclass
@@ -86,6 +93,7 @@ class Options:
     warmup: int
     models_dir: Path | None
     out: Path
+    rounds: int
     cpus: tuple[int, int] | None  # (server, wrk), None when not pinned
     tally: bool
 
@@ -121,8 +129,10 @@ def http(port: int, path: str, body: str | None = None) -> tuple[int, bytes]:
 def server_command(target: str, port: int, models_dir: Path) -> tuple[list[str], dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERD_")}
     listen = ["--host", HOST, "--port", str(port)]
-    if target == "inferd":  # the defaults: JSON access log on, metrics on
+    if target.startswith("inferd"):  # the defaults: JSON access log on, metrics on
         env["INFERD_ACCESS_LOG"] = "true"
+        if target == "inferd-nodrift":  # the same, with drift monitoring off
+            env["INFERD_DRIFT_ENABLED"] = "false"
         cmd = [str(BIN / "inferd"), "serve", *listen, "--models-dir", str(models_dir)]
         return [*cmd, "--log-format", "json", "--log-level", "info"], env
     env["BENCH_MODEL_PATH"] = str(models_dir / "iris" / "1" / "model.joblib")
@@ -134,7 +144,7 @@ def server_command(target: str, port: int, models_dir: Path) -> tuple[list[str],
 
 
 def answers(target: str, port: int) -> bool:
-    if target == "inferd":
+    if target.startswith("inferd"):
         return http(port, "/health/ready")[0] == 200
     return http(port, "/predict", BODY)[0] == 200
 
@@ -184,6 +194,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * TICK_S  # utime + stime, all threads
 
 
+def monitor_seconds(port: int) -> float | None:
+    """Time the drift monitor has spent binning and exporting so far (None when it is off)."""
+    status, body = http(port, "/v1/models/iris/drift")
+    if status != 200:
+        return None
+    value = json.loads(body).get("update_seconds_total")
+    return float(value) if value is not None else None
+
+
 def server_counters(port: int) -> dict[str, int]:
     """inferd's /predict responses by status, its timeouts and queue rejections (/metrics)."""
     counts: dict[str, int] = {}
@@ -195,6 +214,10 @@ def server_counters(port: int) -> dict[str, int]:
             key = "status_" + status.group(1)
         elif name in ("inference_request_timeouts_total", "inference_queue_rejections_total"):
             key = name.removeprefix("inference_").removesuffix("_total")
+        elif name == "inference_batch_size_sum" and 'model="iris"' in labels:
+            key = "batched_rows"
+        elif name == "inference_batch_size_count" and 'model="iris"' in labels:
+            key = "batches"
         else:
             continue
         counts[key] = counts.get(key, 0) + int(float(value))
@@ -241,19 +264,24 @@ def parse_wrk(text: str) -> dict[str, Any]:
     }
 
 
-def bench_target(target: str, models_dir: Path, opts: Options) -> list[Run]:
+def bench_target(target: str, models_dir: Path, opts: Options, round: int = 1) -> list[Run]:
     runs = []
+    inferd = target.startswith("inferd")
     with server(target, models_dir, opts) as (pid, port):
         for conns in opts.connections:
             if opts.warmup:
                 wrk(port, conns, opts.warmup, opts)
-            before = server_counters(port) if target == "inferd" else {}
+            before = server_counters(port) if inferd else {}
+            busy_before = monitor_seconds(port) if inferd else None
             cpu_before, start = cpu_seconds(pid), time.monotonic()
             text, wrk_cpu = wrk(port, conns, opts.duration, opts)
             server_cpu = 100 * (cpu_seconds(pid) - cpu_before) / (time.monotonic() - start)
-            run = Run(target, conns, **parse_wrk(text), rss_mib=rss_mib(pid))
+            run = Run(target, conns, **parse_wrk(text), rss_mib=rss_mib(pid), round=round)
             run.server_cpu_pct, run.wrk_cpu_pct = server_cpu, wrk_cpu
-            after = server_counters(port) if target == "inferd" else {}
+            after = server_counters(port) if inferd else {}
+            busy_after = monitor_seconds(port) if inferd else None
+            if busy_before is not None and busy_after is not None and run.requests:
+                run.monitor_us = (busy_after - busy_before) / run.requests * 1e6
             run.server = {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
             runs.append(run)
             print(f"  -c{conns}: {run.rps:,.0f} req/s, p99 {run.p99_ms:.2f} ms", file=sys.stderr)
@@ -281,7 +309,7 @@ def machine() -> dict[str, Any]:
 def count_504(run: Run) -> int | None:
     if run.statuses:  # wrk's own tally
         return run.statuses.get("504", 0)
-    if run.server or run.target == "inferd":  # the server's count
+    if run.server or run.target.startswith("inferd"):  # the server's count
         return run.server.get("status_504", 0)
     return 0 if run.non_2xx == 0 else None
 
@@ -316,6 +344,60 @@ def ratios(runs: dict[tuple[str, int], Run], connections: list[int]) -> list[dic
     return out
 
 
+def cpu_us(run: Run) -> float | None:
+    """Server CPU time per answered request, in microseconds."""
+    return run.server_cpu_pct / 100 / run.rps * 1e6 if run.rps else None
+
+
+def drift_costs(runs: list[Run]) -> list[dict[str, Any]]:
+    """Drift monitoring on (inferd) against off (inferd-nodrift), round by round."""
+    out = []
+    for on in runs:
+        off = next(
+            (
+                r
+                for r in runs
+                if r.target == "inferd-nodrift"
+                and (r.connections, r.round) == (on.connections, on.round)
+            ),
+            None,
+        )
+        if on.target != "inferd" or off is None:
+            continue
+        out.append(
+            {
+                "round": on.round,
+                "connections": on.connections,
+                "rps_on": on.rps,
+                "rps_off": off.rps,
+                "rps_change": on.rps / off.rps - 1 if off.rps else None,
+                "p99_on_ms": on.p99_ms,
+                "p99_off_ms": off.p99_ms,
+                "cpu_us_on": cpu_us(on),
+                "cpu_us_off": cpu_us(off),
+                "monitor_us": on.monitor_us,
+                "mean_batch": (
+                    on.server["batched_rows"] / on.server["batches"]
+                    if on.server.get("batches")
+                    else None
+                ),
+            }
+        )
+    return out
+
+
+def median(values: list[float | None]) -> float | None:
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return None
+    mid = len(known) // 2
+    return known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.1%}"
+
+
 def times(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
 
@@ -337,16 +419,19 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     notes = []
+    rounds = s.get("rounds", 1) > 1
     for r in (Run(**run) for run in report["runs"]):
         errors = sum(r.socket_errors.values())
+        name = f"{r.target} (round {r.round})" if rounds else r.target
         lines.append(
-            f"| {r.target} | {r.connections} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p90_ms:.2f} "
+            f"| {name} | {r.connections} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p90_ms:.2f} "
             f"| {r.p99_ms:.2f} | {r.non_2xx} | {errors} | {r.rss_mib:.0f} "
             f"| {r.server_cpu_pct:.0f} | {r.wrk_cpu_pct:.0f} |"
         )
         if r.non_2xx or errors:
             parts = [f"{n} x {c}" for c, n in sorted(r.statuses.items()) if c[0] != "2"]
-            parts += [f"server {k} {n}" for k, n in sorted(r.server.items()) if k[0] != "s"]
+            shed = ("request_timeouts", "queue_rejections")
+            parts += [f"server {k} {n}" for k, n in sorted(r.server.items()) if k in shed]
             parts += [f"{n} socket {k} errors" for k, n in r.socket_errors.items() if n]
             notes.append(f"- {r.target} at {r.connections}: " + ", ".join(parts))
     if notes:
@@ -360,6 +445,37 @@ def markdown(report: dict[str, Any]) -> str:
         for x in report["ratios"]:
             lines.append(
                 f"| {x['connections']} | {x['baseline']} | {times(x['rps'])} | {times(x['p99'])} |"
+            )
+    if report.get("drift"):
+        lines += [
+            "",
+            "## Drift monitoring on vs off",
+            "",
+            "inferd with its defaults (drift monitoring on) against `INFERD_DRIFT_ENABLED=false`;",
+            "monitor µs/req: the monitor's binning and export time (its own clock) per request.",
+            "",
+            "| round | conns | req/s on | req/s off | change | p99 ms on | p99 ms off "
+            "| CPU µs/req on | CPU µs/req off | monitor µs/req | mean batch |",
+            "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for d in report["drift"]:
+            on_us, off_us = d["cpu_us_on"], d["cpu_us_off"]
+            lines.append(
+                f"| {d['round']} | {d['connections']} | {d['rps_on']:,.0f} | {d['rps_off']:,.0f} "
+                f"| {percent(d['rps_change'])} | {d['p99_on_ms']:.2f} | {d['p99_off_ms']:.2f} "
+                f"| {on_us or 0:.1f} | {off_us or 0:.1f} | {d['monitor_us'] or 0:.2f} "
+                f"| {d['mean_batch'] or 0:.1f} |"
+            )
+        lines.append("")
+        for conns in sorted({d["connections"] for d in report["drift"]}):
+            at = [d for d in report["drift"] if d["connections"] == conns]
+            change = median([d["rps_change"] for d in at])
+            on, off = median([d["cpu_us_on"] for d in at]), median([d["cpu_us_off"] for d in at])
+            own = median([d["monitor_us"] for d in at])
+            lines.append(
+                f"- {conns} connection(s), median of {len(at)} round(s): req/s {percent(change)} "
+                f"with drift on; server CPU {on or 0:.1f} µs/request on, {off or 0:.1f} off; "
+                f"the monitor's own time {own or 0:.2f} µs/request."
             )
     if report["checks"]:
         lines += ["", "## Goals", ""]
@@ -392,17 +508,23 @@ def parse_args(argv: list[str] | None) -> Options:
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     p = argparse.ArgumentParser(description="Load-test inferd and two baselines with wrk.")
-    p.add_argument("--targets", type=names, default=list(TARGETS), help="default: all three")
+    p.add_argument(
+        "--targets",
+        type=names,
+        default=list(DEFAULT_TARGETS),
+        help=f"of {','.join(TARGETS)}; default: {','.join(DEFAULT_TARGETS)}",
+    )
     p.add_argument("--connections", type=counts, default=[1, 50, 256], help="default: 1,50,256")
     p.add_argument("--duration", type=int, default=10, help="seconds per measured run")
     p.add_argument("--warmup", type=int, default=2, help="seconds of load before each, discarded")
+    p.add_argument("--rounds", type=int, default=1, help="run the targets this many times in turn")
     p.add_argument("--models-dir", type=Path, help="where the demo models are (default: temp)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / stamp)
     p.add_argument("--no-pin", action="store_true", help="leave server and wrk unpinned")
     p.add_argument("--no-tally", action="store_true", help="skip wrk's per-status count")
     a = p.parse_args(argv)
-    if a.duration < 1 or a.warmup < 0:
-        p.error("--duration must be at least 1 and --warmup at least 0")
+    if a.duration < 1 or a.warmup < 0 or a.rounds < 1:
+        p.error("--duration and --rounds must be at least 1 and --warmup at least 0")
     allowed = sorted(os.sched_getaffinity(0))
     pin = not a.no_pin and shutil.which("taskset") is not None and len(allowed) >= 2
     cpus = (allowed[0], allowed[1]) if pin else None
@@ -437,9 +559,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="inferd-bench-") as scratch:
         models_dir = (opts.models_dir or Path(scratch)).resolve()
         ensure_models(models_dir)
-        for target in opts.targets:
-            print(f"benchmarking {target}", file=sys.stderr, flush=True)
-            runs += bench_target(target, models_dir, opts)
+        for round in range(1, opts.rounds + 1):
+            for target in opts.targets:
+                print(f"benchmarking {target} (round {round})", file=sys.stderr, flush=True)
+                runs += bench_target(target, models_dir, opts, round)
     by_key = {(r.target, r.connections): r for r in runs}
     report = {
         "date": started,
@@ -448,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [asdict(r) for r in runs],
         "ratios": ratios(by_key, opts.connections),
         "checks": checks(by_key),
+        "drift": drift_costs(runs),
     }
     (opts.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)

@@ -25,6 +25,7 @@ from inferd.errors import InferdError
 from inferd.http.admin_api import build_admin_router
 from inferd.http.api import build_api
 from inferd.http.context import RequestContextMiddleware
+from inferd.http.drift_api import build_drift_router
 from inferd.http.hotpath import HotPath
 from inferd.http.requests_api import build_requests_router
 from inferd.http.v2 import build_v2_router
@@ -38,6 +39,7 @@ from inferd.models.registry import ModelRegistry
 from inferd.models.runtimes import RuntimeOptions
 from inferd.models.runtimes import configure as configure_runtimes
 from inferd.models.storage import RemoteRepository, create_syncer
+from inferd.monitoring import Monitor
 from inferd.serving import DataPlane
 from inferd.settings import Settings
 from inferd.tenancy.auth import KEYS_CHANNEL, Authenticator
@@ -67,6 +69,10 @@ class InferdApp:
         if self.syncer is not None:
             self.registry.syncer = self.syncer
         self.on_fatal = on_fatal
+        # Drift and prediction monitoring: every answered batch is handed to the monitor.
+        self.monitor = Monitor(settings, self.metrics) if settings.drift_enabled else None
+        if self.monitor is not None:
+            self.registry.observe = self.monitor.observe
         self._loader: asyncio.Task[None] | None = None
         self.backends = Backends.from_settings(settings, self.metrics)
         self.store, self.bus = self.backends.store, self.backends.bus
@@ -108,7 +114,9 @@ class InferdApp:
         )
         self.stats = Stats(self.metrics)
         self.api.include_router(build_console_router(self.stats))  # /console, /v1/stats
+        self.api.include_router(build_drift_router(self.registry, self.monitor))
         self._stats_task: asyncio.Task[None] | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
         self._worker_task: asyncio.Task[None] | None = None
         self.access_log = AccessLog(enabled=settings.access_log, level=settings.log_level)
         self.keys = KeyStore(self.store.engine)
@@ -154,6 +162,9 @@ class InferdApp:
         self._ledger_task = loop.create_task(self.ledger.run(), name="usage-ledger")
         self._stats_task = loop.create_task(self.stats.run(), name="stats-sampler")
         self._stats_task.add_done_callback(_watch("stats sampler"))
+        if self.monitor is not None:
+            self._monitor_task = loop.create_task(self.monitor.run(), name="drift-monitor")
+            self._monitor_task.add_done_callback(_watch("drift monitor"))
         try:
             yield
         finally:
@@ -162,9 +173,10 @@ class InferdApp:
     async def _shutdown(self) -> None:
         """Stop in stages: background tasks, then workers (finish or hand back), then the
         batchers (drain), and only then the connections they all use."""
-        if self._stats_task is not None:  # it only reads metrics: nothing to finish
-            self._stats_task.cancel()
-            await asyncio.gather(self._stats_task, return_exceptions=True)
+        for task in (self._stats_task, self._monitor_task):  # they keep nothing to finish
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         # The watchers query the store and the bus: they must be gone before those close,
         # or a query cut off mid-way can leave a task that never finishes.
         watchers = [

@@ -19,6 +19,7 @@ from rich.table import Table
 from inferd import __version__
 from inferd.cli_admin import register as register_admin_commands
 from inferd.cli_client import register as register_client_commands
+from inferd.cli_monitoring import register as register_monitoring_commands
 from inferd.errors import ConfigError, InferdError
 
 __all__ = ["app", "main"]
@@ -514,6 +515,7 @@ def _train_vision_demo(target: Path, force: bool, step: Any) -> list[Any]:
 
 register_client_commands(app)  # inferd predict, inferd requests ...
 register_admin_commands(models_app)  # inferd models index, load, unload, rollback
+register_monitoring_commands(models_app)  # inferd models profile
 
 
 def main() -> None:

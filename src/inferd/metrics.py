@@ -175,6 +175,53 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
             registry=r,
         )
+        # Data drift and prediction monitoring (inferd.monitoring). The gauges are set every
+        # drift_interval_seconds, from the drift window against the version's reference.json;
+        # label values come from model.toml (features, [output] labels), never from requests.
+        self.feature_drift = Gauge(
+            "inference_feature_drift",
+            "PSI of one input feature over the drift window against the version's reference.",
+            (*mv, "feature"),
+            registry=r,
+        )
+        self.input_drift = Gauge(
+            "inference_input_drift",
+            "Total input drift of the version: the largest inference_feature_drift.",
+            mv,
+            registry=r,
+        )
+        self.prediction_drift = Gauge(
+            "inference_prediction_drift",
+            "PSI of the predicted classes (or predicted values) over the drift window against "
+            "the reference's.",
+            mv,
+            registry=r,
+        )
+        self.prediction_confidence = Gauge(
+            "inference_prediction_confidence",
+            "Mean confidence (top-class probability) of the predictions in the drift window.",
+            mv,
+            registry=r,
+        )
+        self.reference_confidence = Gauge(
+            "inference_reference_confidence",
+            "Mean confidence of the model on its reference data (reference.json).",
+            mv,
+            registry=r,
+        )
+        self.drift_window_rows = Gauge(
+            "inference_drift_window_rows",
+            "Input rows in the drift window (sampled under load); PSI is exported from "
+            "drift_min_rows on.",
+            mv,
+            registry=r,
+        )
+        self.predicted_class = Counter(
+            "inference_predicted_class_total",
+            "Predictions by predicted class; class is one of the labels in model.toml.",
+            (*mv, "class"),
+            registry=r,
+        )
         self.client_disconnects = Counter(
             "inference_client_disconnects_total",
             "Prediction requests whose client went away before the answer; dropped unrun.",

@@ -177,6 +177,32 @@ class Settings(BaseSettings):
     """Log one JSON line per HTTP request with the request id, status, latency, queue depth and
     batch size."""
 
+    # --- drift and prediction monitoring ------------------------------------------------------
+    drift_enabled: bool = True
+    """Watch what every served version is fed and answers: class counts and confidence, and
+    data drift (PSI per feature and of the predictions) against the version's
+    ``reference.json``. ``false``: nothing is recorded and the request path does no drift
+    work at all (docs/monitoring.md)."""
+
+    drift_window_seconds: float = Field(default=3600.0, gt=0)
+    """Length of the sliding window that drift is computed over."""
+
+    drift_buckets: int = Field(default=60, ge=1, le=3600)
+    """Time buckets the window is made of; a bucket leaves the window whole, so the window
+    slides by ``drift_window_seconds / drift_buckets``."""
+
+    drift_interval_seconds: float = Field(default=1.0, gt=0)
+    """How often the rows observed are binned and the drift gauges updated."""
+
+    drift_min_rows: int = Field(default=200, ge=1)
+    """Rows the window must hold before drift gauges are exported (PSI on a few rows is
+    noise); the drift endpoint shows the figures before, marked ``insufficient_data``."""
+
+    drift_max_values_per_update: int = Field(default=200_000, ge=1000)
+    """Most feature values (rows x features) binned per version per update; when more rows
+    arrived, a uniform random sample of them is binned. Bounds what drift costs under load.
+    Class counts and confidences always count every prediction."""
+
     # --- storage ------------------------------------------------------------------------------
     data_dir: Path = Path(".inferd")
     """Folder for the embedded state of this process (the SQLite database by default)."""

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sklearn.datasets import load_iris
 
 from tests.deploy.conftest import DEPLOY, Prometheus, free_port, load_yaml
 from tests.deploy.test_container import healthcheck_command
@@ -32,6 +33,7 @@ INFERD = str(Path(sys.executable).with_name("inferd"))
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 PODS = ("inferd-api-a", "inferd-api-b")
 FEATURES = [5.1, 3.5, 1.4, 0.2]
+IRIS = load_iris().data.tolist()  # the traffic: real flowers, so that drift stays low
 QUEUED_JOBS = 3
 # Panels that must show data on a server that served predictions; the others stay empty
 # here for good reasons (no shedding, no timeouts, no in-process workers).
@@ -44,6 +46,11 @@ PANELS_WITH_DATA = {
     "HTTP responses by status",
     "Models ready",
     "Prediction confidence",
+    "Input drift (PSI) by feature",
+    "Prediction drift and total input drift (PSI)",
+    "Predicted classes",
+    "Predictions per class per second",
+    "Mean confidence vs reference",
     "Requests by status",
     "API replicas up",
     "CPU per replica",
@@ -91,7 +98,7 @@ async def drive(url: str, predictions: int, concurrency: int = 8) -> dict[int, i
         async def one(i: int) -> None:
             path = "/predict" if i % 3 else "/v1/models/iris-forest/predict"
             async with gate:
-                response = await client.post(path, json={"features": FEATURES})
+                response = await client.post(path, json={"features": IRIS[i % len(IRIS)]})
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
 
         await asyncio.gather(*(one(i) for i in range(predictions)))
@@ -130,6 +137,9 @@ def stack(prometheus_binary: str, tmp_path_factory: pytest.TempPathFactory) -> I
         INFERD_WORKERS="0",
         INFERD_LOG_LEVEL="warning",
         INFERD_ACCESS_LOG="false",
+        # iris gets 200 of the 300 predictions below, iris-forest 100: drift is exported
+        # for iris only (PSI on 100 rows against a 120-row reference is mostly noise).
+        INFERD_DRIFT_MIN_ROWS="150",
     )
     before = {name: tree(folder) for name, folder in folders.items()}
     log = work / "server.log"

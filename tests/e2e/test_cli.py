@@ -18,6 +18,8 @@ def test_train_demo_then_list(tmp_path: Path) -> None:
     assert "iris v1" in trained.stdout
     assert (tmp_path / "models" / "iris" / "1" / "model.joblib").is_file()
     assert (tmp_path / "models" / "iris-forest" / "model.toml").is_file()
+    reference = json.loads((tmp_path / "models" / "iris" / "1" / "reference.json").read_text())
+    assert reference["rows"] == 120 and reference["predictions"]["kind"] == "classes"
     again = run_cli("models", "train-demo", "--models-dir", "models", cwd=tmp_path)
     assert again.returncode == 0
     assert "already" in again.stdout
@@ -123,3 +125,49 @@ def test_keys_from_the_command_line(start_server: Any, models_dir: Path, tmp_pat
     assert revoked.returncode == 0, revoked.stderr
     assert httpx.post(server.url + "/predict", json=body, headers=auth).status_code == 401
     assert key not in server.output()
+
+
+def test_profile_writes_the_reference_a_server_loads(
+    start_server: Any, models_dir: Path, tmp_path: Path
+) -> None:
+    from sklearn.datasets import load_iris
+
+    iris = load_iris()
+    names = ["sepal_length_cm", "sepal_width_cm", "petal_length_cm", "petal_width_cm"]
+    lines = [",".join(["species", *reversed(names)])]  # any order; extra columns are not read
+    for row, target in zip(iris.data, iris.target, strict=True):
+        lines.append(",".join([str(iris.target_names[target]), *map(str, reversed(row))]))
+    data = tmp_path / "iris.csv"
+    data.write_text("\n".join(lines) + "\n")
+    args = ("models", "profile", str(data), "--model", "iris", "--models-dir", str(models_dir))
+
+    kept = run_cli(*args, cwd=tmp_path)
+    assert kept.returncode == 2
+    assert "reference.json exists; use --force to replace it" in kept.stderr
+    written = run_cli(*args, "--force", cwd=tmp_path)
+    assert written.returncode == 0, written.stderr
+    assert "columns not used: species" in written.stderr
+    assert "setosa 33.3%" in written.stdout and "wrote" in written.stdout
+    reference = json.loads((models_dir / "iris" / "1" / "reference.json").read_text())
+    assert reference["rows"] == 150 and reference["source"] == "iris.csv"
+    assert list(reference["features"]) == names
+    assert reference["predictions"]["counts"][0] == 50  # every setosa recognised
+
+    short = tmp_path / "short.csv"
+    short.write_text("sepal_length_cm,petal_length_cm\n5.1,1.4\n")
+    refused = run_cli("models", "profile", str(short), "--model", "iris", "--models-dir",
+                      str(models_dir), "-o", str(tmp_path / "x.json"), cwd=tmp_path)  # fmt: skip
+    assert refused.returncode == 2
+    assert "the header has no column sepal_width_cm, petal_width_cm" in refused.stderr
+    plain = run_cli("models", "profile", str(short), "--categorical", "petal_length_cm",
+                    "-o", "plain.json", cwd=tmp_path)  # fmt: skip
+    assert plain.returncode == 0, plain.stderr
+    alone = json.loads((tmp_path / "plain.json").read_text())
+    assert alone["features"]["petal_length_cm"]["kind"] == "categorical"
+    assert "predictions" not in alone
+
+    server = start_server(["--models-dir", str(models_dir)])
+    server.wait_ready()
+    drift = httpx.get(server.url + "/v1/models/iris", timeout=5).json()["drift"]
+    assert drift["reference"] is True
+    assert drift["detail"] == "reference.json: 150 rows, 4 features, predictions"

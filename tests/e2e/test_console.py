@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sklearn.datasets import load_iris
 
 from tests.e2e.conftest import ROOT, Server, run_cli
 from tests.support.images import write_brightness_model
@@ -252,6 +253,25 @@ def test_console_models_predict_stream_live_and_history(
     expect(page.locator("#live-window")).not_to_have_text(updated)
     tab.shot("7-live")
 
+    # Drift view: the iris flowers sent as rows, then PSI per feature of the version serving.
+    flowers = load_iris().data.tolist() * 2
+    r = httpx.post(server.url + "/v1/models/iris/predict", json={"instances": flowers}, timeout=10)
+    assert r.status_code == 200
+    tab.tab("drift")
+    page.select_option("#drift-model", "iris")
+    card = page.locator('.drift-version[data-version="1"]')
+    expect(card.locator('[data-field="rows"] .value')).to_have_text("322")
+    expected = httpx.get(server.url + "/v1/models/iris/drift", timeout=5).json()
+    (served,) = [v for v in expected["versions"] if v["version"] == "1"]
+    assert served["status"] == "ok", served
+    for feature in served["features"]:
+        cell = card.locator(f'tr[data-feature="{feature["name"]}"] [data-field="psi"]')
+        expect(cell).to_have_text(f"{feature['psi']:.3f}")
+        assert feature["psi"] < 0.1
+    expect(card.locator('[data-field="status"]')).to_have_text("ok")
+    expect(card.locator('[data-part="classes"] tr[data-label="setosa"]')).to_contain_text("%")
+    tab.shot("8-drift")
+
     # History: more requests than a page; page forward and back, open one's responses.
     submitted = [_submit(server, "iris", {"features": IRIS_SETOSA}) for _ in range(21)]
     tab.tab("history")
@@ -275,7 +295,7 @@ def test_console_models_predict_stream_live_and_history(
     responses = page.locator("#hist-responses li pre")
     expect(responses).to_have_text(["hello-0", "hello-1", "hello-2", "hello-3"])
     expect(page.locator("#hist-detail .badge")).to_have_text("succeeded")
-    tab.shot("8-history")
+    tab.shot("9-history")
     page.click("#hist-newer")
     expect(page.locator("#hist-page")).to_have_text("Page 2")
     expect(rows.first).to_have_attribute("data-id", submitted[::-1][10])

@@ -44,7 +44,8 @@ def test_serve_loads_models_from_a_bucket(
         if line.get("event") == "model repository synced"
     ]
     assert synced[0]["source"] == f"{url} at {s3.endpoint}"
-    assert synced[0]["downloaded"] == 6  # 2 x (model.toml, model.joblib, SHA256SUMS)
+    # 2 x (model.toml, model.joblib, reference.json, SHA256SUMS)
+    assert synced[0]["downloaded"] == 8
 
     # A second version uploaded while the server runs is fetched when it is loaded.
     forest = (demo_models / "iris-forest" / "1" / "model.joblib").read_bytes()

@@ -249,5 +249,6 @@ def test_a_cache_of_another_bucket_starts_over(s3: S3, demo_models: Path, tmp_pa
     report = remote(s3, second, "", cache).sync()
 
     assert report.models == ["iris"]
-    assert len(report.downloaded) == 2  # nothing from the first bucket is trusted
+    # model.toml, model.joblib, reference.json: nothing from the first bucket is trusted
+    assert len(report.downloaded) == 3
     assert not (cache / "iris-forest").exists()

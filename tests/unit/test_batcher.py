@@ -216,6 +216,39 @@ async def test_a_failing_batch_fails_each_caller_and_the_batcher_goes_on(
     assert batcher.stats.failed_batches == 1
 
 
+async def test_each_answered_batch_goes_to_the_output_hook_once(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    """The hook (drift monitoring) sees each batch whole, after its callers have their
+    results; one that raises changes nothing for them. A failed batch is not handed over."""
+    model = Recorder()
+    model.gate = threading.Event()
+    seen: list[tuple[list[float], list[float]]] = []
+
+    def hook(data: Any, output: Any) -> None:
+        seen.append((data[:, 0].tolist(), output[:, 0].tolist()))
+        raise RuntimeError("a broken hook")
+
+    batcher = make(model, max_batch_size=8, on_output=hook)
+    blocker = asyncio.ensure_future(batcher.infer(row(-1), 1, far()))
+    await wait_entered(model)
+    rest = [asyncio.ensure_future(batcher.infer(row(i), 1, far())) for i in (1, 2, 3)]
+    await asyncio.sleep(0.01)
+    model.gate.set()
+    results = await asyncio.gather(blocker, *rest)
+    assert [r[0, 0] for r in results] == [-2.0, 2.0, 4.0, 6.0]
+    assert seen == [([-1.0], [-2.0]), ([1.0, 2.0, 3.0], [2.0, 4.0, 6.0])]
+    model.gate = None
+
+    def failing(batch: np.ndarray) -> np.ndarray:
+        raise ValueError("no")
+
+    broken = make(failing, on_output=hook)
+    with pytest.raises(ModelError):
+        await broken.infer(row(5), 1, far())
+    assert len(seen) == 2
+
+
 async def test_shedding_past_the_mark_and_full_queue(
     make: Callable[..., Batcher[Any, Any]],
 ) -> None:

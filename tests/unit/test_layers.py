@@ -20,14 +20,16 @@ LAYERS: list[tuple[str, ...]] = [
     ("inferd.errors", "inferd.concurrency", "inferd.logs", "inferd.metrics", "inferd.s3url"),
     ("inferd.db",),  # every table, the engine, the migrations
     ("inferd.settings",),
-    ("inferd.batching", "inferd.models"),  # the batcher; the registry and the runtimes
+    # the batcher; the registry and the runtimes; drift references and windows of their inputs
+    ("inferd.batching", "inferd.models", "inferd.monitoring"),
     ("inferd.codec", "inferd.tenancy"),  # prediction bodies; keys and limits
     ("inferd.serving",),  # the one prediction procedure (the data plane)
     ("inferd.jobs",),  # long-running requests: store, queue, bus, workers
     ("inferd.http", "inferd.console"),  # protocols: parse, call the core, render
     ("inferd.backends",),  # picks the embedded or the scale-out backend of each seam
     ("inferd.app", "inferd.worker_process"),  # composition roots of the two processes
-    ("inferd.cli", "inferd.cli_admin", "inferd.cli_client", "inferd.__main__"),
+    ("inferd.cli", "inferd.cli_admin", "inferd.cli_client", "inferd.cli_monitoring"),
+    ("inferd.__main__",),
 ]
 # The client talks HTTP to a server and imports none of it (only the package's version).
 STANDALONE = ("inferd.client",)

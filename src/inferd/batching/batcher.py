@@ -99,6 +99,7 @@ class Batcher(Generic[In, Out]):
         on_batch: Callable[[int, float], None] | None = None,
         on_reject: Callable[[str], None] | None = None,
         on_drop: Callable[[str], None] | None = None,
+        on_output: Callable[[Any, Any], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or concurrency < 1:
             raise ValueError("max_batch_size, max_queue_size and concurrency must be >= 1")
@@ -116,6 +117,9 @@ class Batcher(Generic[In, Out]):
         self._on_batch = on_batch
         self._on_reject = on_reject
         self._on_drop = on_drop
+        self.on_output = on_output
+        """Called on the loop with each batch's collated payload and the model's output, once
+        its callers have their results (drift monitoring); what it raises is logged."""
         self._queue: deque[_Item[In]] = deque()
         self._running = 0
         self._wake = asyncio.Event()
@@ -383,6 +387,11 @@ class Batcher(Generic[In, Out]):
             for item, part in zip(batch, parts, strict=True):
                 if not item.future.done():
                     item.future.set_result((part, rows))
+            if self.on_output is not None:
+                try:
+                    self.on_output(data, output)
+                except Exception as exc:
+                    log.error("batch hook of model %s failed: %r", self.name, exc)
         finally:
             elapsed = time.perf_counter() - started
             self._running -= 1

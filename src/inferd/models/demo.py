@@ -76,7 +76,8 @@ def train_demo(
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[DemoResult]:
-    """Train and write every demo model that is missing (all of them with ``force``)."""
+    """Train and write every demo model that is missing (all of them with ``force``), each
+    with the reference profile of its training data (``reference.json``, for drift)."""
     import joblib
     from sklearn.datasets import load_iris
     from sklearn.model_selection import train_test_split
@@ -90,8 +91,10 @@ def train_demo(
         folder = models_dir / name
         artifact = folder / "1" / "model.joblib"
         if artifact.is_file() and (folder / "model.toml").is_file() and not force:
+            written = _write_reference(joblib.load(artifact), x_train, artifact.parent, False)
             if progress:
-                progress(f"{name}: already present")
+                added = ", reference profile added" if written else ""
+                progress(f"{name}: already present{added}")
             continue
         if progress:
             progress(f"{name}: training")
@@ -102,6 +105,7 @@ def train_demo(
         tmp = artifact.with_suffix(".tmp")
         joblib.dump(estimator, tmp)
         tmp.replace(artifact)
+        _write_reference(estimator, x_train, artifact.parent, True)
         (folder / "model.toml").write_text(
             _TOML.format(
                 title=f"inferd demo model {name}",
@@ -115,6 +119,27 @@ def train_demo(
         if progress:
             progress(f"{name}: written (test accuracy {accuracy:.3f})")
     return results
+
+
+def _write_reference(estimator: Any, x_train: Any, folder: Path, replace: bool) -> bool:
+    """Write ``folder/reference.json``: the training rows' profile and the model's predictions
+    on them (unless there is one already and not ``replace``). Returns whether it wrote."""
+    from inferd.monitoring import REFERENCE_FILE, build_reference
+
+    target = folder / REFERENCE_FILE
+    if target.is_file() and not replace:
+        return False
+    reference = build_reference(
+        x_train,
+        _FEATURES,
+        outputs=estimator.predict_proba(x_train),
+        labels=_LABELS,
+        source=f"iris training split ({len(x_train)} rows)",
+    )
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(reference.dump(), encoding="utf-8")
+    tmp.replace(target)
+    return True
 
 
 # --------------------------------------------------------------------------- the image demo

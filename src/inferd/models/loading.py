@@ -6,11 +6,14 @@ The registry decides which versions serve and when; this module makes one of the
 from __future__ import annotations
 
 import enum
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from inferd.batching import Batcher
 from inferd.concurrency import run_blocking
+from inferd.logs import get_logger
 from inferd.metrics import Metrics
 from inferd.models.base import FloatArray, Model, WarmsUp
 from inferd.models.repository import Fingerprint, ModelEntry
@@ -21,9 +24,12 @@ from inferd.models.runtimes import (
     validate_output,
 )
 from inferd.models.spec import ModelSpec
+from inferd.monitoring.reference import REFERENCE_FILE, LoadedReference, load_reference
 from inferd.settings import Settings
 
 __all__ = ["LoadedModel", "ModelState", "prepare", "warm_up"]
+
+log = get_logger("inferd.models")
 
 
 class ModelState(enum.StrEnum):
@@ -55,6 +61,8 @@ class LoadedModel:
     metrics_children: dict[str, Any] = field(default_factory=dict)
     fingerprint: Fingerprint = ()
     """The version folder as it was when loading began: unchanged means no reload needed."""
+    reference: LoadedReference | None = None
+    """The version's ``reference.json`` for drift detection, or why drift is off for it."""
 
     @property
     def name(self) -> str:
@@ -84,6 +92,7 @@ class LoadedModel:
             "error": self.error,
             "device": self.device,
             **self._io(),
+            "drift": self.reference.describe() if self.reference is not None else None,
         }
 
     @property
@@ -148,8 +157,10 @@ def prepare(
     settings: Settings,
     metrics: Metrics,
     fingerprint: Fingerprint = (),
+    observe: Callable[[LoadedModel, Any, Any], None] | None = None,
 ) -> LoadedModel:
-    """The runtime object and batcher of one version, not loaded yet."""
+    """The runtime object and batcher of one version, not loaded yet. ``observe(loaded, rows,
+    outputs)`` is called after each batch the model answered (drift monitoring)."""
     s, spec = settings, entry.spec
     b = spec.batching
     concurrency = b.concurrency or (
@@ -200,6 +211,8 @@ def prepare(
         metrics_children=children,
         fingerprint=fingerprint,
     )
+    if observe is not None and batcher is not None:
+        batcher.on_output = functools.partial(observe, loaded)
     return loaded
 
 
@@ -224,6 +237,21 @@ def _load_and_check(loaded: LoadedModel) -> None:
         loaded.labels = [str(c) for c in loaded.classes]
     batch = sample_batch(loaded.spec, _rows(loaded))
     validate_output(loaded.spec, loaded.version, loaded.classes, batch, model.predict(batch))
+    loaded.reference = _reference(loaded)
+
+
+def _reference(loaded: LoadedModel) -> LoadedReference:
+    """Blocking: the version's reference.json; a malformed one turns drift off, loudly."""
+    folder = loaded.entry.folder / str(loaded.version)
+    found = load_reference(folder / REFERENCE_FILE, loaded.spec, loaded.labels)
+    if not found.enabled and found.path.is_file():
+        log.warning(
+            "drift detection is off for this version",
+            model=loaded.name,
+            version=loaded.version,
+            detail=found.detail,
+        )
+    return found
 
 
 def _load_streaming(loaded: LoadedModel) -> None:

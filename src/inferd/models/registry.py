@@ -68,6 +68,9 @@ class ModelRegistry:
         self.syncer: Callable[[], object] | None = None
         """Brings the local repository up to date (remote storage); called, in a thread,
         before the repository is read again at run time."""
+        self.observe: Callable[[LoadedModel, Any, Any], None] | None = None
+        """Called with each answered batch of a version loaded from now on (drift
+        monitoring: :meth:`inferd.monitoring.Monitor.observe`)."""
         self._served: dict[str, _Served] = {}
         self._expected: list[str] = []
         self._loading: dict[str, dict[int, LoadedModel]] = {}
@@ -484,7 +487,7 @@ class ModelRegistry:
     ) -> LoadedModel:
         """Load, validate and warm up one version; it serves once published."""
         spec, vstr, m = entry.spec, str(version), self.metrics
-        loaded = prepare(entry, version, self.settings, m, fingerprint)
+        loaded = prepare(entry, version, self.settings, m, fingerprint, self.observe)
         batcher = loaded.batcher
         served = self._served.get(spec.name)
         if served is None or version not in served.versions:

@@ -6,6 +6,7 @@
 // EventSource, because EventSource cannot send an Authorization header.
 
 import { LineChart } from "./chart.js";
+import { createDriftView } from "./drift.js";
 
 const BASE = new URL("../", location.href); // the server root, also behind a path prefix
 const KEY_STORE = "inferd.console.key";
@@ -214,7 +215,7 @@ async function identify() {
 }
 
 // ------------------------------------------------------------------------------ navigation
-const VIEWS = ["models", "live", "playground", "history"];
+const VIEWS = ["models", "live", "drift", "playground", "history"];
 
 function route() {
   const wanted = location.hash.slice(1);
@@ -232,6 +233,7 @@ function refreshView() {
   if (state.key === null && keyWaiters.length) return; // waiting for a key
   if (state.view === "models") loadModels();
   if (state.view === "live") startLive();
+  if (state.view === "drift") enterDrift();
   if (state.view === "playground") enterPlayground();
   if (state.view === "history" && !hist.loaded) loadHistory();
 }
@@ -420,6 +422,11 @@ function fillModelSelects() {
     select.value = names.includes(keep) ? keep : "";
   };
   sync($("#live-model"), [el("option", { value: "" }, "All models")]);
+  const driftSelect = $("#drift-model");
+  sync(driftSelect, []);
+  if (!names.includes(driftSelect.value) && names.length) {
+    driftSelect.value = names.includes(state.defaultModel) ? state.defaultModel : names[0];
+  }
   const pg = $("#pg-model");
   sync(pg, []);
   if (!names.includes(pg.value) && names.length) {
@@ -514,6 +521,14 @@ function renderLive(stats) {
   $("#live-jobs").textContent = jobs.length
     ? `Long-running requests: ${jobs.map(([s, n]) => `${n} ${s}`).join(" · ")}`
     : "";
+}
+
+// ------------------------------------------------------------------------------ drift view
+const drift = createDriftView({ $, el, fill, api, notice });
+
+async function enterDrift() {
+  if (!state.models.length) await loadModels();
+  drift.enter();
 }
 
 // ------------------------------------------------------------------------------ playground
@@ -966,6 +981,8 @@ function bind() {
   $("#forget-key").addEventListener("click", forgetKey);
   $("#models-refresh").addEventListener("click", loadModels);
   $("#live-model").addEventListener("change", () => pollLive());
+  $("#drift-model").addEventListener("change", () => drift.poll());
+  $("#drift-refresh").addEventListener("click", () => drift.poll());
   $("#pg-model").addEventListener("change", configurePlayground);
   $("#pg-tabular").addEventListener("submit", predict);
   $("#pg-example").addEventListener("click", () => {
