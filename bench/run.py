@@ -6,6 +6,9 @@
 
 ``--targets inferd,inferd-nodrift`` sets inferd against itself with drift monitoring off
 (``INFERD_DRIFT_ENABLED=false``); ``--rounds N`` runs the targets N times in turn.
+``--baseline-src DIR`` adds the target ``inferd-baseline``: inferd served from another checkout
+(``git worktree add DIR <commit>``), with this venv's packages, to compare two commits in one
+run.
 
 Each server runs alone on one CPU and wrk (one thread, closed loop) on another; everything is on
 127.0.0.1. bench/README.md explains the targets and how to read the report.
@@ -39,7 +42,7 @@ HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: python, inferd
 BODY = '{"features": [5.1, 3.5, 1.4, 0.2]}'
-TARGETS = ("inferd", "raw-asgi", "naive-fastapi", "inferd-nodrift")
+TARGETS = ("inferd", "raw-asgi", "naive-fastapi", "inferd-nodrift", "inferd-baseline")
 DEFAULT_TARGETS = ("inferd", "raw-asgi", "naive-fastapi")
 BASELINES = ("raw-asgi", "naive-fastapi")
 READY_TIMEOUT_S, STOP_TIMEOUT_S, WRK_SLACK_S = 90.0, 15.0, 30
@@ -96,6 +99,7 @@ class Options:
     rounds: int
     cpus: tuple[int, int] | None  # (server, wrk), None when not pinned
     tally: bool
+    baseline_src: Path | None = None  # the checkout inferd-baseline is served from
 
 
 # --------------------------------------------------------------------------- processes
@@ -126,7 +130,9 @@ def http(port: int, path: str, body: str | None = None) -> tuple[int, bytes]:
         return 0, b""
 
 
-def server_command(target: str, port: int, models_dir: Path) -> tuple[list[str], dict[str, str]]:
+def server_command(
+    target: str, port: int, models_dir: Path, baseline_src: Path | None = None
+) -> tuple[list[str], dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERD_")}
     listen = ["--host", HOST, "--port", str(port)]
     if target.startswith("inferd"):  # the defaults: JSON access log on, metrics on
@@ -134,6 +140,19 @@ def server_command(target: str, port: int, models_dir: Path) -> tuple[list[str],
         if target == "inferd-nodrift":  # the same, with drift monitoring off
             env["INFERD_DRIFT_ENABLED"] = "false"
         cmd = [str(BIN / "inferd"), "serve", *listen, "--models-dir", str(models_dir)]
+        if target == "inferd-baseline":  # the other checkout's package before this one's
+            if baseline_src is None:
+                raise ValueError("the inferd-baseline target needs --baseline-src")
+            env["PYTHONPATH"] = str(baseline_src.resolve() / "src")
+            cmd = [
+                sys.executable,
+                "-m",
+                "inferd",
+                "serve",
+                *listen,
+                "--models-dir",
+                str(models_dir),
+            ]
         return [*cmd, "--log-format", "json", "--log-level", "info"], env
     env["BENCH_MODEL_PATH"] = str(models_dir / "iris" / "1" / "model.joblib")
     app = "bench.baselines." + target.replace("-", "_") + ":app"
@@ -153,7 +172,7 @@ def answers(target: str, port: int) -> bool:
 def server(target: str, models_dir: Path, opts: Options) -> Iterator[tuple[int, int]]:
     """Start a target, wait until it answers, yield (pid, port); stop it on the way out."""
     port = free_port()
-    cmd, env = server_command(target, port, models_dir)
+    cmd, env = server_command(target, port, models_dir, opts.baseline_src)
     cmd = pinned(opts.cpus[0] if opts.cpus else None, cmd)
     log_path = opts.out / f"{target}.log"
     with log_path.open("wb") as log:
@@ -522,7 +541,12 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / stamp)
     p.add_argument("--no-pin", action="store_true", help="leave server and wrk unpinned")
     p.add_argument("--no-tally", action="store_true", help="skip wrk's per-status count")
+    p.add_argument(
+        "--baseline-src", type=Path, help="a checkout to serve as the inferd-baseline target"
+    )
     a = p.parse_args(argv)
+    if "inferd-baseline" in a.targets and a.baseline_src is None:
+        p.error("the inferd-baseline target needs --baseline-src DIR (a checkout of inferd)")
     if a.duration < 1 or a.warmup < 0 or a.rounds < 1:
         p.error("--duration and --rounds must be at least 1 and --warmup at least 0")
     allowed = sorted(os.sched_getaffinity(0))

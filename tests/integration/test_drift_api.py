@@ -157,7 +157,7 @@ async def test_drift_off(serve: Callable[..., Any]) -> None:
         await send(s.client, iris_rows()[:20])
         body = (await s.client.get("/v1/models/iris/drift")).json()
         text = (await s.client.get("/metrics")).text
-        assert s.app.registry.get("iris").batcher.on_output is None  # nothing on the hot path
+        assert s.app.monitor is None  # no drift work on the request path
     assert body["enabled"] is False and "INFERD_DRIFT_ENABLED=false" in body["detail"]
     assert body["versions"][0]["reference"]["reference"] is True
     assert samples(text, "inference_predicted_class_total") == {}

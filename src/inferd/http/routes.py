@@ -101,10 +101,19 @@ LEAN_ROUTES: tuple[LeanRoute, ...] = (
 )
 
 
+_EXACT: dict[tuple[str, str], LeanRoute] = {
+    (r.method, r.path): r for r in LEAN_ROUTES if not r.params
+}
+
+
 def match_lean(
     method: str, path: str, routes: tuple[LeanRoute, ...] = LEAN_ROUTES
 ) -> tuple[LeanRoute, dict[str, Any]] | None:
     """The route of ``method path`` and its parameters, or None."""
+    if routes is LEAN_ROUTES:
+        exact = _EXACT.get((method, path))
+        if exact is not None:
+            return exact, {}
     for route in routes:
         if route.method == method:
             params = route.match(path)

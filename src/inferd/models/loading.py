@@ -6,10 +6,11 @@ The registry decides which versions serve and when; this module makes one of the
 from __future__ import annotations
 
 import enum
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
+
+import numpy as np
 
 from inferd.batching import Batcher
 from inferd.concurrency import run_blocking
@@ -211,9 +212,35 @@ def prepare(
         metrics_children=children,
         fingerprint=fingerprint,
     )
-    if observe is not None and batcher is not None:
-        batcher.on_output = functools.partial(observe, loaded)
+    if batcher is not None:
+        batcher.on_output = _output_hook(loaded, observe)
     return loaded
+
+
+def _output_hook(
+    loaded: LoadedModel, observe: Callable[[LoadedModel, Any, Any], None] | None
+) -> Callable[[Any, Any], None]:
+    """What runs on each answered batch: ``prediction_value_distribution`` (one vectorized
+    pass per batch, not per request) and the drift monitor's ``observe``, if any."""
+    record = loaded.metrics_children["prediction"].observe
+
+    def on_output(data: Any, output: Any) -> None:
+        for value in prediction_scores(output):
+            record(value)
+        if observe is not None:
+            observe(loaded, data, output)
+
+    return on_output
+
+
+def prediction_scores(output: Any) -> list[float]:
+    """What ``prediction_value_distribution`` observes per row: the top class probability of
+    a classifier's probabilities, the value of a regressor."""
+    array = np.asarray(output)
+    if array.ndim == 2 and array.shape[1] > 1:
+        array = array.max(axis=1)
+    scores: list[float] = array.reshape(-1).tolist()
+    return scores
 
 
 async def warm_up(loaded: LoadedModel) -> None:

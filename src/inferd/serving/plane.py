@@ -16,7 +16,7 @@ body is read and decoded, how the answer is encoded). Everything else is done he
    batcher asks the connection; elsewhere a task waits for the disconnect when the request
    will wait); 504 at the deadline;
 7. refund the reservation of a request that was not served, record the served ones;
-8. the per-version metrics and the access-log fields (model, version, queue depth, batch size).
+8. the per-version latency and the access-log fields (model, version, queue depth, batch size).
 """
 
 from __future__ import annotations
@@ -27,10 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-import numpy as np
-
 from inferd.errors import DeadlineExceeded
-from inferd.models.registry import LoadedModel, ModelRegistry
+from inferd.models.registry import LoadedModel, ModelRegistry, ModelState
 from inferd.serving.context import ClientGone, RequestContext
 from inferd.tenancy.enforce import Enforcer
 
@@ -151,15 +149,14 @@ class DataPlane:
         if quota is not None and enforcer is not None:
             enforcer.record(key, loaded.name, quota.day, decoded.rows)
 
-        children = loaded.metrics_children
-        observe = children["prediction"].observe
-        for value in _scores(output):
-            observe(value)
-        children["latency"].observe(time.perf_counter() - ctx.started)
+        # prediction_value_distribution is observed per batch, by the batcher's output hook.
+        loaded.metrics_children["latency"].observe(time.perf_counter() - ctx.started)
         return inbound.encode(loaded, decoded, output)
 
     def _current(self, loaded: LoadedModel, inbound: Inbound[Any]) -> LoadedModel:
         """``loaded`` while it serves, else the version that serves the request now."""
+        if loaded.state is ModelState.READY:
+            return loaded
         current = self.registry.refresh(loaded, inbound.version)
         if current is not loaded:
             inbound.accept(current)
@@ -207,13 +204,3 @@ class DataPlane:
                 future.cancel()
         ctx.batch_size = batch_rows
         return output
-
-
-def _scores(output: Any) -> list[float]:
-    """What ``prediction_value_distribution`` observes per row: the top class probability of
-    a classifier's probabilities, the value of a regressor."""
-    array = np.asarray(output)
-    if array.ndim == 2 and array.shape[1] > 1:
-        array = array.max(axis=1)
-    scores: list[float] = array.reshape(-1).tolist()
-    return scores
