@@ -20,11 +20,11 @@ def check_length(value: bytes | str | None, limit: int) -> None:
     """Refuse a declared ``Content-Length`` over ``limit`` (or one that is not a number)."""
     if value is None:
         return
-    text = value.decode("latin-1") if isinstance(value, bytes) else value
-    if not (text.isascii() and text.isdigit()):
+    if not (value.isascii() and value.isdigit()):
         raise BadRequest("Content-Length is not a number")
-    if int(text) > limit:
-        raise PayloadTooLarge(f"request body of {text} bytes is over the limit of {limit} bytes")
+    length = int(value)
+    if length > limit:
+        raise PayloadTooLarge(f"request body of {length} bytes is over the limit of {limit} bytes")
 
 
 async def read_body(receive: Any, limit: int) -> bytes:

@@ -164,16 +164,24 @@ class PredictInbound:
 
     def encode(self, loaded: LoadedModel, decoded: Decoded[ParsedRequest], output: Any) -> bytes:
         parsed, ctx = decoded.meta, self.ctx
-        results = render_rows(output, loaded.spec.task, loaded.classes, loaded.labels)
-        if self.default:
-            row = results[0]
+        if self.default:  # one row, and only its prediction and confidence are sent
+            classes = loaded.classes
+            prediction: int | str | float
+            confidence: float | None
+            if loaded.spec.task == "classification" and classes is not None:
+                k = int(output[0].argmax())
+                prediction, confidence = classes[k], float(output[0, k])
+            else:
+                prediction, confidence = float(output.reshape(-1)[0]), None
             payload: dict[str, Any] = {
-                "prediction": row["prediction"],
-                "confidence": row["confidence"],
+                "prediction": prediction,
+                "confidence": confidence,
                 "model_version": loaded.version_str,
                 "request_id": ctx.request_id,
             }
-        elif parsed.batch:
+            return orjson.dumps(payload)
+        results = render_rows(output, loaded.spec.task, loaded.classes, loaded.labels)
+        if parsed.batch:
             payload = {
                 "model": loaded.name,
                 "model_version": loaded.version_str,

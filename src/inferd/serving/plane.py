@@ -34,6 +34,8 @@ from inferd.tenancy.enforce import Enforcer
 
 __all__ = ["DataPlane", "Decoded", "Inbound"]
 
+_READY = ModelState.READY
+
 M = TypeVar("M")
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
@@ -117,7 +119,12 @@ class DataPlane:
         """Serve one prediction; raises :class:`~inferd.errors.InferdError` (a 4xx or 5xx to
         answer) or :class:`ClientGone` (nobody to answer)."""
         ctx = inbound.ctx
-        loaded = self.lookup(inbound)
+        name = inbound.model  # (lookup(), inlined: this is every request's path)
+        if name is None:
+            loaded = self.registry.get_default()
+        else:
+            loaded = self.registry.get(name, inbound.version)
+        inbound.accept(loaded)
         ctx.model, ctx.version = loaded.name, loaded.version_str
         batcher = loaded.batcher
         assert batcher is not None, "the route accepted a model without a batcher"
@@ -126,7 +133,8 @@ class DataPlane:
         await inbound.read(loaded)
         # Swapped for a new version while the body was read? The old one drains and takes
         # nothing more: decode for (and send to) what serves now.
-        loaded = self._current(loaded, inbound)
+        if loaded.state is not _READY:
+            loaded = self._current(loaded, inbound)
         deadline = ctx.started_loop + inbound.timeout
         decoded = await inbound.decode(loaded, deadline, None)
         if decoded.timeout is not None:
@@ -136,10 +144,9 @@ class DataPlane:
         if key is not None and enforcer is not None:
             quota = ctx.quota = await enforcer.charge(key, decoded.rows, ctx.rate)
         try:
-            current = self._current(loaded, inbound)
-            if current is not loaded:  # swapped while it was decoded or charged
-                decoded = await inbound.decode(current, deadline, decoded)
-                loaded = current
+            if loaded.state is not _READY:  # swapped while it was decoded or charged
+                loaded = self._current(loaded, inbound)
+                decoded = await inbound.decode(loaded, deadline, decoded)
             output = await self._run(loaded, decoded, deadline, inbound, ctx)
         except BaseException:
             if quota is not None and enforcer is not None:
@@ -154,9 +161,7 @@ class DataPlane:
         return inbound.encode(loaded, decoded, output)
 
     def _current(self, loaded: LoadedModel, inbound: Inbound[Any]) -> LoadedModel:
-        """``loaded`` while it serves, else the version that serves the request now."""
-        if loaded.state is ModelState.READY:
-            return loaded
+        """The version that serves the request now, ``loaded`` having been swapped out."""
         current = self.registry.refresh(loaded, inbound.version)
         if current is not loaded:
             inbound.accept(current)
