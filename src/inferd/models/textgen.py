@@ -12,6 +12,7 @@ module imports them only when a model loads, so the rest of inferd works without
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,12 +27,16 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "DECODE_CONTEXT",
     "PARAMETERS",
     "FinishReason",
     "GenerationSettings",
     "IncrementalDecoder",
     "TextGenerationModel",
     "TextStream",
+    "output_cache",
+    "pick_token",
+    "split_at_stop",
 ]
 
 PARAMETERS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
@@ -44,10 +49,10 @@ context length, a stop string, or ``should_stop()``."""
 _MAX_STOP_STRINGS = 16
 _MAX_STOP_CHARS = 256
 _MAX_SEED = 2**64 - 1  # torch seeds are unsigned 64-bit
-# Prompt tokens decoded together with the generated ones, so that a generated token's leading
-# space (SentencePiece) or a word boundary comes out as it would in the full text, while each
-# step still decodes only a short sequence's worth of context.
-_DECODE_CONTEXT = 8
+DECODE_CONTEXT = 8
+"""Prompt tokens decoded together with the generated ones, so that a generated token's leading
+space (SentencePiece) or a word boundary comes out as it would in the full text, while each
+step still decodes only a short sequence's worth of context."""
 _REPLACEMENT = "\ufffd"  # what a decoder gives for the first bytes of an unfinished character
 _ERROR_CHARS = 300
 _WARM_UP_PROMPT = "Hello"
@@ -154,6 +159,7 @@ class TextStream(Iterator[str]):
         self._tokenizer = model.tokenizer
         self._device = model.device
         self._eos_ids = model.eos_ids
+        self._cache_argument = model.cache_argument
         self._pieces = self._run(prompt_ids, should_stop, budget)
 
     def __next__(self) -> str:
@@ -176,7 +182,7 @@ class TextStream(Iterator[str]):
                 generator.manual_seed(settings.seed)
             else:
                 generator.seed()
-        decoder = IncrementalDecoder(self._tokenizer, prompt_ids[-_DECODE_CONTEXT:])
+        decoder = IncrementalDecoder(self._tokenizer, prompt_ids[-DECODE_CONTEXT:])
         stops = settings.stop
         pending = ""  # decoded text held back because it may be the start of a stop string
         next_input = torch.tensor([prompt_ids], dtype=torch.long, device=device)
@@ -191,22 +197,22 @@ class TextStream(Iterator[str]):
             # Inference mode per step, not around the loop: a generator's ``with`` block would
             # stay open in the consumer's code between pieces.
             with torch.inference_mode():
-                out = net(input_ids=next_input, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                token = _pick(out.logits[0, -1, :], settings, generator)
+                out = net(input_ids=next_input, use_cache=True, **{self._cache_argument: past})
+                past = output_cache(out)
+                token = pick_token(out.logits[0, -1, :], settings, generator)
             if token in self._eos_ids:
                 self.finish_reason = "eos"
                 break
             self.tokens += 1
             next_input = torch.tensor([[token]], dtype=torch.long, device=device)
             pending += decoder.push(token)
-            out_text, pending, hit = _split_at_stop(pending, stops)
+            out_text, pending, hit = split_at_stop(pending, stops)
             if out_text:
                 yield out_text
             if hit:
                 self.finish_reason = "stop"
                 return
-        rest, _, hit = _split_at_stop(pending + decoder.flush(), stops, final=True)
+        rest, _, hit = split_at_stop(pending + decoder.flush(), stops, final=True)
         if hit:
             self.finish_reason = "stop"
         if rest:
@@ -235,6 +241,9 @@ class TextGenerationModel:
         self.eos_ids: frozenset[int] = frozenset()
         self.context_length: int | None = None
         """The most tokens (prompt and output) the model reads, when its config says."""
+        self.cache_argument = "past_key_values"
+        """The name under which the model's ``forward`` takes its key/value cache: ``cache``
+        in recent transformers releases, ``past_key_values`` before."""
 
     @property
     def _where(self) -> str:
@@ -301,6 +310,8 @@ class TextGenerationModel:
         self.tokenizer, self.model, self.device = tokenizer, model, torch.device(device)
         self.eos_ids = frozenset(eos)
         self.context_length = length if isinstance(length, int) and length > 0 else None
+        forward = inspect.signature(model.forward).parameters
+        self.cache_argument = "cache" if "cache" in forward else "past_key_values"
 
     def warm_up(self) -> None:
         """One short generation, so the first request does not pay for lazy initialisation;
@@ -308,7 +319,7 @@ class TextGenerationModel:
         import torch
 
         self._require_loaded()
-        ids = self._prompt_ids(_WARM_UP_PROMPT)
+        ids = self.prompt_ids(_WARM_UP_PROMPT)
         with torch.inference_mode():
             logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits
         if not bool(torch.isfinite(logits).all()):
@@ -342,7 +353,7 @@ class TextGenerationModel:
         """Raise ValidationFailed for a bad prompt or parameters; called before queueing."""
         settings = self.request_settings(input, parameters)
         if self.tokenizer is not None:
-            self._budget(self._prompt_ids(settings.prompt), settings)
+            self.budget(self.prompt_ids(settings.prompt), settings)
 
     def request_settings(self, input: Any, parameters: dict[str, Any] | None) -> GenerationSettings:
         """Check ``input`` and ``parameters`` and merge them with the spec's ``[generation]``."""
@@ -425,10 +436,11 @@ class TextGenerationModel:
     def _open(
         self, settings: GenerationSettings, should_stop: Callable[[], bool] | None
     ) -> TextStream:
-        ids = self._prompt_ids(settings.prompt)
-        return TextStream(self, ids, settings, should_stop, self._budget(ids, settings))
+        ids = self.prompt_ids(settings.prompt)
+        return TextStream(self, ids, settings, should_stop, self.budget(ids, settings))
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The token ids of ``prompt`` (the start token for an empty one)."""
         ids: list[int] = list(self.tokenizer.encode(prompt))
         if ids:
             return ids
@@ -439,7 +451,7 @@ class TextGenerationModel:
                 return [start]
         raise ValidationFailed(f"model {self.spec.name!r} needs a non-empty prompt")
 
-    def _budget(self, prompt_ids: list[int], settings: GenerationSettings) -> int:
+    def budget(self, prompt_ids: list[int], settings: GenerationSettings) -> int:
         """Tokens this request may generate: ``max_new_tokens`` within the context length."""
         length = self.context_length
         if length is None:
@@ -464,7 +476,14 @@ def _device(wanted: str, where: str) -> str:
     return wanted
 
 
-def _pick(
+def output_cache(out: Any) -> Any:
+    """The key/value cache a forward pass returned (``cache``, or ``past_key_values`` in
+    transformers releases before the rename)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def pick_token(
     logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None
 ) -> int:
     """The next token: the most likely one, or a sample after temperature, top-k and top-p."""
@@ -487,7 +506,7 @@ def _pick(
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
-def _split_at_stop(text: str, stops: tuple[str, ...], final: bool = False) -> tuple[str, str, bool]:
+def split_at_stop(text: str, stops: tuple[str, ...], final: bool = False) -> tuple[str, str, bool]:
     """``(ready, held, hit)``: ``ready`` can be yielded; ``held`` may still become a stop
     string (always "" when ``final``); ``hit`` says a stop string was found, and then ``ready``
     is the text before it."""
