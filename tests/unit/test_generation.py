@@ -105,6 +105,14 @@ def run(model: TextGenerationModel) -> Run:
     return started
 
 
+async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    while not condition():
+        assert loop.time() < end, "condition not met in time"
+        await asyncio.sleep(0.001)
+
+
 async def collect(stream: GenerationStream) -> tuple[str, list[Step]]:
     steps = [step async for step in stream]
     return "".join(s.text for s in steps), steps
@@ -341,8 +349,7 @@ async def test_stop_past_its_grace_fails_what_is_left_retryably(
         await anext(running)
         queued = scheduler.submit(req(model, "the quick"))
         stopping = asyncio.create_task(scheduler.stop(0))
-        while not scheduler._abort:
-            await asyncio.sleep(0.001)
+        await until(lambda: scheduler._abort)
         gate.open()
         await stopping
         with pytest.raises(ModelNotReady) as first:
