@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from inferd.batching import Batcher
 from inferd.concurrency import run_blocking
-from inferd.generation import GenerationRequest, GenerationScheduler
 from inferd.metrics import Metrics
 from inferd.models.base import FloatArray, Model
 from inferd.models.repository import Fingerprint, ModelEntry
@@ -23,6 +22,9 @@ from inferd.models.runtimes import (
 )
 from inferd.models.spec import ModelSpec
 from inferd.settings import Settings
+
+if TYPE_CHECKING:  # inferd.generation imports the text runtime, whose package imports this
+    from inferd.generation import GenerationScheduler
 
 __all__ = ["LoadedModel", "ModelState", "prepare", "warm_up"]
 
@@ -204,6 +206,8 @@ def prepare(
     batcher: Batcher[FloatArray, FloatArray] | None = None
     scheduler: GenerationScheduler | None = None
     if spec.generates_text and spec.runtime == "transformers":
+        from inferd.generation import GenerationScheduler
+
         gen = spec.generation
         scheduler = GenerationScheduler(
             f"{spec.name!r} version {version}",
@@ -277,6 +281,7 @@ def _load_streaming(loaded: LoadedModel) -> None:
 async def _start_scheduler(loaded: LoadedModel, scheduler: GenerationScheduler) -> None:
     """Start the version's scheduler and run one short generation through its thread (the
     first forward pass in a new thread pays for per-thread set-up)."""
+    from inferd.generation import GenerationRequest
     from inferd.generation.engine import TorchEngine
 
     model: Any = loaded.model
