@@ -9,9 +9,10 @@ step feeds each row's last token with
 * position ids ``n_i`` per row (not the padded width), so each row sees the positions it would
   see alone.
 
-A new sequence's prompt is run on its own (no padding: its first token comes from exactly the
-computation it would get alone), then its cache joins the batch, padded on the left to the
-batch's width (or the batch to its). When sequences leave, their rows are dropped and columns
+The prompts of the sequences that join at one step are run together in one forward pass, padded
+on the left the same way, with positions counted from each prompt's first token (a prompt that
+joins alone is run as it is); then their cache joins the batch's, both padded on the left to
+the wider of the two. When sequences leave, their rows are dropped and columns
 that are padding for every remaining row are cut, so the cache is only as wide as the longest
 sequence in it. The cache is rebuilt only when the batch changes; between changes it grows by
 one column per step, as transformers' ``DynamicCache`` does.
@@ -43,8 +44,16 @@ class _Row:
     """Positions of this sequence in the cache (prompt and tokens fed back)."""
     pending: int
     """The last token picked, to be fed at the next step."""
-    cache: Any = None
-    """Its own cache while it waits to join the batch."""
+
+
+@dataclass(slots=True, eq=False)
+class _Block:
+    """Rows that share one cache, right-aligned in ``width`` positions: the batch, or the
+    sequences prefilled together at one step until they join it."""
+
+    rows: list[_Row]
+    cache: Any
+    width: int
 
 
 class TorchEngine:
@@ -66,11 +75,10 @@ class TorchEngine:
         self.device: torch.device = model.device
         self.eos_ids = model.eos_ids
         self._cache_argument = model.cache_argument
+        self._last_logits = model.last_logits
         self.max_sequences: int | None = None if self._batchable() else 1
-        self._rows: list[_Row] = []
-        self._staged: list[_Row] = []
-        self._cache: Any = None
-        self._width = 0
+        self._batch = _Block([], None, 0)
+        self._staged: list[_Block] = []
         self.forwards = 0
         """Forward passes run (prompts and decode steps); tests read it."""
 
@@ -89,38 +97,51 @@ class TorchEngine:
     @property
     def size(self) -> int:
         """Sequences in the batch (not counting those prefilled but not committed)."""
-        return len(self._rows)
+        return len(self._batch.rows)
 
     @property
     def width(self) -> int:
         """Positions in the batch's cache: those of its longest sequence."""
-        return self._width
+        return self._batch.width
 
-    def prefill(self, seq: GenerationStream) -> int:
+    def prefill(self, seqs: list[GenerationStream]) -> list[int]:
+        """One forward pass over the prompts of ``seqs``, left-padded to the longest, with
+        a mask over the padding and positions counted from each prompt's first token; a
+        prompt alone is run as it is. They join the batch at the next :meth:`commit`."""
         import torch
 
-        settings = seq.request.settings
-        generator: torch.Generator | None = None
-        if not settings.greedy:
-            # As a sequence run alone does: the same seed gives the same draws, batched or not.
-            generator = torch.Generator(device=self.device)
-            if settings.seed is not None:
-                generator.manual_seed(settings.seed)
-            else:
-                generator.seed()
-        ids = torch.tensor([seq.request.prompt_ids], dtype=torch.long, device=self.device)
+        lengths = [len(seq.request.prompt_ids) for seq in seqs]
+        width = max(lengths)
+        rows = [seq.request.prompt_ids for seq in seqs]
+        ids = torch.tensor(
+            [[0] * (width - len(r)) + r for r in rows], dtype=torch.long, device=self.device
+        )
+        padding: dict[str, Any] = {}
+        if len(seqs) > 1:
+            mask = torch.tensor(
+                [[0] * (width - n) + [1] * n for n in lengths], dtype=torch.long, device=ids.device
+            )
+            padding = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
         with torch.inference_mode():
-            out = self.net(input_ids=ids, use_cache=True)
-            token = pick_token(out.logits[0, -1, :], settings, generator)
+            out = self.net(input_ids=ids, use_cache=True, **padding, **self._last_logits)
+            logits = out.logits[:, -1, :]
+            tokens: list[int] = logits.argmax(dim=-1).tolist()
+            generators = [_generator(seq, self.device) for seq in seqs]
+            for i, (seq, generator) in enumerate(zip(seqs, generators, strict=True)):
+                if generator is not None:
+                    tokens[i] = pick_token(logits[i], seq.request.settings, generator)
         self.forwards += 1
-        row = _Row(seq, generator, ids.shape[1], token, output_cache(out))
-        self._staged.append(row)
-        return token
+        block = [
+            _Row(seq, generator, n, token)
+            for seq, generator, n, token in zip(seqs, generators, lengths, tokens, strict=True)
+        ]
+        self._staged.append(_Block(block, output_cache(out), width))
+        return tokens
 
     def decode(self) -> list[tuple[GenerationStream, int]]:
         import torch
 
-        rows, width = self._rows, self._width
+        rows, width = self._batch.rows, self._batch.width
         if not rows:
             return []
         lengths = torch.tensor([r.length for r in rows], dtype=torch.long, device=self.device)
@@ -133,7 +154,7 @@ class TorchEngine:
                 attention_mask=mask,
                 position_ids=lengths[:, None],
                 use_cache=True,
-                **{self._cache_argument: self._cache},
+                **{self._cache_argument: self._batch.cache},
             )
             logits = out.logits[:, -1, :]
             best = logits.argmax(dim=-1).tolist()
@@ -141,8 +162,8 @@ class TorchEngine:
                 if row.generator is not None:
                     best[i] = pick_token(logits[i], row.seq.request.settings, row.generator)
         self.forwards += 1
-        self._cache = output_cache(out)
-        self._width = width + 1
+        self._batch.cache = output_cache(out)
+        self._batch.width = width + 1
         for row, token in zip(rows, best, strict=True):
             row.length += 1
             row.pending = token
@@ -151,44 +172,37 @@ class TorchEngine:
     def commit(self, leaving: set[GenerationStream]) -> None:
         import torch
 
-        keep = [r for r in self._rows if r.seq not in leaving]
-        joining = [r for r in self._staged if r.seq not in leaving]
+        blocks = [b for b in (self._batch, *self._staged) if b.rows]
         self._staged = []
-        if len(keep) == len(self._rows) and not joining:
-            return
-        if not keep and not joining:
+        kept = [[i for i, r in enumerate(b.rows) if r.seq not in leaving] for b in blocks]
+        parts = [(b, k) for b, k in zip(blocks, kept, strict=True) if k]
+        if not parts:
             self.reset()
             return
-        if not keep and len(joining) == 1:  # a batch of one: its own cache as it is
-            row = joining[0]
-            self._rows, self._cache, self._width, row.cache = [row], row.cache, row.length, None
+        if len(parts) == 1 and len(parts[0][1]) == len(parts[0][0].rows):
+            self._batch = parts[0][0]  # one block, whole: its cache as it is
             return
-        width = max(r.length for r in (*keep, *joining))
-        blocks: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-        if keep:
-            kept = torch.tensor(
-                [i for i, r in enumerate(self._rows) if r.seq not in leaving], device=self.device
-            )
-            blocks.append(
-                [
-                    (_fit(k.index_select(0, kept), width), _fit(v.index_select(0, kept), width))
-                    for k, v in _layers(self._cache)
-                ]
-            )
-        for row in joining:
-            blocks.append([(_fit(k, width), _fit(v, width)) for k, v in _layers(row.cache)])
-            row.cache = None
-        cat = torch.cat
-        layers = [
-            (cat([b[i][0] for b in blocks]), cat([b[i][1] for b in blocks]))
-            for i in range(len(blocks[0]))
+        rows = [b.rows[i] for b, k in parts for i in k]
+        width = max(r.length for r in rows)
+        pieces: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        for block, keep in parts:
+            index = None
+            if len(keep) < len(block.rows):
+                index = torch.tensor(keep, device=self.device)
+            layers = []
+            for k, v in _layers(block.cache):
+                if index is not None:
+                    k, v = k.index_select(0, index), v.index_select(0, index)
+                layers.append((_fit(k, width), _fit(v, width)))
+            pieces.append(layers)
+        merged = [
+            (torch.cat([p[i][0] for p in pieces]), torch.cat([p[i][1] for p in pieces]))
+            for i in range(len(pieces[0]))
         ]
-        self._rows = [*keep, *joining]
-        self._cache = self._make_cache(layers)
-        self._width = width
+        self._batch = _Block(rows, self._make_cache(merged), width)
 
     def reset(self) -> None:
-        self._rows, self._staged, self._cache, self._width = [], [], None, 0
+        self._batch, self._staged = _Block([], None, 0), []
 
     def _make_cache(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
         cls = self._dynamic_cache
@@ -196,6 +210,22 @@ class TorchEngine:
         if legacy is not None:
             return legacy(tuple(layers))
         return cls(layers)
+
+
+def _generator(seq: GenerationStream, device: torch.device) -> torch.Generator | None:
+    """The sequence's own random generator (None when it is greedy): seeded as a sequence run
+    alone is, so the same seed gives the same draws, batched or not."""
+    import torch
+
+    settings = seq.request.settings
+    if settings.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    if settings.seed is not None:
+        generator.manual_seed(settings.seed)
+    else:
+        generator.seed()
+    return generator
 
 
 def batchable(config: Any) -> bool:

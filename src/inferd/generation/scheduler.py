@@ -79,9 +79,10 @@ class Engine(Protocol):
     max_sequences: int | None
     """The most sequences this model can batch (1 where it cannot); None: no limit of its own."""
 
-    def prefill(self, seq: GenerationStream) -> int:
-        """Run the prompt of ``seq`` and return its first token. The sequence joins the batch
-        at the next :meth:`commit`; it raises, leaving nothing behind, when the model fails."""
+    def prefill(self, seqs: list[GenerationStream]) -> list[int]:
+        """Run the prompts of ``seqs`` and return the first token of each. They join the
+        batch at the next :meth:`commit`; it raises, leaving nothing behind, when the model
+        fails."""
 
     def decode(self) -> list[tuple[GenerationStream, int]]:
         """One forward pass for the whole batch: the next token of each sequence in it."""
@@ -439,25 +440,28 @@ class GenerationScheduler:
             for seq, token in engine.decode():
                 if seq.advance(token, out):
                     leaving.add(seq)
+        starting = []
         for seq in joiners:
             if seq.stopped():
                 seq.end_cancelled(out)
-                continue
-            seq.begin(engine.tokenizer, engine.eos_ids)
+            else:
+                seq.begin(engine.tokenizer, engine.eos_ids)
+                starting.append(seq)
+        if starting:
             try:
-                token = engine.prefill(seq)
-            except Exception as exc:
-                log.exception("prompt failed on model %s", self.name)
-                seq.fail(
-                    ModelError(
-                        f"model {self.name} failed on the prompt: {type(exc).__name__}: {exc}"
-                    ),
-                    out,
+                tokens = engine.prefill(starting)
+            except Exception as exc:  # their prompts fail; the batch goes on
+                log.exception("prompts failed on model %s", self.name)
+                error = ModelError(
+                    f"model {self.name} failed on the prompt: {type(exc).__name__}: {exc}"
                 )
-                continue
-            self._active.append(seq)
-            if seq.advance(token, out):
-                leaving.add(seq)
+                for seq in starting:
+                    seq.fail(error, out)
+                tokens, starting = [], []
+            for seq, token in zip(starting, tokens, strict=True):
+                self._active.append(seq)
+                if seq.advance(token, out):
+                    leaving.add(seq)
         engine.commit(leaving)
         if leaving:
             self._active = [seq for seq in self._active if seq not in leaving]

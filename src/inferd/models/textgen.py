@@ -160,6 +160,7 @@ class TextStream(Iterator[str]):
         self._device = model.device
         self._eos_ids = model.eos_ids
         self._cache_argument = model.cache_argument
+        self._last_logits = model.last_logits
         self._pieces = self._run(prompt_ids, should_stop, budget)
 
     def __next__(self) -> str:
@@ -197,7 +198,12 @@ class TextStream(Iterator[str]):
             # Inference mode per step, not around the loop: a generator's ``with`` block would
             # stay open in the consumer's code between pieces.
             with torch.inference_mode():
-                out = net(input_ids=next_input, use_cache=True, **{self._cache_argument: past})
+                out = net(
+                    input_ids=next_input,
+                    use_cache=True,
+                    **{self._cache_argument: past},
+                    **self._last_logits,
+                )
                 past = output_cache(out)
                 token = pick_token(out.logits[0, -1, :], settings, generator)
             if token in self._eos_ids:
@@ -244,6 +250,9 @@ class TextGenerationModel:
         self.cache_argument = "past_key_values"
         """The name under which the model's ``forward`` takes its key/value cache: ``cache``
         in recent transformers releases, ``past_key_values`` before."""
+        self.last_logits: dict[str, int] = {}
+        """Passed to ``forward`` so it computes logits for the last position only, where the
+        model can (``logits_to_keep``): a long prompt does not pay for the others."""
 
     @property
     def _where(self) -> str:
@@ -312,6 +321,7 @@ class TextGenerationModel:
         self.context_length = length if isinstance(length, int) and length > 0 else None
         forward = inspect.signature(model.forward).parameters
         self.cache_argument = "cache" if "cache" in forward else "past_key_values"
+        self.last_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
 
     def warm_up(self) -> None:
         """One short generation, so the first request does not pay for lazy initialisation;
