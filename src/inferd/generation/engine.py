@@ -144,16 +144,20 @@ class TorchEngine:
         rows, width = self._batch.rows, self._batch.width
         if not rows:
             return []
-        lengths = torch.tensor([r.length for r in rows], dtype=torch.long, device=self.device)
-        columns = torch.arange(width + 1, device=self.device)
-        mask = (columns[None, :] >= (width - lengths)[:, None]).long()
         tokens = torch.tensor([[r.pending] for r in rows], dtype=torch.long, device=self.device)
+        padding: dict[str, Any] = {}
+        if any(r.length != width for r in rows):
+            lengths = torch.tensor([r.length for r in rows], dtype=torch.long, device=self.device)
+            columns = torch.arange(width + 1, device=self.device)
+            mask = (columns[None, :] >= (width - lengths)[:, None]).long()
+            padding = {"attention_mask": mask, "position_ids": lengths[:, None]}
+        # Without padding (a batch of one, or rows of one length) the model's own causal mask
+        # and positions are the same, and cheaper.
         with torch.inference_mode():
             out = self.net(
                 input_ids=tokens,
-                attention_mask=mask,
-                position_ids=lengths[:, None],
                 use_cache=True,
+                **padding,
                 **{self._cache_argument: self._batch.cache},
             )
             logits = out.logits[:, -1, :]
