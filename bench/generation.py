@@ -16,7 +16,8 @@ A seed gives the same tokens whichever way a sequence runs, so every mode genera
 the same tokens; tokens/s is tokens generated over wall time. ``--rounds`` rounds run every
 mode at every concurrency in turn; the medians are reported, and the ratio of the medians.
 
-    .venv/bin/python bench/generation.py                # ~3 minutes on 2 CPUs
+    .venv/bin/python bench/generation.py                    # ~1.5 minutes on 2 CPUs
+    .venv/bin/python bench/generation.py --torch-threads 1  # one torch thread
     .venv/bin/python bench/generation.py --rounds 1 --requests 4
 """
 
@@ -133,9 +134,16 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="generations per stream")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--torch-threads", type=int, default=0, help="torch.set_num_threads; 0: torch's default"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON report (default: none)")
     args = parser.parse_args()
     levels = [int(n) for n in args.streams.split(",")]
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         model = load(Path(tmp))
