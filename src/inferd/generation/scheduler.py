@@ -276,10 +276,6 @@ class GenerationScheduler:
         """Sequences in the batch now."""
         return len(self._active)
 
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._closing
-
     # ------------------------------------------------------------------ life cycle
     def start(self, engine: Engine) -> None:
         """Start the scheduler's thread on ``engine``; call it on the event loop."""
