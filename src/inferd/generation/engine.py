@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from inferd.generation.scheduler import GenerationStream
-from inferd.models.textgen import TextGenerationModel, output_cache, pick_token
+from inferd.models.sampling import output_cache, pick_token
+from inferd.models.textgen import TextGenerationModel
 
 if TYPE_CHECKING:
     import torch

@@ -34,12 +34,12 @@ from typing import Any, Protocol
 
 from inferd.concurrency import run_blocking
 from inferd.errors import InferdError, ModelError, ModelNotReady, Overloaded
+from inferd.models.sampling import split_at_stop
 from inferd.models.textgen import (
     DECODE_CONTEXT,
     FinishReason,
     GenerationSettings,
     IncrementalDecoder,
-    split_at_stop,
 )
 
 __all__ = ["Engine", "GenerationRequest", "GenerationScheduler", "GenerationStream", "Step"]
@@ -335,6 +335,8 @@ class GenerationScheduler:
         asked before each step whether the caller went away. Call it on the event loop."""
         if self._thread is None:
             raise ModelNotReady(f"model {self.name} is not started yet", retry_after=1)
+        if not self._thread.is_alive() and not self._closing:
+            raise ModelError(f"the generation thread of model {self.name} has stopped")
         stream = GenerationStream(self, request, gone)
         with self._cond:
             self.check_admission()
@@ -400,7 +402,13 @@ class GenerationScheduler:
                 self._emit(out)
                 self.steps += 1
                 if self._on_step is not None:
-                    self._on_step(sequences, time.perf_counter() - started)
+                    try:
+                        self._on_step(sequences, time.perf_counter() - started)
+                    except Exception:  # metrics must not stop generation
+                        log.exception("on_step callback failed on model %s", self.name)
+        except BaseException:
+            log.critical("the generation thread of model %s died", self.name, exc_info=True)
+            raise
         finally:
             engine.reset()
             self._fail_leftovers()
