@@ -36,6 +36,17 @@ def demo_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny GPT-2 of tests/support/textgen.py and its tokenizer, built once per session
+    (a save_pretrained folder); copy it before changing it."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tests.support.textgen import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-gpt2") / "model")
+
+
 @pytest.fixture
 def models_dir(tmp_path: Path, demo_models: Path) -> Path:
     """A private copy of the demo repository that a test may add to or break."""

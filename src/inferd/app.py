@@ -27,6 +27,7 @@ from inferd.http.api import build_api
 from inferd.http.context import RequestContextMiddleware
 from inferd.http.drift_api import build_drift_router
 from inferd.http.hotpath import HotPath
+from inferd.http.openai_api import OpenAIErrorShape, build_openai_router
 from inferd.http.requests_api import build_requests_router
 from inferd.http.v2 import build_v2_router
 from inferd.http.vision_api import VisionService, build_vision_router
@@ -105,6 +106,8 @@ class InferdApp:
         self.api.include_router(build_vision_router(self.vision))
         # The Open Inference Protocol (V2): the same registry, batchers and budgets.
         self.api.include_router(build_v2_router(self.plane, settings))
+        # The OpenAI-compatible API of text models (/openai/v1), on continuous batching.
+        self.api.include_router(build_openai_router(self.registry, settings, self.enforcer))
         self.api.add_api_route(
             "/v1/usage",
             self._usage,
@@ -123,13 +126,15 @@ class InferdApp:
         self.auth = (
             Authenticator(self.keys, settings.key_cache_seconds) if settings.auth_required else None
         )
-        self._asgi = RequestContextMiddleware(
-            self.api,
-            self.metrics,
-            self.access_log,
-            fast=self.hot,
-            auth=self.auth,
-            enforcer=self.enforcer,
+        self._asgi = OpenAIErrorShape(  # /openai/ errors in OpenAI's shape, even a 401
+            RequestContextMiddleware(
+                self.api,
+                self.metrics,
+                self.access_log,
+                fast=self.hot,
+                auth=self.auth,
+                enforcer=self.enforcer,
+            )
         )
         self._flusher: asyncio.Task[None] | None = None
         self._counter: asyncio.Task[None] | None = None

@@ -23,6 +23,13 @@ LATENCY_BUCKETS = (
     0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0,
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+# Text generation: the first token waits for the queue and the prompt; later ones for a step.
+FIRST_TOKEN_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+TOKEN_GAP_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
@@ -151,6 +158,43 @@ class Metrics:
             "inference_tokens_used_total",
             "Tokens charged to daily budgets, by user (rows, images or generated tokens).",
             ("user",),
+            registry=r,
+        )
+
+        # Text generation with continuous batching (the OpenAI-compatible routes). The decode
+        # steps themselves are inference_batch_size (sequences per step) and
+        # inference_batch_latency_seconds; the waiting sequences are inference_queue_depth.
+        self.generations = Counter(
+            "inference_generations_total",
+            "Text generations by model, version and how they ended (finish_reason: stop, "
+            "length, cancelled, error).",
+            (*mv, "finish_reason"),
+            registry=r,
+        )
+        self.generated_tokens = Counter(
+            "inference_generated_tokens_total",
+            "Tokens generated; rate() of it is the token throughput.",
+            mv,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "inference_prompt_tokens_total",
+            "Prompt tokens read by text generations.",
+            mv,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "inference_time_to_first_token_seconds",
+            "From the request's arrival to its first generated token (queue and prompt included).",
+            mv,
+            buckets=FIRST_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "inference_inter_token_latency_seconds",
+            "Time between two consecutive tokens of one generation.",
+            mv,
+            buckets=TOKEN_GAP_BUCKETS,
             registry=r,
         )
 

@@ -152,6 +152,16 @@ class Settings(BaseSettings):
     """Deadline of a synchronous prediction; past it the caller gets 504. A client may ask for
     less (never more) with the ``X-Request-Timeout-Ms`` header."""
 
+    generation_max_sequences: int = Field(default=16, ge=1, le=1024)
+    """Text generation with continuous batching (the OpenAI-compatible routes): the most
+    sequences of one model version decoded together, each step one forward pass for all of
+    them; new ones join between steps. A model.toml may set ``[generation] max_sequences``."""
+
+    generation_max_queue: int = Field(default=64, ge=1)
+    """Sequences that may wait for a place in the batch of a text model version; past that,
+    new requests are refused with 503 and ``Retry-After``. A model.toml may set
+    ``[generation] max_queue``."""
+
     retry_after_s: int = Field(default=1, ge=0)
     """Value of the ``Retry-After`` header sent with 503 responses."""
 

@@ -46,6 +46,8 @@ def test_hash_is_sha256_hex() -> None:
         ("POST", "/v1/requests", "requests"),
         ("GET", "/v1/requests/req_1/events", "requests"),
         ("GET", "/v1/usage", ""),
+        ("POST", "/openai/v1/chat/completions", "predict"),
+        ("GET", "/openai/v1/models", "predict"),
         ("POST", "/v1/models/iris/load", "admin"),
     ],
 )

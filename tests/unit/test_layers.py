@@ -20,8 +20,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("inferd.errors", "inferd.concurrency", "inferd.logs", "inferd.metrics", "inferd.s3url"),
     ("inferd.db",),  # every table, the engine, the migrations
     ("inferd.settings",),
-    # the batcher; the registry and the runtimes; drift references and windows of their inputs
-    ("inferd.batching", "inferd.models", "inferd.monitoring"),
+    # the batcher; the registry and the runtimes; drift references and windows of their
+    # inputs; continuous batching of text models
+    ("inferd.batching", "inferd.models", "inferd.monitoring", "inferd.generation"),
     ("inferd.codec", "inferd.tenancy"),  # prediction bodies; keys and limits
     ("inferd.serving",),  # the one prediction procedure (the data plane)
     ("inferd.jobs",),  # long-running requests: store, queue, bus, workers

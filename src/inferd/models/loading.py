@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from inferd.models.runtimes import (
 from inferd.models.spec import ModelSpec
 from inferd.monitoring.reference import REFERENCE_FILE, LoadedReference, load_reference
 from inferd.settings import Settings
+
+if TYPE_CHECKING:  # inferd.generation imports the text runtime, whose package imports this
+    from inferd.generation import GenerationScheduler
 
 __all__ = ["LoadedModel", "ModelState", "prepare", "warm_up"]
 
@@ -51,7 +54,8 @@ class LoadedModel:
     version: int
     model: Model
     batcher: Batcher[FloatArray, FloatArray] | None
-    """None for text generation: those models serve long-running requests only."""
+    """None for text generation: those models serve long-running requests, and the
+    OpenAI-compatible routes through :attr:`scheduler`."""
     state: ModelState = ModelState.LOADING
     error: str | None = None
     load_seconds: float | None = None
@@ -64,6 +68,8 @@ class LoadedModel:
     """The version folder as it was when loading began: unchanged means no reload needed."""
     reference: LoadedReference | None = None
     """The version's ``reference.json`` for drift detection, or why drift is off for it."""
+    scheduler: GenerationScheduler | None = None
+    """Continuous batching of a ``transformers`` text model (the OpenAI-compatible routes)."""
 
     @property
     def name(self) -> str:
@@ -118,11 +124,21 @@ class LoadedModel:
         if batcher is None and not spec.generates_text:  # a version that failed to load
             return {"inputs": self._inputs()}
         if batcher is None:
-            return {
+            io: dict[str, Any] = {
                 "inputs": {"type": spec.input.type, "max_chars": spec.input.max_chars},
                 "generation": spec.generation.model_dump() if spec.generation else None,
                 "endpoint": "/v1/requests",
             }
+            scheduler = self.scheduler
+            if scheduler is not None:
+                io["openai_endpoints"] = ["/openai/v1/completions", "/openai/v1/chat/completions"]
+                io["continuous_batching"] = {
+                    "max_sequences": scheduler.max_sequences,
+                    "max_queue": scheduler.max_queue,
+                    "active_sequences": scheduler.active,
+                    "queue_depth": scheduler.depth,
+                }
+            return io
         return {
             "inputs": self._inputs(),
             "outputs": {"labels": self.labels, "classes": self.classes},
@@ -172,12 +188,20 @@ def prepare(
     model = create_model(spec, version, entry.artifact(version), concurrency=concurrency)
     vstr = str(version)
     m = metrics
-    children = {
+    children: dict[str, Any] = {
         "latency": m.request_latency.labels(spec.name, vstr),
         "prediction": m.prediction_value.labels(spec.name, vstr),
         "timeouts": m.request_timeouts.labels(spec.name, vstr),
         "disconnects": m.client_disconnects.labels(spec.name, vstr),
     }
+    if spec.generates_text:
+        children.update(
+            prompt_tokens=m.prompt_tokens.labels(spec.name, vstr),
+            generated_tokens=m.generated_tokens.labels(spec.name, vstr),
+            first_token=m.time_to_first_token.labels(spec.name, vstr),
+            token_gap=m.inter_token_latency.labels(spec.name, vstr),
+            generations=lambda reason: m.generations.labels(spec.name, vstr, reason),
+        )
     batch_size = m.batch_size.labels(spec.name, vstr)
     batch_latency = m.batch_latency.labels(spec.name, vstr)
 
@@ -189,6 +213,19 @@ def prepare(
         m.queue_rejections.labels(spec.name, vstr, reason).inc()
 
     batcher: Batcher[FloatArray, FloatArray] | None = None
+    scheduler: GenerationScheduler | None = None
+    if spec.generates_text and spec.runtime == "transformers":
+        from inferd.generation import GenerationScheduler
+
+        gen = spec.generation
+        scheduler = GenerationScheduler(
+            f"{spec.name!r} version {version}",
+            max_sequences=gen.max_sequences or s.generation_max_sequences,
+            max_queue=gen.max_queue or s.generation_max_queue,
+            retry_after=s.retry_after_s,
+            on_step=on_batch,  # sequences per forward pass, and its time
+            on_reject=on_reject,
+        )
     if not spec.generates_text:
         batcher = Batcher(
             model.predict,
@@ -211,6 +248,7 @@ def prepare(
         version_str=vstr,
         metrics_children=children,
         fingerprint=fingerprint,
+        scheduler=scheduler,
     )
     if batcher is not None:
         batcher.on_output = _output_hook(loaded, observe)
@@ -249,6 +287,8 @@ async def warm_up(loaded: LoadedModel) -> None:
     batcher = loaded.batcher
     if batcher is None:
         await run_blocking(_load_streaming, loaded)
+        if loaded.scheduler is not None:
+            await _start_scheduler(loaded, loaded.scheduler)
     else:
         await run_blocking(_load_and_check, loaded)
         await batcher.on_each_worker(lambda: _warm_up(loaded))
@@ -287,6 +327,20 @@ def _load_streaming(loaded: LoadedModel) -> None:
     model.load()
     if model.capabilities.warms_up:
         cast(WarmsUp, model).warm_up()
+
+
+async def _start_scheduler(loaded: LoadedModel, scheduler: GenerationScheduler) -> None:
+    """Start the version's scheduler and run one short generation through its thread (the
+    first forward pass in a new thread pays for per-thread set-up)."""
+    from inferd.generation import GenerationRequest
+    from inferd.generation.engine import TorchEngine
+
+    model: Any = loaded.model
+    scheduler.start(await run_blocking(TorchEngine, model))
+    limit = loaded.spec.generation.max_new_tokens_limit
+    settings = model.request_settings("Hello", {"max_new_tokens": min(2, limit), "seed": 0})
+    ids = model.prompt_ids(settings.prompt)
+    await scheduler.generate(GenerationRequest(ids, settings, model.budget(ids, settings)))
 
 
 def _warm_up(loaded: LoadedModel) -> None:

@@ -409,6 +409,8 @@ class ModelRegistry:
             m.model_ready.labels(name, vstr).set(1)
             if batcher is not None:
                 m.queue_depth.labels(name, vstr).set_function(_depth_of(batcher))
+            if loaded.scheduler is not None:
+                m.queue_depth.labels(name, vstr).set_function(_depth_of(loaded.scheduler))
         previous = current.default.version if current is not None else None
         if previous != default:
             log.info(
@@ -430,6 +432,8 @@ class ModelRegistry:
         try:
             if loaded.batcher is not None:
                 await loaded.batcher.stop(self.settings.version_drain_seconds)
+            if loaded.scheduler is not None:
+                await loaded.scheduler.stop(self.settings.version_drain_seconds)
             await run_blocking(loaded.model.unload)
         except Exception as exc:  # the version is gone either way; say what went wrong
             log.warning("model unload failed", model=name, version=loaded.version, detail=repr(exc))
@@ -501,6 +505,8 @@ class ModelRegistry:
             self._failure(entry, version, error, time.perf_counter() - started, loaded)
             if batcher is not None:
                 await batcher.stop(0)
+            if loaded.scheduler is not None:
+                await loaded.scheduler.stop(0)
             if served is None or version not in served.versions:
                 _remove(m.model_ready, spec.name, vstr)
             if isinstance(exc, InferdError):
@@ -537,6 +543,7 @@ class ModelRegistry:
             loaded.state = ModelState.UNLOADING
         await asyncio.gather(
             *(m.batcher.stop(grace) for m in models if m.batcher is not None),
+            *(m.scheduler.stop(grace) for m in models if m.scheduler is not None),
             return_exceptions=True,
         )
         for loaded in models:

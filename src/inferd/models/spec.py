@@ -279,6 +279,12 @@ class GenerationSpec(BaseModel):
     """Generation ends before the first of these strings; it is not part of the output."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``: the GPU when one is available, else the CPU."""
+    max_sequences: int | None = Field(default=None, ge=1, le=1024)
+    """Sequences decoded together by continuous batching (the OpenAI-compatible routes);
+    unset: the server's ``generation_max_sequences``."""
+    max_queue: int | None = Field(default=None, ge=1)
+    """Sequences that may wait for a free place in the batch before new ones are refused with
+    503; unset: the server's ``generation_max_queue``."""
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerationSpec:

@@ -13,20 +13,22 @@ module imports them only when a model loads, so the rest of inferd works without
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from inferd.errors import BadRequest, ModelLoadError, ValidationFailed
 from inferd.models.base import Capabilities, FloatArray
+from inferd.models.sampling import GenerationSettings, output_cache, pick_token, split_at_stop
 from inferd.models.spec import ModelSpec
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "DECODE_CONTEXT",
     "PARAMETERS",
     "FinishReason",
     "GenerationSettings",
@@ -45,10 +47,10 @@ context length, a stop string, or ``should_stop()``."""
 _MAX_STOP_STRINGS = 16
 _MAX_STOP_CHARS = 256
 _MAX_SEED = 2**64 - 1  # torch seeds are unsigned 64-bit
-# Prompt tokens decoded together with the generated ones, so that a generated token's leading
-# space (SentencePiece) or a word boundary comes out as it would in the full text, while each
-# step still decodes only a short sequence's worth of context.
-_DECODE_CONTEXT = 8
+DECODE_CONTEXT = 8
+"""Prompt tokens decoded together with the generated ones, so that a generated token's leading
+space (SentencePiece) or a word boundary comes out as it would in the full text, while each
+step still decodes only a short sequence's worth of context."""
 _REPLACEMENT = "\ufffd"  # what a decoder gives for the first bytes of an unfinished character
 _ERROR_CHARS = 300
 _WARM_UP_PROMPT = "Hello"
@@ -60,24 +62,6 @@ _TOKENIZER_FILES = (
     "vocab.json",
     "vocab.txt",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationSettings:
-    """One request's prompt and generation parameters, checked and merged with the spec's."""
-
-    prompt: str
-    max_new_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int | None
-    stop: tuple[str, ...]
-
-    @property
-    def greedy(self) -> bool:
-        """True when every step takes the most likely token (``temperature == 0``)."""
-        return self.temperature == 0.0
 
 
 class IncrementalDecoder:
@@ -155,6 +139,8 @@ class TextStream(Iterator[str]):
         self._tokenizer = model.tokenizer
         self._device = model.device
         self._eos_ids = model.eos_ids
+        self._cache_argument = model.cache_argument
+        self._last_logits = model.last_logits
         self._pieces = self._run(prompt_ids, should_stop, budget)
 
     def __next__(self) -> str:
@@ -177,7 +163,7 @@ class TextStream(Iterator[str]):
                 generator.manual_seed(settings.seed)
             else:
                 generator.seed()
-        decoder = IncrementalDecoder(self._tokenizer, prompt_ids[-_DECODE_CONTEXT:])
+        decoder = IncrementalDecoder(self._tokenizer, prompt_ids[-DECODE_CONTEXT:])
         stops = settings.stop
         pending = ""  # decoded text held back because it may be the start of a stop string
         next_input = torch.tensor([prompt_ids], dtype=torch.long, device=device)
@@ -192,22 +178,27 @@ class TextStream(Iterator[str]):
             # Inference mode per step, not around the loop: a generator's ``with`` block would
             # stay open in the consumer's code between pieces.
             with torch.inference_mode():
-                out = net(input_ids=next_input, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                token = _pick(out.logits[0, -1, :], settings, generator)
+                out = net(
+                    input_ids=next_input,
+                    use_cache=True,
+                    **{self._cache_argument: past},
+                    **self._last_logits,
+                )
+                past = output_cache(out)
+                token = pick_token(out.logits[0, -1, :], settings, generator)
             if token in self._eos_ids:
                 self.finish_reason = "eos"
                 break
             self.tokens += 1
             next_input = torch.tensor([[token]], dtype=torch.long, device=device)
             pending += decoder.push(token)
-            out_text, pending, hit = _split_at_stop(pending, stops)
+            out_text, pending, hit = split_at_stop(pending, stops)
             if out_text:
                 yield out_text
             if hit:
                 self.finish_reason = "stop"
                 return
-        rest, _, hit = _split_at_stop(pending + decoder.flush(), stops, final=True)
+        rest, _, hit = split_at_stop(pending + decoder.flush(), stops, final=True)
         if hit:
             self.finish_reason = "stop"
         if rest:
@@ -237,6 +228,12 @@ class TextGenerationModel:
         self.eos_ids: frozenset[int] = frozenset()
         self.context_length: int | None = None
         """The most tokens (prompt and output) the model reads, when its config says."""
+        self.cache_argument = "past_key_values"
+        """The name under which the model's ``forward`` takes its key/value cache: ``cache``
+        in recent transformers releases, ``past_key_values`` before."""
+        self.last_logits: dict[str, int] = {}
+        """Passed to ``forward`` so it computes logits for the last position only, where the
+        model can (``logits_to_keep``): a long prompt does not pay for the others."""
 
     @property
     def _where(self) -> str:
@@ -304,6 +301,9 @@ class TextGenerationModel:
         self.capabilities = dataclasses.replace(_CAPABILITIES, device=str(device))
         self.eos_ids = frozenset(eos)
         self.context_length = length if isinstance(length, int) and length > 0 else None
+        forward = inspect.signature(model.forward).parameters
+        self.cache_argument = "cache" if "cache" in forward else "past_key_values"
+        self.last_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
 
     def warm_up(self) -> None:
         """One short generation, so the first request does not pay for lazy initialisation;
@@ -311,7 +311,7 @@ class TextGenerationModel:
         import torch
 
         self._require_loaded()
-        ids = self._prompt_ids(_WARM_UP_PROMPT)
+        ids = self.prompt_ids(_WARM_UP_PROMPT)
         with torch.inference_mode():
             logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits
         if not bool(torch.isfinite(logits).all()):
@@ -345,7 +345,7 @@ class TextGenerationModel:
         """Raise ValidationFailed for a bad prompt or parameters; called before queueing."""
         settings = self.request_settings(input, parameters)
         if self.tokenizer is not None:
-            self._budget(self._prompt_ids(settings.prompt), settings)
+            self.budget(self.prompt_ids(settings.prompt), settings)
 
     def request_settings(self, input: Any, parameters: dict[str, Any] | None) -> GenerationSettings:
         """Check ``input`` and ``parameters`` and merge them with the spec's ``[generation]``."""
@@ -428,10 +428,11 @@ class TextGenerationModel:
     def _open(
         self, settings: GenerationSettings, should_stop: Callable[[], bool] | None
     ) -> TextStream:
-        ids = self._prompt_ids(settings.prompt)
-        return TextStream(self, ids, settings, should_stop, self._budget(ids, settings))
+        ids = self.prompt_ids(settings.prompt)
+        return TextStream(self, ids, settings, should_stop, self.budget(ids, settings))
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The token ids of ``prompt`` (the start token for an empty one)."""
         ids: list[int] = list(self.tokenizer.encode(prompt))
         if ids:
             return ids
@@ -442,7 +443,7 @@ class TextGenerationModel:
                 return [start]
         raise ValidationFailed(f"model {self.spec.name!r} needs a non-empty prompt")
 
-    def _budget(self, prompt_ids: list[int], settings: GenerationSettings) -> int:
+    def budget(self, prompt_ids: list[int], settings: GenerationSettings) -> int:
         """Tokens this request may generate: ``max_new_tokens`` within the context length."""
         length = self.context_length
         if length is None:
@@ -465,55 +466,6 @@ def _device(wanted: str, where: str) -> str:
     if wanted == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f'{where}: generation.device is "cuda" but no CUDA device is usable')
     return wanted
-
-
-def _pick(
-    logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None
-) -> int:
-    """The next token: the most likely one, or a sample after temperature, top-k and top-p."""
-    import torch
-
-    if settings.greedy or generator is None:
-        return int(torch.argmax(logits).item())
-    scores = logits.float() / settings.temperature
-    if 0 < settings.top_k < scores.numel():
-        kth = torch.topk(scores, settings.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, -math.inf)
-    if settings.top_p < 1.0:
-        ordered, order = torch.sort(scores, descending=True)
-        probs = torch.softmax(ordered, dim=-1)
-        # Drop a token once the ones before it already cover top_p; the first always stays.
-        drop = torch.cumsum(probs, dim=-1) - probs >= settings.top_p
-        drop[0] = False
-        scores = scores.scatter(0, order, ordered.masked_fill(drop, -math.inf))
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
-
-
-def _split_at_stop(text: str, stops: tuple[str, ...], final: bool = False) -> tuple[str, str, bool]:
-    """``(ready, held, hit)``: ``ready`` can be yielded; ``held`` may still become a stop
-    string (always "" when ``final``); ``hit`` says a stop string was found, and then ``ready``
-    is the text before it."""
-    if not stops:
-        return text, "", False
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    if found:
-        return text[: min(found)], "", True
-    if final:
-        return text, "", False
-    keep = _partial_stop(text, stops)
-    return text[: len(text) - keep], text[len(text) - keep :], False
-
-
-def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest end of ``text`` that is the start of a stop string."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest
 
 
 def _int(params: dict[str, Any], name: str, default: Any, low: int, high: int | None) -> int:

@@ -44,6 +44,8 @@ def required_scope(method: str, path: str) -> str | None:
         return "predict"
     if path.startswith("/v1/models") and method in ("GET", "HEAD"):
         return "predict"
+    if path.startswith("/openai/"):  # the OpenAI-compatible API: completions and models
+        return "predict"
     if path.startswith("/v1/requests"):
         return "requests"
     if path in ("/v1/usage", "/v1/stats"):

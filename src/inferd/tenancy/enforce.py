@@ -129,6 +129,13 @@ class Enforcer:
         """Give back a reservation whose request was not served (504, 5xx, gone)."""
         await self.limiter.settle(key.id, decision.reserved, 0, day=decision.day)
 
+    async def settle(self, key: ApiKey, decision: QuotaDecision, model: str, used: int) -> None:
+        """A request that reserved ``decision.reserved`` tokens used ``used`` of them: keep
+        those, give the rest back, and count them in the usage ledger."""
+        await self.limiter.settle(key.id, decision.reserved, used, day=decision.day)
+        if used > 0:
+            self.record(key, model, decision.day, used)
+
     def record(self, key: ApiKey, model: str, day: str, tokens: int) -> None:
         """Count a served request in the usage ledger."""
         if self.ledger is not None:
