@@ -107,7 +107,7 @@ class InferdApp:
         # The Open Inference Protocol (V2): the same registry, batchers and budgets.
         self.api.include_router(build_v2_router(self.plane, settings))
         # The OpenAI-compatible API of text models (/openai/v1), on continuous batching.
-        self.api.include_router(build_openai_router(self.registry, settings, self.enforcer))
+        self.api.include_router(build_openai_router(self.plane, settings))
         self.api.add_api_route(
             "/v1/usage",
             self._usage,

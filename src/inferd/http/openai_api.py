@@ -7,7 +7,7 @@ Server-Sent Events in OpenAI's chunk format, ending with ``data: [DONE]``) and
 own ``GET /v1/models`` (a different shape) where it is.
 
 Generation goes through the version's continuous-batching scheduler by way of
-:func:`inferd.http.generate.generate` (admission, budget, metrics); this module parses the
+:meth:`inferd.serving.DataPlane.generate` (admission, budget, metrics); this module parses the
 request (:mod:`inferd.http.openai_codec`), prepares the prompt and renders the answer. A model
 is named ``"<name>"`` (its default version) or ``"<name>:<version>"``. See docs/protocols.md.
 """
@@ -40,12 +40,9 @@ from inferd.generation import GenerationRequest, Step
 from inferd.generation.chat import ChatPrompt, render_chat
 from inferd.http import openai_codec as codec
 from inferd.http.context import disconnect_probe
-from inferd.http.generate import generate
 from inferd.models.loading import LoadedModel
-from inferd.models.registry import ModelRegistry
-from inferd.serving import ClientGone, RequestContext
+from inferd.serving import ClientGone, DataPlane, RequestContext
 from inferd.settings import Settings
-from inferd.tenancy.enforce import Enforcer
 
 __all__ = ["PREFIX", "OpenAIErrorShape", "OpenAIService", "build_openai_router"]
 
@@ -59,11 +56,9 @@ _OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
 class OpenAIService:
     """The routes' work over the registry; :func:`build_openai_router` mounts them."""
 
-    def __init__(
-        self, registry: ModelRegistry, settings: Settings, enforcer: Enforcer | None = None
-    ) -> None:
-        self.registry = registry
-        self.enforcer = enforcer
+    def __init__(self, plane: DataPlane, settings: Settings) -> None:
+        self.plane = plane
+        self.registry = plane.registry
         self.max_body = settings.max_body_bytes
 
     # ------------------------------------------------------------------ models
@@ -149,7 +144,7 @@ class OpenAIService:
             "model": body.model,
             "system_fingerprint": f"inferd-{loaded.name}-{loaded.version_str}",
         }
-        steps = generate(ctx, loaded, prepared, self.enforcer, disconnect_probe(request.receive))
+        steps = self.plane.generate(ctx, loaded, prepared, disconnect_probe(request.receive))
         try:
             first = await anext(steps)  # errors until here are the response's status
         except BaseException:
@@ -436,11 +431,9 @@ _CHAT_BODY = {
 }
 
 
-def build_openai_router(
-    registry: ModelRegistry, settings: Settings, enforcer: Enforcer | None = None
-) -> APIRouter:
+def build_openai_router(plane: DataPlane, settings: Settings) -> APIRouter:
     """The ``/openai/v1`` routes."""
-    service = OpenAIService(registry, settings, enforcer)
+    service = OpenAIService(plane, settings)
     router = APIRouter(prefix=PREFIX, tags=["openai-compatible"])
 
     async def guarded(request: Request, call: Any) -> Response:

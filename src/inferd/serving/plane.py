@@ -2,6 +2,7 @@
 
 ``POST /predict``, ``/v1/models/{name}[/versions/{v}]/predict``, the Open Inference Protocol,
 image classification and the tabular long-running requests all call :meth:`DataPlane.infer`
+(text generation, :meth:`DataPlane.generate`)
 with an :class:`Inbound`: the protocol's part of the request (which models it serves, how its
 body is read and decoded, how the answer is encoded). Everything else is done here, once:
 
@@ -23,13 +24,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from inferd.errors import DeadlineExceeded
+from inferd.generation import GenerationRequest, Step
 from inferd.models.registry import LoadedModel, ModelRegistry, ModelState
 from inferd.serving.context import ClientGone, RequestContext
+from inferd.serving.generate import generate
 from inferd.tenancy.enforce import Enforcer
 
 __all__ = ["DataPlane", "Decoded", "Inbound"]
@@ -159,6 +162,17 @@ class DataPlane:
         # prediction_value_distribution is observed per batch, by the batcher's output hook.
         loaded.metrics_children["latency"].observe(time.perf_counter() - ctx.started)
         return inbound.encode(loaded, decoded, output)
+
+    def generate(
+        self,
+        ctx: RequestContext,
+        loaded: LoadedModel,
+        request: GenerationRequest,
+        gone: Callable[[], bool] | None = None,
+    ) -> AsyncGenerator[Step, None]:
+        """The steps of one generation on a text model's scheduler, with the same budget and
+        context as :meth:`infer` (see :func:`inferd.serving.generate.generate`)."""
+        return generate(ctx, loaded, request, self.enforcer, gone)
 
     def _current(self, loaded: LoadedModel, inbound: Inbound[Any]) -> LoadedModel:
         """The version that serves the request now, ``loaded`` having been swapped out."""

@@ -1,7 +1,7 @@
 """One text generation on the request path: admission, budget, scheduler, metrics, settlement.
 
-:func:`generate` is all of it, whatever the route's wire format: the OpenAI-compatible routes
-parse and render around it.
+:func:`generate` is all of it, whatever the route's wire format (the OpenAI-compatible routes
+parse and render around it); :meth:`inferd.serving.DataPlane.generate` is how routes call it.
 
 * **Admission**: the version's scheduler refuses at once (503, ``Retry-After``) when its queue
   is full, before anything is charged.
@@ -24,7 +24,7 @@ from typing import Any
 from inferd.errors import BadRequest, InferdError
 from inferd.generation import GenerationRequest, Step
 from inferd.models.loading import LoadedModel
-from inferd.serving import RequestContext
+from inferd.serving.context import RequestContext
 from inferd.tenancy.enforce import Enforcer
 
 __all__ = ["generate"]
