@@ -19,7 +19,8 @@ import redis.asyncio
 from inferd.http.sse import follow
 from inferd.jobs.events import RedisEventBus, create_event_bus
 from inferd.jobs.types import EventKind
-from tests.unit.test_sse import MemoryStore, collect
+from tests.support.memory_store import MemoryStore
+from tests.unit.test_sse import collect
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -171,9 +172,9 @@ async def test_follow_across_processes(redis_url: str) -> None:
         # poll is long: delivery within the timeout has to come through Redis.
         frames = asyncio.create_task(collect(follow(store, api, "r1", poll=30), within=2))
         await asyncio.sleep(0.05)
-        await worker.publish("r1", store.append("r1", EventKind.RESPONSE))
+        await worker.publish("r1", store.push("r1", EventKind.RESPONSE))
         await asyncio.sleep(0.05)
-        await worker.publish("r1", store.append("r1", EventKind.DONE))
+        await worker.publish("r1", store.push("r1", EventKind.DONE))
         assert [f["id"] for f in await frames] == ["1", "2"]
         assert api.subscriber_count() == 0
 

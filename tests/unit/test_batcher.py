@@ -56,6 +56,18 @@ async def make() -> AsyncIterator[Callable[..., Batcher[Any, Any]]]:
         await batcher.stop(grace=1)
 
 
+async def infer(batcher: Batcher[Any, Any], payload: Any, rows: int, deadline: float) -> Any:
+    """Submit one item and wait for its output (dropping it if this waiter is cancelled), as
+    the data plane does."""
+    future = batcher.submit(payload, rows, deadline)
+    try:
+        output, _ = await future
+        return output
+    finally:
+        if not future.done():
+            future.cancel()
+
+
 def far() -> float:
     return asyncio.get_running_loop().time() + 10
 
@@ -69,9 +81,9 @@ async def test_concurrent_requests_share_a_batch(make: Callable[..., Batcher[Any
     model = Recorder()
     model.gate = threading.Event()
     batcher = make(model, max_batch_size=32)
-    first = asyncio.ensure_future(batcher.infer(row(0), 1, far()))
+    first = asyncio.ensure_future(infer(batcher, row(0), 1, far()))
     await wait_entered(model)  # the model is busy with request 0
-    rest = [asyncio.ensure_future(batcher.infer(row(i), 1, far())) for i in range(1, 11)]
+    rest = [asyncio.ensure_future(infer(batcher, row(i), 1, far())) for i in range(1, 11)]
     await asyncio.sleep(0.01)
     model.gate.set()
     results = await asyncio.gather(first, *rest)
@@ -84,7 +96,7 @@ async def test_lone_request_does_not_wait_for_the_window(
 ) -> None:
     batcher = make(Recorder(), window=2.0)
     started = time.perf_counter()
-    await batcher.infer(row(1), 1, far())
+    await infer(batcher, row(1), 1, far())
     assert time.perf_counter() - started < 1.0  # a 2 s window would have held it
 
 
@@ -94,9 +106,9 @@ async def test_batches_never_exceed_max_batch_size(
     model = Recorder()
     model.gate = threading.Event()
     batcher = make(model, max_batch_size=4)
-    blocker = asyncio.ensure_future(batcher.infer(row(-1), 1, far()))
+    blocker = asyncio.ensure_future(infer(batcher, row(-1), 1, far()))
     await wait_entered(model)
-    waiting = [asyncio.ensure_future(batcher.infer(row(i), 1, far())) for i in range(10)]
+    waiting = [asyncio.ensure_future(infer(batcher, row(i), 1, far())) for i in range(10)]
     await asyncio.sleep(0.01)
     model.gate.set()
     await asyncio.gather(blocker, *waiting)
@@ -108,11 +120,11 @@ async def test_multi_row_requests_are_split_back(make: Callable[..., Batcher[Any
     model = Recorder()
     model.gate = threading.Event()
     batcher = make(model, max_batch_size=8)
-    blocker = asyncio.ensure_future(batcher.infer(row(-1), 1, far()))
+    blocker = asyncio.ensure_future(infer(batcher, row(-1), 1, far()))
     await wait_entered(model)
     three = np.array([[1.0, 0], [2.0, 0], [3.0, 0]])
-    a = asyncio.ensure_future(batcher.infer(three, 3, far()))
-    b = asyncio.ensure_future(batcher.infer(row(4), 1, far()))
+    a = asyncio.ensure_future(infer(batcher, three, 3, far()))
+    b = asyncio.ensure_future(infer(batcher, row(4), 1, far()))
     await asyncio.sleep(0.01)
     model.gate.set()
     await blocker
@@ -128,12 +140,12 @@ async def test_window_lets_a_partial_batch_gather_when_another_runs(
     model.gate = threading.Event()
     model.gated = {0.0}
     batcher = make(model, max_batch_size=8, window=0.2, concurrency=2)
-    first = asyncio.ensure_future(batcher.infer(row(0), 1, far()))
+    first = asyncio.ensure_future(infer(batcher, row(0), 1, far()))
     await wait_entered(model)  # one batch runs; a second slot is free
-    later = [asyncio.ensure_future(batcher.infer(row(1), 1, far()))]
+    later = [asyncio.ensure_future(infer(batcher, row(1), 1, far()))]
     await asyncio.sleep(0.05)  # within the window: row 1 is still waiting for companions
     assert len(model.batches) == 1
-    later.append(asyncio.ensure_future(batcher.infer(row(2), 1, far())))
+    later.append(asyncio.ensure_future(infer(batcher, row(2), 1, far())))
     await asyncio.gather(*later)  # the window expires and both go together
     assert model.batches[1] == [1.0, 2.0]
     model.gate.set()
@@ -144,7 +156,7 @@ async def test_window_lets_a_partial_batch_gather_when_another_runs(
 async def test_work_runs_off_the_event_loop(make: Callable[..., Batcher[Any, Any]]) -> None:
     model = Recorder()
     batcher = make(model)
-    await batcher.infer(row(1), 1, far())
+    await infer(batcher, row(1), 1, far())
     assert threading.main_thread().name not in model.threads
 
 
@@ -154,15 +166,15 @@ async def test_expired_requests_are_dropped_before_the_model(
     model = Recorder()
     model.gate = threading.Event()
     batcher = make(model)
-    blocker = asyncio.ensure_future(batcher.infer(row(-1), 1, far()))
+    blocker = asyncio.ensure_future(infer(batcher, row(-1), 1, far()))
     await wait_entered(model)
     loop = asyncio.get_running_loop()
-    doomed = asyncio.ensure_future(batcher.infer(row(7), 1, loop.time() + 0.02))
+    doomed = asyncio.ensure_future(infer(batcher, row(7), 1, loop.time() + 0.02))
     with pytest.raises(DeadlineExceeded):
         await doomed  # fails at its deadline while the model is still busy
     model.gate.set()
     await blocker
-    await batcher.infer(row(8), 1, far())
+    await infer(batcher, row(8), 1, far())
     assert [7.0] not in model.batches and 7.0 not in sum(model.batches, [])
     assert model.batches[-1] == [8.0]
     assert batcher.stats.dropped_cancelled + batcher.stats.dropped_expired == 1
@@ -174,10 +186,10 @@ async def test_cancelled_requests_are_dropped_before_the_model(
     model = Recorder()
     model.gate = threading.Event()
     batcher = make(model)
-    blocker = asyncio.ensure_future(batcher.infer(row(-1), 1, far()))
+    blocker = asyncio.ensure_future(infer(batcher, row(-1), 1, far()))
     await wait_entered(model)
-    gone = asyncio.ensure_future(batcher.infer(row(5), 1, far()))
-    kept = asyncio.ensure_future(batcher.infer(row(6), 1, far()))
+    gone = asyncio.ensure_future(infer(batcher, row(5), 1, far()))
+    kept = asyncio.ensure_future(infer(batcher, row(6), 1, far()))
     await asyncio.sleep(0.01)
     gone.cancel()  # the caller went away
     model.gate.set()
@@ -202,9 +214,9 @@ async def test_a_failing_batch_fails_each_caller_and_the_batcher_goes_on(
         return batch
 
     batcher = make(model)
-    first = asyncio.ensure_future(batcher.infer(row(0), 1, far()))
+    first = asyncio.ensure_future(infer(batcher, row(0), 1, far()))
     await asyncio.sleep(0.05)
-    bad = [asyncio.ensure_future(batcher.infer(row(v), 1, far())) for v in (12, 13, 14)]
+    bad = [asyncio.ensure_future(infer(batcher, row(v), 1, far())) for v in (12, 13, 14)]
     await asyncio.sleep(0.01)
     gate.set()
     await first
@@ -212,7 +224,7 @@ async def test_a_failing_batch_fails_each_caller_and_the_batcher_goes_on(
     assert all(isinstance(o, ModelError) for o in outcomes)
     assert "ValueError: unlucky row" in str(outcomes[0])
     assert "3 rows" in str(outcomes[0])
-    assert (await batcher.infer(row(1), 1, far()))[0, 0] == 1.0
+    assert (await infer(batcher, row(1), 1, far()))[0, 0] == 1.0
     assert batcher.stats.failed_batches == 1
 
 
@@ -230,9 +242,9 @@ async def test_each_answered_batch_goes_to_the_output_hook_once(
         raise RuntimeError("a broken hook")
 
     batcher = make(model, max_batch_size=8, on_output=hook)
-    blocker = asyncio.ensure_future(batcher.infer(row(-1), 1, far()))
+    blocker = asyncio.ensure_future(infer(batcher, row(-1), 1, far()))
     await wait_entered(model)
-    rest = [asyncio.ensure_future(batcher.infer(row(i), 1, far())) for i in (1, 2, 3)]
+    rest = [asyncio.ensure_future(infer(batcher, row(i), 1, far())) for i in (1, 2, 3)]
     await asyncio.sleep(0.01)
     model.gate.set()
     results = await asyncio.gather(blocker, *rest)
@@ -245,7 +257,7 @@ async def test_each_answered_batch_goes_to_the_output_hook_once(
 
     broken = make(failing, on_output=hook)
     with pytest.raises(ModelError):
-        await broken.infer(row(5), 1, far())
+        await infer(broken, row(5), 1, far())
     assert len(seen) == 2
 
 
@@ -256,7 +268,7 @@ async def test_shedding_past_the_mark_and_full_queue(
     model = Recorder()
     model.gate = threading.Event()
     batcher = make(model, max_queue_size=10, shed_threshold=0.8, on_reject=rejections.append)
-    blocker = asyncio.ensure_future(batcher.infer(row(-1), 1, far()))
+    blocker = asyncio.ensure_future(infer(batcher, row(-1), 1, far()))
     await wait_entered(model)
     queued = [batcher.submit(row(i), 1, far()) for i in range(8)]
     assert batcher.depth == 8
@@ -280,7 +292,7 @@ async def test_full_queue_rejects_when_shedding_is_off(
     model = Recorder()
     model.gate = threading.Event()
     batcher = make(model, max_queue_size=3, shed_threshold=1.0, on_reject=rejections.append)
-    blocker = asyncio.ensure_future(batcher.infer(row(-1), 1, far()))
+    blocker = asyncio.ensure_future(infer(batcher, row(-1), 1, far()))
     await wait_entered(model)
     queued = [batcher.submit(row(i), 1, far()) for i in range(3)]
     with pytest.raises(Overloaded):
@@ -295,7 +307,7 @@ async def test_stop_drains_queued_work_then_refuses(
 ) -> None:
     model = Recorder(delay=0.02)
     batcher = make(model)
-    pending = [asyncio.ensure_future(batcher.infer(row(i), 1, far())) for i in range(5)]
+    pending = [asyncio.ensure_future(infer(batcher, row(i), 1, far())) for i in range(5)]
     await asyncio.sleep(0)
     await batcher.stop(grace=5)
     results = await asyncio.gather(*pending)
@@ -310,9 +322,9 @@ async def test_stop_fails_what_cannot_finish_in_the_grace_period(
     model = Recorder()
     model.gate = threading.Event()
     batcher = make(model)
-    running = asyncio.ensure_future(batcher.infer(row(0), 1, far()))
+    running = asyncio.ensure_future(infer(batcher, row(0), 1, far()))
     await wait_entered(model)
-    queued = asyncio.ensure_future(batcher.infer(row(1), 1, far()))
+    queued = asyncio.ensure_future(infer(batcher, row(1), 1, far()))
     await asyncio.sleep(0)
     await batcher.stop(grace=0.1)
     model.gate.set()
@@ -324,7 +336,7 @@ async def test_stop_fails_what_cannot_finish_in_the_grace_period(
 async def test_batch_metrics_callback(make: Callable[..., Batcher[Any, Any]]) -> None:
     seen: list[tuple[int, float]] = []
     batcher = make(Recorder(delay=0.01), on_batch=lambda n, s: seen.append((n, s)))
-    await batcher.infer(np.zeros((3, 2)), 3, far())
+    await infer(batcher, np.zeros((3, 2)), 3, far())
     assert len(seen) == 1
     assert seen[0][0] == 3
     assert seen[0][1] >= 0.01

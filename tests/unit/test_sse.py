@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -15,49 +14,10 @@ import pytest
 from inferd.errors import BadRequest, NotFound
 from inferd.http.sse import follow, format_comment, format_event, parse_last_event_id
 from inferd.jobs.events import InProcessEventBus, create_event_bus
-from inferd.jobs.types import TERMINAL, Event, EventKind, RequestRecord, RequestStatus
+from inferd.jobs.types import TERMINAL, EventKind, RequestStatus
+from tests.support.memory_store import MemoryStore
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
-
-
-class MemoryStore:
-    """The read side of ``RequestStore`` over dicts, plus ``add``/``append`` to feed it."""
-
-    def __init__(self) -> None:
-        self.records: dict[str, RequestRecord] = {}
-        self.log: dict[str, list[Event]] = {}
-        self.event_reads = 0
-
-    def add(self, request_id: str = "r1", user: str = "alice") -> None:
-        self.records[request_id] = RequestRecord(
-            id=request_id, user=user, model="m", version=None, input=None, parameters={},
-            status=RequestStatus.RUNNING, attempts=1, max_attempts=3, result=None, error=None,
-            created_at=NOW, updated_at=NOW, started_at=NOW, finished_at=None,
-            cancel_requested=False, idempotency_key=None, last_seq=0,
-        )  # fmt: skip
-        self.log[request_id] = []
-
-    def append(self, request_id: str, kind: EventKind, data: dict[str, Any] | None = None) -> int:
-        seq = len(self.log[request_id]) + 1
-        self.log[request_id].append(Event(request_id, seq, kind, data or {"n": seq}, 1, NOW))
-        status = {EventKind.DONE: RequestStatus.SUCCEEDED, EventKind.ERROR: RequestStatus.FAILED}
-        self.set_status(request_id, status.get(kind, self.records[request_id].status), seq)
-        return seq
-
-    def set_status(
-        self, request_id: str, status: RequestStatus, last_seq: int | None = None
-    ) -> None:
-        record = self.records[request_id]
-        seq = record.last_seq if last_seq is None else last_seq
-        self.records[request_id] = dataclasses.replace(record, status=status, last_seq=seq)
-
-    async def get(self, request_id: str, user: str | None = None) -> RequestRecord | None:
-        record = self.records.get(request_id)
-        return None if record is None or (user and record.user != user) else record
-
-    async def events(self, request_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
-        self.event_reads += 1
-        return [e for e in self.log.get(request_id, []) if e.seq > after][:limit]
 
 
 def parse(frame: bytes) -> dict[str, Any]:
@@ -144,12 +104,12 @@ def test_last_event_id_rejected(value: str) -> None:
 
 
 async def test_replay_then_live_events(store: MemoryStore, bus: InProcessEventBus) -> None:
-    store.append("r1", EventKind.STATUS)
-    store.append("r1", EventKind.RESPONSE)
+    store.push("r1", EventKind.STATUS)
+    store.push("r1", EventKind.RESPONSE)
     frames = asyncio.create_task(collect(follow(store, bus, "r1", poll=5)))
     await asyncio.sleep(0.01)
     for kind in (EventKind.RESPONSE, EventKind.DONE):
-        await bus.publish("r1", store.append("r1", kind))
+        await bus.publish("r1", store.push("r1", kind))
     got = await frames
     assert [(f["id"], f["event"]) for f in got] == [
         ("1", "status"), ("2", "response"), ("3", "response"), ("4", "done"),
@@ -161,8 +121,8 @@ async def test_replay_then_live_events(store: MemoryStore, bus: InProcessEventBu
 
 async def test_resume_after_last_event_id(store: MemoryStore, bus: InProcessEventBus) -> None:
     for _ in range(4):
-        store.append("r1", EventKind.RESPONSE)
-    store.append("r1", EventKind.DONE)
+        store.push("r1", EventKind.RESPONSE)
+    store.push("r1", EventKind.DONE)
     got = await collect(follow(store, bus, "r1", after=3))
     assert [f["id"] for f in got] == ["4", "5"]
 
@@ -170,16 +130,16 @@ async def test_resume_after_last_event_id(store: MemoryStore, bus: InProcessEven
 async def test_no_duplicates_when_replayed_and_published(
     store: MemoryStore, bus: InProcessEventBus
 ) -> None:
-    store.append("r1", EventKind.RESPONSE)
+    store.push("r1", EventKind.RESPONSE)
     stream = follow(store, bus, "r1", poll=5)
     first = await anext(stream)  # replayed; now announce it as well, late
     reads = store.event_reads
     await bus.publish("r1", 1)
     await asyncio.sleep(0.01)
     assert store.event_reads == reads  # an already-sent seq does not even cost a read
-    await bus.publish("r1", store.append("r1", EventKind.RESPONSE))
+    await bus.publish("r1", store.push("r1", EventKind.RESPONSE))
     await bus.publish("r1", 2)
-    await bus.publish("r1", store.append("r1", EventKind.DONE))
+    await bus.publish("r1", store.push("r1", EventKind.DONE))
     rest = await collect(stream)
     assert [parse(first)["id"]] + [f["id"] for f in rest] == ["1", "2", "3"]
 
@@ -190,7 +150,7 @@ async def test_missed_publish_is_delivered_by_polling(
     stream = follow(store, bus, "r1", poll=0.05, keepalive=10)
     pending = asyncio.ensure_future(anext(stream))
     await asyncio.sleep(0.01)
-    store.append("r1", EventKind.RESPONSE)  # stored, never published
+    store.push("r1", EventKind.RESPONSE)  # stored, never published
     async with asyncio.timeout(0.5):
         assert parse(await pending)["id"] == "1"
     await stream.aclose()
@@ -203,7 +163,7 @@ async def test_keepalive_when_idle(store: MemoryStore, bus: InProcessEventBus) -
         first, second = await anext(stream), await anext(stream)
     assert first == b"retry: 250\n: keep-alive\n\n"  # the first frame carries retry
     assert second == b": keep-alive\n\n"
-    await bus.publish("r1", store.append("r1", EventKind.DONE))
+    await bus.publish("r1", store.push("r1", EventKind.DONE))
     got = await collect(stream)
     assert [f.get("event") for f in got if "comment" not in f] == ["done"]
     assert "retry" not in got[-1]
@@ -212,8 +172,8 @@ async def test_keepalive_when_idle(store: MemoryStore, bus: InProcessEventBus) -
 async def test_terminal_request_fully_sent_ends_at_once(
     store: MemoryStore, bus: InProcessEventBus
 ) -> None:
-    store.append("r1", EventKind.RESPONSE)
-    store.append("r1", EventKind.ERROR, {"status": "failed", "error": "boom"})
+    store.push("r1", EventKind.RESPONSE)
+    store.push("r1", EventKind.ERROR, {"status": "failed", "error": "boom"})
     assert store.records["r1"].status in TERMINAL
     got = await collect(follow(store, bus, "r1", poll=5, keepalive=5), within=0.5)
     assert [f["event"] for f in got] == ["response", "error"]
@@ -223,7 +183,7 @@ async def test_terminal_request_fully_sent_ends_at_once(
 async def test_ends_when_request_turns_terminal_without_terminal_event(
     store: MemoryStore, bus: InProcessEventBus
 ) -> None:
-    store.append("r1", EventKind.RESPONSE)
+    store.push("r1", EventKind.RESPONSE)
     frames = asyncio.create_task(collect(follow(store, bus, "r1", poll=0.02)))
     await asyncio.sleep(0.01)
     store.set_status("r1", RequestStatus.CANCELLED)
@@ -241,7 +201,7 @@ async def test_unknown_request_raises_not_found(store: MemoryStore, bus: InProce
 async def test_consumer_stopping_early_unsubscribes(
     store: MemoryStore, bus: InProcessEventBus
 ) -> None:
-    store.append("r1", EventKind.RESPONSE)
+    store.push("r1", EventKind.RESPONSE)
     stream = follow(store, bus, "r1", poll=5)
     await anext(stream)
     waiting = asyncio.ensure_future(anext(stream))  # parked on the bus
@@ -258,8 +218,8 @@ async def test_follow_survives_bus_closing(store: MemoryStore, bus: InProcessEve
     frames = asyncio.create_task(collect(follow(store, bus, "r1", poll=0.03)))
     await asyncio.sleep(0.01)
     await bus.close()  # subscriptions end: the follower polls the store instead
-    store.append("r1", EventKind.RESPONSE)
-    store.append("r1", EventKind.DONE)
+    store.push("r1", EventKind.RESPONSE)
+    store.push("r1", EventKind.DONE)
     assert [f["id"] for f in await frames] == ["1", "2"]
 
 
@@ -285,7 +245,7 @@ async def test_follow_with_async_generator_subscription(store: MemoryStore) -> N
     stream = follow(store, bus, "r1", poll=5, keepalive=0.05)
     waiting = asyncio.ensure_future(anext(stream))
     await asyncio.sleep(0.01)
-    await bus.publish("r1", store.append("r1", EventKind.RESPONSE))
+    await bus.publish("r1", store.push("r1", EventKind.RESPONSE))
     assert parse(await waiting)["id"] == "1"
     async with asyncio.timeout(1):
         assert await anext(stream) == b": keep-alive\n\n"  # its anext of the bus is pending
@@ -296,8 +256,8 @@ async def test_follow_with_async_generator_subscription(store: MemoryStore) -> N
 
 async def test_long_backlog_is_read_in_pages(store: MemoryStore, bus: InProcessEventBus) -> None:
     for _ in range(2500):
-        store.append("r1", EventKind.RESPONSE)
-    store.append("r1", EventKind.DONE)
+        store.push("r1", EventKind.RESPONSE)
+    store.push("r1", EventKind.DONE)
     got = await collect(follow(store, bus, "r1"))
     assert [int(f["id"]) for f in got] == list(range(1, 2502))
 

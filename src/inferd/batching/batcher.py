@@ -148,10 +148,6 @@ class Batcher(Generic[In, Out]):
         """Batches being computed right now."""
         return self._running
 
-    @property
-    def started(self) -> bool:
-        return self._task is not None and not self._task.done()
-
     def start(self) -> None:
         """Start the collector task on the running loop."""
         if self._task is not None:
@@ -258,16 +254,6 @@ class Batcher(Generic[In, Out]):
         if not self._wake.is_set():
             self._wake.set()
         return future
-
-    async def infer(self, payload: In, rows: int, deadline: float) -> Out:
-        """Submit and wait for the output."""
-        future = self.submit(payload, rows, deadline)
-        try:
-            output, _ = await future
-            return output
-        finally:
-            if not future.done():  # our caller was cancelled: drop the item
-                future.cancel()
 
     # ------------------------------------------------------------------ deadlines
     # One timer per batcher instead of one per request: deadlines sit in a heap, the timer is
