@@ -364,6 +364,7 @@ async def test_keys_scopes_and_the_daily_budget(serve: Callable[..., Any]) -> No
                 "messages": [{"role": "user", "content": "the quick"}],
                 "max_tokens": 4,
                 "stream": True,
+                "stream_options": {"include_usage": True},
             },
             headers=bearer(key),
         )
@@ -387,12 +388,16 @@ async def test_keys_scopes_and_the_daily_budget(serve: Callable[..., Any]) -> No
     assert '"daily";q=30' in served.headers["ratelimit-policy"]
     assert streamed.status_code == 200
     assert events(streamed.text)[-1] == "[DONE]"
-    assert after_two["tokens_used_today"] == 13  # the stream's 4 tokens
+    # Where the tiny model stops in a chat transcript (it was trained on plain sentences) is
+    # its own affair; what counts is that the key pays what the stream says it generated.
+    chat_tokens = events(streamed.text)[-2]["usage"]["completion_tokens"]
+    assert 1 <= chat_tokens <= 4
+    assert after_two["tokens_used_today"] == 9 + chat_tokens
     assert over.status_code == 429
     assert over.json()["error"]["type"] == "insufficient_quota"
     assert over.json()["error"]["code"] == "quota_exceeded"
     assert "retry-after" in over.headers
-    assert after_refusal["tokens_used_today"] == 13
+    assert after_refusal["tokens_used_today"] == 9 + chat_tokens
 
 
 # ---------------------------------------------------------------------------- load
