@@ -187,6 +187,14 @@ class Settings(BaseSettings):
     """Log one JSON line per HTTP request with the request id, status, latency, queue depth and
     batch size."""
 
+    otel_endpoint: str | None = None
+    """OpenTelemetry collector that traces are sent to over OTLP/HTTP, e.g.
+    ``http://127.0.0.1:4318`` (spans go to ``<endpoint>/v1/traces``). Unset: tracing is off,
+    unless the standard ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT``
+    names one; ``OTEL_SDK_DISABLED=true`` keeps it off. The other ``OTEL_*`` variables
+    (``OTEL_SERVICE_NAME``, ``OTEL_TRACES_SAMPLER``...) apply. Off, requests make no spans and
+    cost nothing more (docs/tracing.md)."""
+
     # --- drift and prediction monitoring ------------------------------------------------------
     drift_enabled: bool = True
     """Watch what every served version is fed and answers: class counts and confidence, and
