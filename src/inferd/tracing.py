@@ -214,7 +214,9 @@ class RequestTrace:
         self.token: Any = None  # the context token while the span is the current one
 
     @classmethod
-    def server(cls, method: str, headers: list[tuple[bytes, bytes]], started: float) -> Any:
+    def server(
+        cls, method: str, headers: list[tuple[bytes, bytes]], started: float
+    ) -> RequestTrace:
         """The server span of an HTTP request, child of the caller's ``traceparent``."""
         assert tracer is not None
         parent = _propagator.extract(headers, getter=_ASGI)  # type: ignore[arg-type]
@@ -224,7 +226,7 @@ class RequestTrace:
         return cls(span)
 
     @classmethod
-    def internal(cls, name: str, started: float, attributes: dict[str, Any]) -> Any:
+    def internal(cls, name: str, started: float, attributes: dict[str, Any]) -> RequestTrace:
         """A span of work that did not arrive by HTTP (a job's prediction), under the
         current span."""
         assert tracer is not None
@@ -242,6 +244,9 @@ class RequestTrace:
 
     def traceparent(self) -> bytes:
         return traceparent(self.span).encode()
+
+    def trace_id(self) -> str:
+        return f"{self.span.get_span_context().trace_id:032x}"
 
     def end(
         self,

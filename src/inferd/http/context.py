@@ -275,7 +275,7 @@ class RequestContextMiddleware:
                 model=ctx.model,
                 model_version=ctx.version,
                 detail=ctx.detail,
-                trace_id=trace and f"{trace.span.get_span_context().trace_id:032x}",
+                trace_id=None if trace is None else trace.trace_id(),
             )
 
 

@@ -17,7 +17,9 @@ body is read and decoded, how the answer is encoded). Everything else is done he
    batcher asks the connection; elsewhere a task waits for the disconnect when the request
    will wait); 504 at the deadline;
 7. refund the reservation of a request that was not served, record the served ones;
-8. the per-version latency and the access-log fields (model, version, queue depth, batch size).
+8. the per-version latency and the access-log fields (model, version, queue depth, batch size,
+   queue time); with tracing on, the times the request's spans are made from (admitted,
+   answered) and its batch's span (:mod:`inferd.tracing`).
 """
 
 from __future__ import annotations
