@@ -1,0 +1,90 @@
+"""What tracing costs a request when it is on, measured in-process (no server, no network).
+
+    python bench/tracing_cost.py [--requests 5000] [--batch 1,25]
+
+For each batch size: the CPU time (``time.process_time``) to make one request's spans (the
+server span and its five phases, as the middleware and the data plane make them, plus its
+share of the batch's two spans), then to encode them as the OTLP/HTTP exporter does (protobuf,
+in batches of 512 spans, its default). The exporter's HTTP post is left out. Best of 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from inferd import tracing
+
+HEADERS = [(b"content-type", b"application/json"), (b"content-length", b"35")]
+ATTRIBUTES = {
+    "inferd.request_id": "6c1e5a0b9f2d-1",
+    "inferd.model": "iris",
+    "inferd.model_version": "1",
+    "inferd.batch_size": 25,
+    "inferd.queue_depth": 3,
+    "http.request.method": "POST",
+    "http.route": "/predict",
+    "url.path": "/predict",
+    "http.response.status_code": 200,
+}
+
+
+class Keep(SpanExporter):
+    """Holds the spans (to be encoded after the fact)."""
+
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.spans.extend(spans)
+        return SpanExportResult.SUCCESS
+
+
+def requests(n: int, batch: int) -> None:
+    """``n`` requests' spans, in batches of ``batch`` requests."""
+    for _ in range(0, n, batch):
+        t0 = time.perf_counter()
+        traces = [tracing.RequestTrace.server("POST", HEADERS, t0) for _ in range(batch)]
+        batch_trace = tracing.BatchTrace.start(traces, "iris", batch, batch, t0)
+        assert batch_trace is not None
+        batch_trace.model_started = t0
+        batch_trace.model_call(t0)
+        batch_trace.end()
+        for trace in traces:
+            trace.admitted = trace.answered = trace.write_started = trace.write_ended = t0
+            trace.end(t0, t0, t0, ATTRIBUTES, None, "POST /predict")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=5000)
+    p.add_argument("--batch", default="1,25", help="requests per batch, comma-separated")
+    a = p.parse_args()
+    print("| requests/batch | spans/request | make µs/request | encode µs/request | total |")
+    print("|--:|--:|--:|--:|--:|")
+    for batch in (int(b) for b in a.batch.split(",")):
+        make, encode, spans = [], [], 0
+        for _ in range(5):
+            keep = Keep()
+            tracing.configure(keep, batch=False)
+            t = time.process_time()
+            requests(a.requests, batch)
+            make.append((time.process_time() - t) / a.requests * 1e6)
+            tracing.shutdown()
+            t = time.process_time()
+            for i in range(0, len(keep.spans), 512):
+                encode_spans(keep.spans[i : i + 512]).SerializeToString()
+            encode.append((time.process_time() - t) / a.requests * 1e6)
+            spans = len(keep.spans)
+        m, e = min(make), min(encode)
+        per = spans / a.requests
+        print(f"| {batch} | {per:.2f} | {m:.1f} | {e:.1f} | {m + e:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
