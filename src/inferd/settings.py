@@ -299,6 +299,18 @@ class Settings(BaseSettings):
             return names or None
         return value
 
+    @field_validator("otel_endpoint")
+    @classmethod
+    def _check_otel_endpoint(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(
+                f"otel_endpoint must be an http:// or https:// URL (OTLP/HTTP), got {value!r}"
+            )
+        return value
+
     @field_validator("image_url_allowed_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: Any) -> Any:

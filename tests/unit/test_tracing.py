@@ -142,3 +142,15 @@ async def test_off_a_batch_makes_no_span() -> None:
     finally:
         await batcher.stop()
     assert rows == 1 and link is None and started <= time.perf_counter()
+
+
+def test_the_endpoint_setting_must_be_an_http_url() -> None:
+    from pydantic import ValidationError
+
+    from inferd.settings import Settings
+
+    assert Settings(_env_file=None, otel_endpoint=" ").otel_endpoint is None  # type: ignore[call-arg]
+    ok = Settings(_env_file=None, otel_endpoint="http://127.0.0.1:4318")  # type: ignore[call-arg]
+    assert ok.otel_endpoint == "http://127.0.0.1:4318"
+    with pytest.raises(ValidationError, match="otel_endpoint must be an http"):
+        Settings(_env_file=None, otel_endpoint="127.0.0.1:4318")  # type: ignore[call-arg]

@@ -180,14 +180,15 @@ class RequestContextMiddleware:
         request_id = _incoming_id(scope["headers"]) or self._new_id()
         ctx = RequestContext(request_id, started, asyncio.get_running_loop().time())
         scope["inferd"] = ctx
+        fast = self.fast
+        route = fast.match(scope) if fast is not None else None
         if tracing.tracer is not None:  # off: nothing more than this check
             trace = ctx.trace = tracing.RequestTrace.server(
                 scope["method"], scope["headers"], started
             )
-            trace.attach()  # current for what runs under it (a job's submit stores it)
+            if route is None:  # current for the routes under it (a job's submit stores it)
+                trace.attach()
             send = _TraceSender(send, trace)
-        fast = self.fast
-        route = fast.match(scope) if fast is not None else None
         try:
             if self.auth is not None and not await self._admit(scope, send, ctx):
                 return
