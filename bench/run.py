@@ -150,6 +150,8 @@ def server_command(
     listen = ["--host", HOST, "--port", str(port)]
     if target.startswith("inferd"):  # the defaults: JSON access log on, metrics on
         env["INFERD_ACCESS_LOG"] = "true"
+        # A database of its own: another checkout's migrations may be older than this one's.
+        env["INFERD_DATA_DIR"] = f".inferd-{target}"
         if target == "inferd-nodrift":  # the same, with drift monitoring off
             env["INFERD_DRIFT_ENABLED"] = "false"
         if target == "inferd-tracing":  # the same, with tracing on (docs/tracing.md)
