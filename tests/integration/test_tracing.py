@@ -191,8 +191,12 @@ async def test_a_jobs_runs_are_in_its_submits_trace(
             submits[model] = r
         for r in submits.values():
             assert (await wait_terminal(s.client, r.json()["id"]))["status"] == "succeeded"
-        await asyncio.sleep(0.05)  # the worker ends a run's span once its outcome is stored
-    spans = exporter.get_finished_spans()
+        # The worker ends a run's span just after its outcome is stored.
+        for _ in range(500):
+            spans = exporter.get_finished_spans()
+            if sum(s.name == "job" for s in spans) == 2:
+                break
+            await asyncio.sleep(0.01)
     jobs = {s.attributes["inferd.model"]: s for s in spans if s.name == "job" and s.attributes}
     assert set(jobs) == {"iris", "streamer"}
     for model, r in submits.items():
