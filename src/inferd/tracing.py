@@ -50,12 +50,18 @@ __all__ = [
     "carrier",
     "configure",
     "configure_from_env",
+    "detach",
+    "end_job_span",
+    "endpoint",
     "endpoint_from_env",
     "extract",
     "job_span",
     "shutdown",
     "to_ns",
+    "traceparent",
     "tracer",
+    "traces_url",
+    "use_span",
 ]
 
 tracer: trace.Tracer | None = None
