@@ -1,14 +1,16 @@
 """Tracing with OpenTelemetry: where one request spent its time, exported over OTLP/HTTP.
 
-Off by default. :func:`configure` turns it on when given an endpoint (``INFERD_OTEL_ENDPOINT``)
-or when the standard variables name one (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``,
-``OTEL_EXPORTER_OTLP_ENDPOINT``); ``OTEL_SDK_DISABLED=true`` keeps it off. The SDK reads the
+Off by default. :func:`configure_from_env` turns it on when given an endpoint
+(``INFERD_OTEL_ENDPOINT``) or when the standard variables name one
+(``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, ``OTEL_EXPORTER_OTLP_ENDPOINT``);
+``OTEL_SDK_DISABLED=true`` keeps it off. The SDK reads the
 other standard variables itself: ``OTEL_SERVICE_NAME`` (default ``inferd``),
 ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER`` and ``OTEL_TRACES_SAMPLER_ARG``,
 ``OTEL_BSP_*`` (the batch span processor), ``OTEL_EXPORTER_OTLP_HEADERS`` and the like.
 
-The request path makes one check while tracing is off: ``RequestContext.trace is None`` (set
-only when :data:`tracer` is not None). No span, no context and no clock reading is made for a
+While tracing is off the request path makes a few checks: ``tracer is None`` in the
+middleware and the batcher (once per batch), ``RequestContext.trace is None`` in the data
+plane. No span, no context and no clock reading is made for a
 request then. When it is on, a request's phases are timed with ``time.perf_counter()`` where
 the data plane already reads it, and its spans are made once it is over, with those times
 (:meth:`RequestTrace.end`):
