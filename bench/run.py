@@ -5,7 +5,9 @@
                         [--no-pin]
 
 ``--targets inferd,inferd-nodrift`` sets inferd against itself with drift monitoring off
-(``INFERD_DRIFT_ENABLED=false``); ``--rounds N`` runs the targets N times in turn.
+(``INFERD_DRIFT_ENABLED=false``); ``inferd-tracing`` is inferd with tracing on, exporting
+OTLP/HTTP to a sink on loopback (bench/baselines/otlp_sink.py, on wrk's CPU); ``--rounds N``
+runs the targets N times in turn.
 ``--baseline-src DIR`` adds the target ``inferd-baseline``: inferd served from another checkout
 (``git worktree add DIR <commit>``), with this venv's packages, to compare two commits in one
 run.
@@ -42,7 +44,14 @@ HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: python, inferd
 BODY = '{"features": [5.1, 3.5, 1.4, 0.2]}'
-TARGETS = ("inferd", "raw-asgi", "naive-fastapi", "inferd-nodrift", "inferd-baseline")
+TARGETS = (
+    "inferd",
+    "raw-asgi",
+    "naive-fastapi",
+    "inferd-nodrift",
+    "inferd-tracing",
+    "inferd-baseline",
+)
 DEFAULT_TARGETS = ("inferd", "raw-asgi", "naive-fastapi")
 BASELINES = ("raw-asgi", "naive-fastapi")
 READY_TIMEOUT_S, STOP_TIMEOUT_S, WRK_SLACK_S = 90.0, 15.0, 30
@@ -131,14 +140,24 @@ def http(port: int, path: str, body: str | None = None) -> tuple[int, bytes]:
 
 
 def server_command(
-    target: str, port: int, models_dir: Path, baseline_src: Path | None = None
+    target: str,
+    port: int,
+    models_dir: Path,
+    baseline_src: Path | None = None,
+    otlp: str | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERD_")}
     listen = ["--host", HOST, "--port", str(port)]
     if target.startswith("inferd"):  # the defaults: JSON access log on, metrics on
         env["INFERD_ACCESS_LOG"] = "true"
+        # A database of its own: another checkout's migrations may be older than this one's.
+        env["INFERD_DATA_DIR"] = f".inferd-{target}"
         if target == "inferd-nodrift":  # the same, with drift monitoring off
             env["INFERD_DRIFT_ENABLED"] = "false"
+        if target == "inferd-tracing":  # the same, with tracing on (docs/tracing.md)
+            if otlp is None:
+                raise ValueError("the inferd-tracing target needs an OTLP endpoint")
+            env["INFERD_OTEL_ENDPOINT"] = otlp
         cmd = [str(BIN / "inferd"), "serve", *listen, "--models-dir", str(models_dir)]
         if target == "inferd-baseline":  # the other checkout's package before this one's
             if baseline_src is None:
@@ -172,8 +191,35 @@ def answers(target: str, port: int) -> bool:
 def server(target: str, models_dir: Path, opts: Options) -> Iterator[tuple[int, int]]:
     """Start a target, wait until it answers, yield (pid, port); stop it on the way out."""
     port = free_port()
-    cmd, env = server_command(target, port, models_dir, opts.baseline_src)
-    cmd = pinned(opts.cpus[0] if opts.cpus else None, cmd)
+    with contextlib.ExitStack() as stack:
+        otlp = stack.enter_context(otlp_sink(opts)) if target == "inferd-tracing" else None
+        cmd, env = server_command(target, port, models_dir, opts.baseline_src, otlp)
+        cmd = pinned(opts.cpus[0] if opts.cpus else None, cmd)
+        yield from _serve(target, port, cmd, env, opts)
+
+
+@contextlib.contextmanager
+def otlp_sink(opts: Options) -> Iterator[str]:
+    """An OTLP/HTTP endpoint that discards what it is sent, on wrk's CPU; yields its URL."""
+    port = free_port()
+    script = ROOT / "bench" / "baselines" / "otlp_sink.py"
+    cmd = pinned(opts.cpus[1] if opts.cpus else None, [sys.executable, str(script), str(port)])
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while http(port, "/stats")[0] != 200:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the OTLP sink did not come up")
+            time.sleep(0.05)
+        yield f"http://{HOST}:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(STOP_TIMEOUT_S)
+
+
+def _serve(
+    target: str, port: int, cmd: list[str], env: dict[str, str], opts: Options
+) -> Iterator[tuple[int, int]]:
     log_path = opts.out / f"{target}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -368,6 +414,69 @@ def cpu_us(run: Run) -> float | None:
     return run.server_cpu_pct / 100 / run.rps * 1e6 if run.rps else None
 
 
+def pair_costs(runs: list[Run], on_target: str, off_target: str) -> list[dict[str, Any]]:
+    """One target (on) against another (off), round by round and load by load."""
+    out = []
+    for on in runs:
+        off = next(
+            (
+                r
+                for r in runs
+                if r.target == off_target and (r.connections, r.round) == (on.connections, on.round)
+            ),
+            None,
+        )
+        if on.target != on_target or off is None:
+            continue
+        out.append(
+            {
+                "round": on.round,
+                "connections": on.connections,
+                "rps_on": on.rps,
+                "rps_off": off.rps,
+                "rps_change": on.rps / off.rps - 1 if off.rps else None,
+                "p50_on_ms": on.p50_ms,
+                "p50_off_ms": off.p50_ms,
+                "p99_on_ms": on.p99_ms,
+                "p99_off_ms": off.p99_ms,
+                "cpu_us_on": cpu_us(on),
+                "cpu_us_off": cpu_us(off),
+            }
+        )
+    return out
+
+
+def pair_section(title: str, legend: str, rows: list[dict[str, Any]]) -> list[str]:
+    """A report section of :func:`pair_costs`: a table, then the medians per load."""
+    lines = [
+        "",
+        f"## {title}",
+        "",
+        legend,
+        "",
+        "| round | conns | req/s on | req/s off | change | p50 ms on | p50 ms off | p99 ms on "
+        "| p99 ms off | CPU µs/req on | CPU µs/req off |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for d in rows:
+        lines.append(
+            f"| {d['round']} | {d['connections']} | {d['rps_on']:,.0f} | {d['rps_off']:,.0f} "
+            f"| {percent(d['rps_change'])} | {d['p50_on_ms']:.2f} | {d['p50_off_ms']:.2f} "
+            f"| {d['p99_on_ms']:.2f} | {d['p99_off_ms']:.2f} "
+            f"| {d['cpu_us_on'] or 0:.1f} | {d['cpu_us_off'] or 0:.1f} |"
+        )
+    lines.append("")
+    for conns in sorted({d["connections"] for d in rows}):
+        at = [d for d in rows if d["connections"] == conns]
+        change = median([d["rps_change"] for d in at])
+        on, off = median([d["cpu_us_on"] for d in at]), median([d["cpu_us_off"] for d in at])
+        lines.append(
+            f"- {conns} connection(s), median of {len(at)} round(s): req/s {percent(change)}; "
+            f"server CPU {on or 0:.1f} µs/request on, {off or 0:.1f} off."
+        )
+    return lines
+
+
 def drift_costs(runs: list[Run]) -> list[dict[str, Any]]:
     """Drift monitoring on (inferd) against off (inferd-nodrift), round by round."""
     out = []
@@ -496,6 +605,19 @@ def markdown(report: dict[str, Any]) -> str:
                 f"with drift on; server CPU {on or 0:.1f} µs/request on, {off or 0:.1f} off; "
                 f"the monitor's own time {own or 0:.2f} µs/request."
             )
+    if report.get("tracing"):
+        lines += pair_section(
+            "Tracing on vs off",
+            "inferd-tracing (tracing on, every request sampled, OTLP/HTTP to a sink on loopback) "
+            "against inferd (tracing off).",
+            report["tracing"],
+        )
+    if report.get("tracing_off"):
+        lines += pair_section(
+            "inferd against inferd-baseline",
+            "inferd (this checkout, tracing off) against inferd-baseline (--baseline-src).",
+            report["tracing_off"],
+        )
     if report["checks"]:
         lines += ["", "## Goals", ""]
         for c in report["checks"]:
@@ -596,6 +718,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios(by_key, opts.connections),
         "checks": checks(by_key),
         "drift": drift_costs(runs),
+        "tracing": pair_costs(runs, "inferd-tracing", "inferd"),
+        "tracing_off": pair_costs(runs, "inferd", "inferd-baseline"),
     }
     (opts.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)

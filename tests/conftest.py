@@ -94,7 +94,9 @@ def serve(make_settings: Callable[..., Settings]) -> Callable[..., Any]:
 
 @pytest.fixture(autouse=True)
 def _no_inferd_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests start from defaults, whatever INFERD_* the caller's shell exports."""
+    """Tests start from defaults, whatever INFERD_* (or OTEL_*: tracing) the caller's shell
+    exports."""
     for key in list(os.environ):
-        if key.startswith("INFERD_") and key != "INFERD_TEST_REQUIRE_SERVICES":
+        inferd = key.startswith("INFERD_") and key != "INFERD_TEST_REQUIRE_SERVICES"
+        if inferd or key.startswith("OTEL_"):
             monkeypatch.delenv(key)

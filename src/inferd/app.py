@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
+from inferd import tracing
 from inferd.backends import Backends, prepare_database
 from inferd.concurrency import run_blocking
 from inferd.console import Stats, build_console_router
@@ -141,6 +142,7 @@ class InferdApp:
         self._revocations: asyncio.Task[None] | None = None
         self._repository_watch: asyncio.Task[None] | None = None
         self._ledger_task: asyncio.Task[None] | None = None
+        self._tracing = False  # whether this app turned tracing on (and turns it off)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         await self._asgi(scope, receive, send)
@@ -150,6 +152,9 @@ class InferdApp:
         if self.syncer is not None and self.syncer.last is None:  # `inferd serve` synced
             await run_blocking(self.syncer.sync)
         entries = self.registry.plan()  # a wrong repository fails start-up right here
+        self._tracing = tracing.configure_from_env(self.settings.otel_endpoint)
+        if self._tracing:
+            log.info("tracing on", endpoint=tracing.endpoint(self.settings.otel_endpoint))
         try:
             await prepare_database(self.settings)
         except InferdError as exc:
@@ -208,6 +213,9 @@ class InferdApp:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
         self.access_log.flush()
+        if self._tracing:  # export the spans still buffered
+            self._tracing = False
+            await run_blocking(tracing.shutdown)
 
     async def _usage(self, request: Request) -> dict[str, Any]:
         key = request.scope.get("inferd.key")

@@ -1,8 +1,9 @@
 """JSON logs through structlog, one object per line, for inferd's own events and uvicorn's.
 
 Access lines carry: ``timestamp``, ``level``, ``request_id``,
-``method``, ``path``, ``status_code``, ``latency_ms``, ``queue_depth``, ``batch_size``,
-``detail``. Never pass a secret to a logger.
+``method``, ``path``, ``status_code``, ``latency_ms``, ``queue_ms`` (time in the model's queue),
+``queue_depth``, ``batch_size``, ``detail``, ``trace_id`` (null while tracing is off). Never
+pass a secret to a logger.
 """
 
 from __future__ import annotations

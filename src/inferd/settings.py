@@ -187,6 +187,14 @@ class Settings(BaseSettings):
     """Log one JSON line per HTTP request with the request id, status, latency, queue depth and
     batch size."""
 
+    otel_endpoint: str | None = None
+    """OpenTelemetry collector that traces are sent to over OTLP/HTTP, e.g.
+    ``http://127.0.0.1:4318`` (spans go to ``<endpoint>/v1/traces``). Unset: tracing is off,
+    unless the standard ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT``
+    names one; ``OTEL_SDK_DISABLED=true`` keeps it off. The other ``OTEL_*`` variables
+    (``OTEL_SERVICE_NAME``, ``OTEL_TRACES_SAMPLER``...) apply. Off, requests make no spans and
+    cost nothing more (docs/tracing.md)."""
+
     # --- drift and prediction monitoring ------------------------------------------------------
     drift_enabled: bool = True
     """Watch what every served version is fed and answers: class counts and confidence, and
@@ -289,6 +297,18 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             names = [part.strip() for part in value.split(",") if part.strip()]
             return names or None
+        return value
+
+    @field_validator("otel_endpoint")
+    @classmethod
+    def _check_otel_endpoint(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(
+                f"otel_endpoint must be an http:// or https:// URL (OTLP/HTTP), got {value!r}"
+            )
         return value
 
     @field_validator("image_url_allowed_hosts", mode="before")

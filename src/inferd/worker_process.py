@@ -14,7 +14,9 @@ import gc
 import os
 import signal
 
+from inferd import tracing
 from inferd.backends import Backends, prepare_database
+from inferd.concurrency import run_blocking
 from inferd.jobs.runner import ModelExecutor
 from inferd.logs import get_logger
 from inferd.metrics import Metrics
@@ -31,6 +33,7 @@ async def run_worker(settings: Settings, concurrency: int, burst: bool = False) 
     of jobs run."""
     registry = ModelRegistry(settings, Metrics())
     entries = registry.plan()
+    traced = tracing.configure_from_env(settings.otel_endpoint)
     await prepare_database(settings)
     backends = Backends.from_settings(settings, registry.metrics)
     executor = ModelExecutor(registry, settings.max_instances, settings.lease_seconds)
@@ -69,3 +72,5 @@ async def run_worker(settings: Settings, concurrency: int, burst: bool = False) 
             loop.remove_signal_handler(sig)
         await registry.stop(grace=1.0)
         await backends.close()
+        if traced:  # export the spans still buffered
+            await run_blocking(tracing.shutdown)

@@ -283,6 +283,17 @@ async def test_claim_takes_the_oldest_job_and_marks_it_running(
     assert (await kinds(store, ids[0]))[-1] == ("status", {"status": "running", "attempt": 1})
 
 
+async def test_a_lease_carries_the_trace_context_of_the_submit(store: SqlStore) -> None:
+    context = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    traced = await submit(store, trace_context=context)
+    untraced = await submit(store)
+    leases = {lease.request_id: lease for lease in [await claim(store), await claim(store)]}
+    assert leases[traced].trace_context == context
+    assert leases[untraced].trace_context is None
+    await store.release(leases[traced])  # and again on the next attempt
+    assert (await claim(store)).trace_context == context
+
+
 async def test_concurrent_claimers_take_each_job_exactly_once(store: SqlStore) -> None:
     ids = {await submit(store, input=n) for n in range(20)}
     taken: list[str] = []
@@ -596,7 +607,7 @@ async def test_migrations_are_idempotent_and_match_the_schema(store_url: str) ->
         async with store.engine.connect() as conn:
             assert await conn.run_sync(_schema_diff) == []
             version = await conn.scalar(select(column("version_num")).select_from(history))
-        assert version == "0003"
+        assert version == "0006"
     finally:
         await store.close()
 

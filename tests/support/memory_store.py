@@ -53,6 +53,7 @@ class MemoryStore:
         self.jobs: dict[str, _Job] = {}
         self.digests: dict[str, str] = {}
         self.charges: dict[str, dict[str, Any]] = {}
+        self.traces: dict[str, dict[str, str]] = {}
         self.backoff = backoff
         self.now = START
         self.event_reads = 0
@@ -113,6 +114,7 @@ class MemoryStore:
         max_attempts: int = 3,
         version: str | None = None,
         charge: dict[str, Any] | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> tuple[RequestRecord, bool]:
         if max_attempts < 1:
             raise BadRequest("max_attempts must be at least 1")
@@ -134,6 +136,8 @@ class MemoryStore:
         self.jobs[request_id] = _Job(run_at=self.now)
         if charge is not None:
             self.charges[request_id] = charge
+        if trace_context is not None:
+            self.traces[request_id] = trace_context
         self._emit(request_id, EventKind.STATUS, {"status": "queued", "attempt": 0})
         return self._record(request_id), True
 
@@ -224,6 +228,7 @@ class MemoryStore:
             model=record.model,
             input=record.input,
             parameters=record.parameters,
+            trace_context=self.traces.get(request_id),
         )
 
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:

@@ -61,8 +61,7 @@ async def infer(batcher: Batcher[Any, Any], payload: Any, rows: int, deadline: f
     the data plane does."""
     future = batcher.submit(payload, rows, deadline)
     try:
-        output, _ = await future
-        return output
+        return (await future)[0]
     finally:
         if not future.done():
             future.cancel()

@@ -17,7 +17,15 @@ PACKAGE = SRC / "inferd"
 
 LAYERS: list[tuple[str, ...]] = [
     # what everything uses: no knowledge of models, HTTP or databases
-    ("inferd.errors", "inferd.concurrency", "inferd.logs", "inferd.metrics", "inferd.s3url"),
+    # (and tracing: the tracer, W3C context in and out, the spans of a request and a batch)
+    (
+        "inferd.errors",
+        "inferd.concurrency",
+        "inferd.logs",
+        "inferd.metrics",
+        "inferd.s3url",
+        "inferd.tracing",
+    ),
     ("inferd.db",),  # every table, the engine, the migrations
     ("inferd.settings",),
     # the batcher; the registry and the runtimes; drift references and windows of their

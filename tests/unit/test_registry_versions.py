@@ -242,7 +242,7 @@ async def test_requests_queued_on_the_old_version_finish_during_the_swap(
 
     assert during.version == 2
     assert draining is ModelState.UNLOADING
-    assert all(out.shape == (1, 3) and out[0].argmax() == 1 for out, _ in answers)
+    assert all(out.shape == (1, 3) and out[0].argmax() == 1 for out, *_ in answers)
     assert old.state is ModelState.UNLOADED
 
 

@@ -32,6 +32,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from inferd import tracing
 from inferd.errors import DeadlineExceeded, InferdError, ModelError, Overloaded
 
 __all__ = ["Batcher", "BatcherStats"]
@@ -52,6 +53,7 @@ class _Item(Generic[In]):
     deadline: float
     enqueued: float
     gone: Callable[[], bool] | None
+    trace: Any = None  # the request's RequestTrace while tracing is on
 
 
 @dataclass(slots=True)
@@ -234,11 +236,15 @@ class Batcher(Generic[In, Out]):
         rows: int,
         deadline: float,
         gone: Callable[[], bool] | None = None,
-    ) -> asyncio.Future[tuple[Out, int]]:
-        """Queue ``payload`` (``rows`` rows); the future gives its output and the row count of
-        the batch it ran in, or fails with :class:`DeadlineExceeded` at ``deadline`` (on the
-        loop's clock), whether the item is still queued or already in the model. ``gone``, if
-        given, says whether the caller has left; such items are dropped unrun.
+        trace: Any = None,
+    ) -> asyncio.Future[tuple[Out, int, float, Any]]:
+        """Queue ``payload`` (``rows`` rows); the future gives its output, the row count of
+        the batch it ran in, when that batch started (``time.perf_counter()``) and the batch's
+        span context (None unless traced), or fails with :class:`DeadlineExceeded` at
+        ``deadline`` (on the loop's clock), whether the item is still queued or already in the
+        model. ``gone``, if given, says whether the caller has left; such items are dropped
+        unrun. ``trace``: the request's :class:`~inferd.tracing.RequestTrace`, linked from the
+        batch's span.
         """
         depth = len(self._queue)
         if depth >= self.shed_limit or self._closing:
@@ -246,8 +252,8 @@ class Batcher(Generic[In, Out]):
         if self._task is None:
             raise RuntimeError(f"batcher {self.name} is not started")
         loop = self._loop
-        future: asyncio.Future[tuple[Out, int]] = loop.create_future()
-        self._queue.append(_Item(payload, rows, future, deadline, loop.time(), gone))
+        future: asyncio.Future[tuple[Out, int, float, Any]] = loop.create_future()
+        self._queue.append(_Item(payload, rows, future, deadline, loop.time(), gone, trace))
         heapq.heappush(self._deadlines, (deadline, next(self._sequence), future))
         if deadline < self._timer_at:
             self._arm(deadline)
@@ -348,15 +354,26 @@ class Batcher(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         rows = sum(item.rows for item in batch)
         started = time.perf_counter()
+        traced = None  # the batch's span, when a request in it is traced
+        if tracing.tracer is not None:
+            traces = [item.trace for item in batch]
+            traced = tracing.BatchTrace.start(traces, self.name, rows, len(batch), started)
+        link = traced.context if traced is not None else None
         try:
             data = self._collate([item.payload for item in batch])
+            if traced is not None:
+                traced.model_started = time.perf_counter()
             output = await loop.run_in_executor(self._executor, self._fn, data)
+            if traced is not None:
+                traced.model_call(time.perf_counter())
             parts = self._split(output, [item.rows for item in batch])
         except asyncio.CancelledError:
             for item in batch:
                 _fail(item.future, Overloaded(f"model {self.name} is shutting down; retry"))
             raise
         except Exception as exc:  # the model's failure is each caller's failure
+            if traced is not None:
+                traced.fail(repr(exc)[:200])
             self.stats.failed_batches += 1
             log.error("batch of %d rows failed in model %s: %r", rows, self.name, exc)
             error = (
@@ -372,13 +389,15 @@ class Batcher(Generic[In, Out]):
         else:
             for item, part in zip(batch, parts, strict=True):
                 if not item.future.done():
-                    item.future.set_result((part, rows))
+                    item.future.set_result((part, rows, started, link))
             if self.on_output is not None:
                 try:
                     self.on_output(data, output)
                 except Exception as exc:
                     log.error("batch hook of model %s failed: %r", self.name, exc)
         finally:
+            if traced is not None:
+                traced.end()
             elapsed = time.perf_counter() - started
             self._running -= 1
             self.stats.batches += 1

@@ -90,6 +90,9 @@ requests = Table(
     Column("updated_at", BigInteger, nullable=False),
     Column("started_at", BigInteger, nullable=True),
     Column("finished_at", BigInteger, nullable=True),
+    # W3C trace context of the submit (traceparent, tracestate) while tracing is on, else NULL:
+    # the worker's span of each run is its child.
+    Column("trace_context", JSON, nullable=True),
     # NULL keys are distinct on both databases: requests without a key never collide.
     UniqueConstraint("user_id", "idempotency_key"),
     CheckConstraint(

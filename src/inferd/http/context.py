@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from inferd import tracing
 from inferd.errors import BadRequest, InferdError
 from inferd.http.responses import send_error
 from inferd.logs import AccessLog, get_logger
@@ -126,6 +127,29 @@ class _IdSender:
         await self.send(message)
 
 
+class _TraceSender:
+    """Returns ``traceparent`` (the request's span) and times the response's write."""
+
+    __slots__ = ("send", "trace")
+
+    def __init__(self, send: Any, trace: tracing.RequestTrace) -> None:
+        self.send = send
+        self.trace = trace
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.trace.write_started = time.perf_counter()
+            headers = list(message.get("headers", ()))
+            headers.append((b"traceparent", self.trace.traceparent()))
+            message = {**message, "headers": headers}
+            await self.send(message)
+            return
+        await self.send(message)
+        if kind == "http.response.body" and not message.get("more_body", False):
+            self.trace.write_ended = time.perf_counter()
+
+
 class RequestContextMiddleware:
     """Wraps the whole app: ``X-Request-ID`` in and out, access log, request metrics."""
 
@@ -158,6 +182,13 @@ class RequestContextMiddleware:
         scope["inferd"] = ctx
         fast = self.fast
         route = fast.match(scope) if fast is not None else None
+        if tracing.tracer is not None:  # off: nothing more than this check
+            trace = ctx.trace = tracing.RequestTrace.server(
+                scope["method"], scope["headers"], started
+            )
+            if route is None:  # current for the routes under it (a job's submit stores it)
+                trace.attach()
+            send = _TraceSender(send, trace)
         try:
             if self.auth is not None and not await self._admit(scope, send, ctx):
                 return
@@ -173,6 +204,8 @@ class RequestContextMiddleware:
                 await send_with_id_error(_IdSender(send, ctx), ctx)
         finally:
             self._finish(scope, ctx)
+            if ctx.trace is not None:
+                ctx.trace.detach()
 
     async def _admit(self, scope: dict[str, Any], send: Any, ctx: RequestContext) -> bool:
         """Authenticate and authorize; answer 401/403 and return False when refused."""
@@ -219,6 +252,17 @@ class RequestContextMiddleware:
                 endpoint, method
             )
         duration.observe(elapsed)
+        trace = ctx.trace
+        if trace is not None:
+            ctx.end_trace(
+                f"{method} {endpoint}",
+                **{
+                    "http.request.method": method,
+                    "http.route": endpoint,
+                    "url.path": scope["path"],
+                    "http.response.status_code": status,
+                },
+            )
         if self.access_log.enabled:
             self.access_log.request(
                 request_id=ctx.request_id,
@@ -226,11 +270,13 @@ class RequestContextMiddleware:
                 path=scope["path"],
                 status_code=status,
                 latency_ms=round(elapsed * 1000.0, 3),
+                queue_ms=ctx.queue_ms,
                 queue_depth=ctx.queue_depth,
                 batch_size=ctx.batch_size,
                 model=ctx.model,
                 model_version=ctx.version,
                 detail=ctx.detail,
+                trace_id=None if trace is None else trace.trace_id(),
             )
 
 

@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
+from inferd import tracing
 from inferd.codec import parse_predict_doc, render_rows
-from inferd.errors import ModelNotFound, ValidationFailed
+from inferd.errors import InferdError, ModelNotFound, ValidationFailed
 from inferd.models.base import RequestValidator, StreamingModel
 from inferd.models.registry import LoadedModel, ModelRegistry, ModelState
 from inferd.serving import DataPlane, Decoded, RequestContext
@@ -123,7 +124,18 @@ class ModelExecutor:
         (a job whose ``should_stop`` turns true while it waits is dropped unrun)."""
         loop = asyncio.get_running_loop()
         ctx = RequestContext(request_id, time.perf_counter(), loop.time())
-        return await self.plane.infer(_JobInbound(self, ctx, name, input, parameters, should_stop))
+        inbound = _JobInbound(self, ctx, name, input, parameters, should_stop)
+        if tracing.tracer is None:
+            return await self.plane.infer(inbound)
+        # Traced: the data plane's phases under a "predict" span, child of the job's run.
+        ctx.trace = tracing.RequestTrace.internal("predict", ctx.started, {})
+        try:
+            return await self.plane.infer(inbound)
+        except InferdError as exc:
+            ctx.detail, ctx.status = exc.message, exc.status_code
+            raise
+        finally:
+            ctx.end_trace()
 
     def chunks(
         self,

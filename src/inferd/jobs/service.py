@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from inferd import tracing
 from inferd.concurrency import run_blocking
 from inferd.errors import NotFound, ValidationFailed
 from inferd.jobs.follow import follow_events
@@ -94,6 +95,7 @@ class RequestService:
             idempotency_key=idempotency_key,
             max_attempts=self.max_attempts,
             charge=charge,
+            trace_context=tracing.carrier(),  # None while tracing is off
         )
         if created and self.on_submit is not None:
             self.on_submit()

@@ -166,6 +166,7 @@ class SqlStore:
         max_attempts: int = 3,
         version: str | None = None,
         charge: dict[str, Any] | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> tuple[RequestRecord, bool]:
         """Store the request, its job and its first event in one transaction.
 
@@ -208,6 +209,7 @@ class SqlStore:
                     "last_seq": 1,
                     "created_at": tx.now,
                     "updated_at": tx.now,
+                    "trace_context": trace_context,
                 } | dict.fromkeys(("result", "error", "started_at", "finished_at"))
                 await tx.conn.execute(requests.insert(), row)
                 job = {"request_id": row["id"], "model": model, "state": _QUEUED}
@@ -342,7 +344,12 @@ class SqlStore:
                 "attempts": requests.c.attempts + 1,
                 "started_at": func.coalesce(requests.c.started_at, tx.now),
             }
-            extra = (requests.c.model, requests.c.input, requests.c.parameters)
+            extra = (
+                requests.c.model,
+                requests.c.input,
+                requests.c.parameters,
+                requests.c.trace_context,
+            )
             row = await tx.bump(request_id, values, extra)
             data = {"status": _RUNNING, "attempt": row.attempts}
             await tx.insert_event(request_id, row.last_seq, row.attempts, EventKind.STATUS, data)
@@ -354,6 +361,7 @@ class SqlStore:
             model=row.model,
             input=row.input,
             parameters=row.parameters,
+            trace_context=row.trace_context,
         )
 
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:

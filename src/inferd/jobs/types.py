@@ -113,6 +113,8 @@ class Lease:
     model: str
     input: Any
     parameters: dict[str, Any]
+    trace_context: dict[str, str] | None = None
+    """The submit's W3C trace context (``traceparent``, ``tracestate``), if it was traced."""
 
 
 class RequestStore(Protocol):
@@ -129,8 +131,10 @@ class RequestStore(Protocol):
         max_attempts: int = 3,
         version: str | None = None,
         charge: dict[str, Any] | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> tuple[RequestRecord, bool]:
         """Store the request and its job in one transaction. Returns (record, created).
+        ``trace_context``: the submit's trace, handed to the worker with the lease.
 
         With an ``idempotency_key`` already used by ``user``: the same model, input and
         parameters return the existing record with ``created`` False; different ones raise

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from inferd import tracing
 from inferd.concurrency import run_blocking
 from inferd.errors import InferdError
 from inferd.jobs.runner import ModelExecutor
@@ -45,6 +46,8 @@ class _Job:
     stop_reason: str | None = None
     stopped: threading.Event = field(default_factory=threading.Event)
     chunks: list[Any] = field(default_factory=list)
+    span: Any = None  # this run's span while tracing is on
+    outcome: str = "unrecorded"
 
     def stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -169,6 +172,12 @@ class Worker:
         heartbeat = loop.create_task(self._heartbeat(job), name=f"heartbeat:{lease.request_id}")
         started = time.perf_counter()
         error: BaseException | None = None
+        token = None
+        if tracing.tracer is not None:  # a span per run, child of the submit's
+            job.span = tracing.job_span(
+                lease.trace_context, lease.request_id, lease.model, lease.attempt, self.id
+            )
+            token = tracing.use_span(job.span)  # the prediction's spans go under it
         try:
             if self.executor.streams(lease.model):
                 await run_blocking(self._generate, job, loop)
@@ -180,8 +189,14 @@ class Worker:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-        # Shielded: the write that records the outcome must not be lost to a cancellation.
-        await asyncio.shield(self._settle(job, error, time.perf_counter() - started))
+            if token is not None:
+                tracing.detach(token)
+        try:
+            # Shielded: the write that records the outcome must not be lost to a cancellation.
+            await asyncio.shield(self._settle(job, error, time.perf_counter() - started))
+        finally:
+            if job.span is not None:
+                tracing.end_job_span(job.span, job.outcome, len(job.chunks), error)
 
     def _generate(self, job: _Job, loop: asyncio.AbstractEventLoop) -> None:
         """Blocking, in a thread: iterate the model's chunks and store each one."""
@@ -222,6 +237,8 @@ class Worker:
         )
         if event is None:
             return False
+        if job.span is not None:
+            job.span.add_event("chunk", {"inferd.seq": event.seq})
         await self._publish(event)
         return True
 
@@ -271,6 +288,7 @@ class Worker:
                     log.error(
                         "settling usage failed", request_id=lease.request_id, detail=repr(exc)
                     )
+        job.outcome = outcome
         if self.on_outcome is not None:
             self.on_outcome(lease.model, outcome.split(":", 1)[0], seconds)
         log.info(

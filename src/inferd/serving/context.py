@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from inferd.tenancy.limits import limit_header_fields
+from inferd.tracing import RequestTrace
 
 __all__ = ["ClientGone", "RequestContext"]
 
@@ -23,6 +24,7 @@ class RequestContext:
 
     __slots__ = (
         "batch_size",
+        "dequeued",
         "detail",
         "endpoint",
         "key",
@@ -36,6 +38,7 @@ class RequestContext:
         "started_loop",
         "status",
         "submitted",
+        "trace",
         "version",
     )
 
@@ -51,6 +54,10 @@ class RequestContext:
         self.batch_size: int | None = None
         self.submitted: float | None = None
         """``time.perf_counter()`` when the request joined its model's queue."""
+        self.dequeued: float | None = None
+        """``time.perf_counter()`` when the batch it ran in started (it left the queue)."""
+        self.trace: RequestTrace | None = None
+        """The request's trace while tracing is on (:mod:`inferd.tracing`); None when off."""
         self.detail: str | None = None
         self.model: str | None = None
         self.version: str | None = None
@@ -64,3 +71,31 @@ class RequestContext:
         if self.limit_headers is None:
             self.limit_headers = limit_header_fields(self.rate, self.quota)
         return self.limit_headers
+
+    @property
+    def queue_ms(self) -> float | None:
+        """Milliseconds the request waited in its model's queue, if it was queued and ran."""
+        if self.submitted is None or self.dequeued is None:
+            return None
+        return round((self.dequeued - self.submitted) * 1000.0, 3)
+
+    def end_trace(self, name: str | None = None, **attributes: Any) -> None:
+        """End the request's trace (when traced) with what the context says of it."""
+        trace = self.trace
+        if trace is None:
+            return
+        trace.end(
+            self.started,
+            self.submitted,
+            self.dequeued,
+            {
+                "inferd.request_id": self.request_id,
+                "inferd.model": self.model,
+                "inferd.model_version": self.version,
+                "inferd.batch_size": self.batch_size,
+                "inferd.queue_depth": self.queue_depth,
+                **attributes,
+            },
+            self.detail if self.status >= 500 else None,
+            name,
+        )

@@ -17,7 +17,9 @@ body is read and decoded, how the answer is encoded). Everything else is done he
    batcher asks the connection; elsewhere a task waits for the disconnect when the request
    will wait); 504 at the deadline;
 7. refund the reservation of a request that was not served, record the served ones;
-8. the per-version latency and the access-log fields (model, version, queue depth, batch size).
+8. the per-version latency and the access-log fields (model, version, queue depth, batch size,
+   queue time); with tracing on, the times the request's spans are made from (admitted,
+   answered) and its batch's span (:mod:`inferd.tracing`).
 """
 
 from __future__ import annotations
@@ -132,6 +134,8 @@ class DataPlane:
         batcher = loaded.batcher
         assert batcher is not None, "the route accepted a model without a batcher"
         batcher.check_admission()  # shed before reading the body
+        if ctx.trace is not None:
+            ctx.trace.admitted = time.perf_counter()
 
         await inbound.read(loaded)
         # Swapped for a new version while the body was read? The old one drains and takes
@@ -199,12 +203,12 @@ class DataPlane:
         ctx.submitted = time.perf_counter()
         if gone is None and (batcher.depth >= batcher.max_batch_size or batcher.running):
             # It will wait for a batch: worth a task that notices a disconnect meanwhile.
-            future = batcher.submit(decoded.payload, decoded.rows, deadline)
+            future = batcher.submit(decoded.payload, decoded.rows, deadline, None, ctx.trace)
             watch = inbound.watch(future)
         else:
-            future = batcher.submit(decoded.payload, decoded.rows, deadline, gone)
+            future = batcher.submit(decoded.payload, decoded.rows, deadline, gone, ctx.trace)
         try:
-            output, batch_rows = await future
+            output, batch_rows, ctx.dequeued, batch_span = await future
         except DeadlineExceeded:
             loaded.metrics_children["timeouts"].inc()
             ctx.detail = "deadline exceeded"
@@ -222,4 +226,6 @@ class DataPlane:
             if not future.done():
                 future.cancel()
         ctx.batch_size = batch_rows
+        if ctx.trace is not None:
+            ctx.trace.answered, ctx.trace.batch = time.perf_counter(), batch_span
         return output
