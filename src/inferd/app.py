@@ -28,6 +28,7 @@ from inferd.http.context import RequestContextMiddleware
 from inferd.http.drift_api import build_drift_router
 from inferd.http.hotpath import HotPath
 from inferd.http.openai_api import OpenAIErrorShape, build_openai_router
+from inferd.http.openapi import install_contract
 from inferd.http.requests_api import build_requests_router
 from inferd.http.v2 import build_v2_router
 from inferd.http.vision_api import VisionService, build_vision_router
@@ -130,6 +131,13 @@ class InferdApp:
         # Long-running requests over WebSocket: keys checked by the routes themselves (a
         # browser sends its key in the first message).
         self.api.include_router(build_requests_ws_router(self.requests, self.auth, self.enforcer))
+        # /openapi.json says what the server answers: every status, error body and constraint.
+        install_contract(
+            self.api,
+            self.registry,
+            auth=self.auth is not None,
+            max_instances=settings.max_instances,
+        )
         self._asgi = OpenAIErrorShape(  # /openai/ errors in OpenAI's shape, even a 401
             RequestContextMiddleware(
                 self.api,
