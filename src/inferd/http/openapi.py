@@ -101,6 +101,7 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("GET", "/openai/v1/models/{model_id}"): (404,),
 }
 """The error statuses each route answers by itself (keys and scopes aside)."""
+_UNKNOWN = (400, 404, 422)  # a route missing above (tests/unit/test_openapi.py fails)
 
 # A V2 route's "not ready" is a 400 with the protocol's body, not an error: the status is the
 # answer (see inferd.http.v2). Those routes' 200/400 bodies are documented as they are.
@@ -194,11 +195,10 @@ def contract(doc: dict[str, Any], *, auth: bool) -> dict[str, Any]:
     for path, operations in doc.get("paths", {}).items():
         for method, op in operations.items():
             key = (method.upper(), path)
-            if key not in ROUTE_ERRORS:
-                missing.append(f"{key[0]} {path}")
-                continue
             family = _family(path)
-            own = set(ROUTE_ERRORS[key])
+            if key not in ROUTE_ERRORS:  # a test says so (uncovered); FastAPI's own meanwhile
+                missing.append(f"{key[0]} {path}")
+            own = set(ROUTE_ERRORS.get(key, _UNKNOWN))
             gate: set[int] = set()
             scope = required_scope(key[0], path)
             if auth and scope is not None:
@@ -241,9 +241,7 @@ def contract(doc: dict[str, Any], *, auth: bool) -> dict[str, Any]:
                     if description:
                         param["schema"]["description"] = description
     if missing:
-        raise RuntimeError(
-            "routes without a contract in inferd.http.openapi.ROUTE_ERRORS: " + ", ".join(missing)
-        )
+        doc["x-uncovered"] = missing
     if auth:
         doc["components"]["securitySchemes"] = _SECURITY_SCHEMES
     return doc
