@@ -106,6 +106,14 @@ async def _messages(ws: ClientConnection) -> list[dict[str, Any]]:
         return received
 
 
+def _json_line(text: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def _events(messages: list[dict[str, Any]]) -> list[tuple[int, str, Any]]:
     return [(m["seq"], m["event"], m["data"]) for m in messages if "seq" in m]
 
@@ -215,3 +223,13 @@ def test_refusals_close_with_a_code_and_a_reason(secured: Secured) -> None:
         first={"model": "streamer", "input": "x"},
     )
     assert (code, kind) == (4403, "forbidden")
+    # Each socket has its line in the server's log, as a request has its access line.
+    sockets = [
+        line
+        for line in map(_json_line, secured.server.output().splitlines())
+        if line.get("event") == "websocket"
+    ]
+    assert {"path": "/v1/requests/nope/ws", "close_code": 4404, "user": "sam"}.items() <= next(
+        line for line in sockets if line["path"].endswith("/nope/ws")
+    ).items()
+    assert any(line["close_code"] == 1000 and line["events"] > 0 for line in sockets)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -70,12 +71,30 @@ class _Socket:
 
     def __init__(self, ws: WebSocket) -> None:
         self.ws = ws
+        self.code: int | None = None  # how it closed: the log line says
+        self.sent = 0
+        self.user: str | None = None
+        self.detail: str | None = None
+        self.started = time.perf_counter()
+
+    def log(self) -> None:
+        """One line per socket, like the access log's per request."""
+        log.info(
+            "websocket",
+            path=self.ws.url.path,
+            user=self.user,
+            close_code=self.code if self.code is not None else 1006,  # 1006: the client left
+            events=self.sent,
+            detail=self.detail,
+            duration_ms=round((time.perf_counter() - self.started) * 1000.0, 3),
+        )
 
     async def refuse(self, error: InferdError) -> None:
         """The error body as a message, then a close with 4000 + status and the message."""
         with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
             await self.ws.send_text(error_body(error).decode())
-            await self.ws.close(close_code(error), _reason(error.message))
+            self.code, self.detail = close_code(error), error.message
+            await self.ws.close(self.code, _reason(error.message))
 
     async def first_message(self) -> dict[str, Any]:
         """The client's first message, a JSON object; :class:`BadRequest` otherwise."""
@@ -109,6 +128,7 @@ class _Socket:
                 async for event in events:
                     if event is not None:  # keep-alive: the protocol's pings do that
                         await self.ws.send_text(event_message(event).decode())
+                        self.sent += 1
             finally:
                 aclose = getattr(events, "aclose", None)
                 if aclose is not None:
@@ -133,10 +153,12 @@ class _Socket:
         error = sender.exception() if not sender.cancelled() else None
         if error is None:
             with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+                self.code = 1000
                 await self.ws.close(1000)
         elif isinstance(error, InferdError):
             await self.refuse(error)
         elif not isinstance(error, WebSocketDisconnect | OSError):
+            self.code, self.detail = 1011, f"unhandled {type(error).__name__}"
             raise error
 
 
@@ -193,6 +215,15 @@ def build_requests_ws_router(
         await ws.accept()
         sock = _Socket(ws)
         try:
+            events = await submit(sock)
+            if events is not None:
+                await sock.stream(events)
+        finally:
+            sock.log()
+
+    async def submit(sock: _Socket) -> AsyncIterator[Event | None] | None:
+        ws = sock.ws
+        try:
             body = await sock.first_message()
             key_text = body.pop("api_key", None)
             idempotency_key = body.pop("idempotency_key", None)
@@ -201,21 +232,30 @@ def build_requests_ws_router(
             elif not isinstance(idempotency_key, str):
                 raise BadRequest("idempotency_key must be a string")
             user, key = await gate.admit(ws, key_text)
+            sock.user = user
             record, created = await service.submit(user, body, idempotency_key, key)
             accepted = submit_answer(record, created)
             await ws.send_text(orjson.dumps({"event": "accepted", "data": accepted}).decode())
-            events = await service.follow(user, record.id, 0)
+            return await service.follow(user, record.id, 0)
         except WebSocketDisconnect:
-            return
+            return None
         except InferdError as error:
             await sock.refuse(error)
-            return
-        await sock.stream(events)
+            return None
 
     @router.websocket("/{request_id}/ws")
     async def follow_ws(ws: WebSocket, request_id: str) -> None:
         await ws.accept()
         sock = _Socket(ws)
+        try:
+            events = await follow(sock, request_id)
+            if events is not None:
+                await sock.stream(events)
+        finally:
+            sock.log()
+
+    async def follow(sock: _Socket, request_id: str) -> AsyncIterator[Event | None] | None:
+        ws = sock.ws
         try:
             key_text, after = None, ws.query_params.get("after")
             if gate.needs_message(ws):
@@ -224,14 +264,13 @@ def build_requests_ws_router(
                 if first.get("after") is not None:
                     after = str(first["after"])
             user, _ = await gate.admit(ws, key_text)
-            seq = _after(after)
-            events = await service.follow(user, request_id, seq)
+            sock.user = user
+            return await service.follow(user, request_id, _after(after))
         except WebSocketDisconnect:
-            return
+            return None
         except InferdError as error:
             await sock.refuse(error)
-            return
-        await sock.stream(events)
+            return None
 
     return router
 
