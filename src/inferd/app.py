@@ -130,7 +130,11 @@ class InferdApp:
         )
         # Long-running requests over WebSocket: keys checked by the routes themselves (a
         # browser sends its key in the first message).
-        self.api.include_router(build_requests_ws_router(self.requests, self.auth, self.enforcer))
+        self.api.include_router(
+            build_requests_ws_router(
+                self.requests, self.auth, self.enforcer, settings.max_body_bytes
+            )
+        )
         # /openapi.json says what the server answers: every status, error body and constraint.
         install_contract(
             self.api,

@@ -28,7 +28,7 @@ import orjson
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
-from inferd.errors import BadRequest, InferdError
+from inferd.errors import BadRequest, InferdError, PayloadTooLarge
 from inferd.http.requests_api import submit_answer
 from inferd.http.responses import error_body
 from inferd.http.sse import parse_last_event_id
@@ -46,7 +46,6 @@ log = get_logger("inferd.http.ws")
 FIRST_MESSAGE_SECONDS = 10.0
 """How long a socket waits for the first message (a key, or the submit body)."""
 _MAX_REASON = 123  # bytes of a close frame's reason (RFC 6455)
-_MAX_MESSAGE = 1 << 20
 
 
 def close_code(error: InferdError) -> int:
@@ -69,8 +68,9 @@ def event_message(event: Event) -> bytes:
 class _Socket:
     """One accepted socket of the requests API: refusals, the first message, the stream."""
 
-    def __init__(self, ws: WebSocket) -> None:
+    def __init__(self, ws: WebSocket, max_message: int) -> None:
         self.ws = ws
+        self.max_message = max_message
         self.code: int | None = None  # how it closed: the log line says
         self.sent = 0
         self.user: str | None = None
@@ -109,8 +109,8 @@ class _Socket:
         raw = message.get("text")
         if raw is None:
             raw = message.get("bytes") or b""
-        if len(raw) > _MAX_MESSAGE:
-            raise BadRequest(f"the first message is over {_MAX_MESSAGE} bytes")
+        if len(raw) > self.max_message:
+            raise PayloadTooLarge(f"the first message is over {self.max_message} bytes")
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -204,16 +204,20 @@ class _Gate:
 
 
 def build_requests_ws_router(
-    service: RequestService, auth: Authenticator | None, enforcer: Enforcer | None
+    service: RequestService,
+    auth: Authenticator | None,
+    enforcer: Enforcer | None,
+    max_message: int = 1 << 20,
 ) -> APIRouter:
-    """``/v1/requests/{id}/ws`` and ``/v1/requests/ws`` (see the module's docstring)."""
+    """``/v1/requests/{id}/ws`` and ``/v1/requests/ws`` (see the module's docstring);
+    ``max_message``: the most bytes a client's message may have (``max_body_bytes``)."""
     router = APIRouter(prefix="/v1/requests")
     gate = _Gate(auth, enforcer)
 
     @router.websocket("/ws")
     async def submit_ws(ws: WebSocket) -> None:
         await ws.accept()
-        sock = _Socket(ws)
+        sock = _Socket(ws, max_message)
         try:
             events = await submit(sock)
             if events is not None:
@@ -246,7 +250,7 @@ def build_requests_ws_router(
     @router.websocket("/{request_id}/ws")
     async def follow_ws(ws: WebSocket, request_id: str) -> None:
         await ws.accept()
-        sock = _Socket(ws)
+        sock = _Socket(ws, max_message)
         try:
             events = await follow(sock, request_id)
             if events is not None:
