@@ -123,7 +123,8 @@ def build_api(registry: ModelRegistry, metrics: Metrics, lifespan: Any) -> FastA
         if exc.headers:
             response.headers.update(exc.headers)
         if exc.status_code == 405:  # every method of the path, not only its first route's
-            allow = documented_methods(api.openapi(), request.url.path)
+            # FastAPI's cached document has the same paths, without a copy per request.
+            allow = documented_methods(api.openapi_schema or api.openapi(), request.url.path)
             if allow:
                 response.headers["allow"] = ", ".join(allow)
         return response
