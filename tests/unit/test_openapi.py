@@ -94,7 +94,7 @@ def test_the_feature_count_is_stated_where_one_count_holds(
     assert batch["maxItems"] == 8
     submit = paths["/v1/requests"]["post"]["requestBody"]["content"]["application/json"]
     assert "type" not in submit["schema"]["properties"]["input"]  # any model's input
-    every = with_models(documents["off"], {None: 4, "*": 4}.get, 8)["paths"]
+    every = with_models(documents["off"], {None: 4, "*": 4, "requests": 4}.get, 8)["paths"]
     body = every["/v1/requests"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["properties"]["input"] == predict_body(4, 8, batch=True)
 

@@ -277,8 +277,9 @@ def with_models(
     """``doc`` with the prediction bodies said exactly: one of ``features`` or
     ``instances`` (at most ``max_instances`` rows), with the feature count where one count
     holds: ``features(None)`` for the default model's ``/predict``, ``features("*")`` when
-    every served model is tabular with the same count (the named routes, and the ``input`` of
-    ``POST /v1/requests``, which then takes no ``parameters``)."""
+    every served model is tabular with the same count (the named routes), and
+    ``features("requests")`` when they also neither stream nor check their own requests (the
+    ``input`` of ``POST /v1/requests``, which then takes no ``parameters``)."""
     doc = copy.deepcopy(doc)
     paths = doc.get("paths", {})
     every = features("*")
@@ -292,6 +293,7 @@ def with_models(
             content = op["requestBody"]["content"]["application/json"]
             content["schema"] = predict_body(n, max_instances, batch)
     submit = paths.get("/v1/requests", {}).get("post")
+    every = features("requests")
     if submit is not None and every is not None:
         content = submit["requestBody"]["content"]["application/json"]
         content["schema"] = {
@@ -352,12 +354,18 @@ def install_contract(
 
 def _features(registry: ModelRegistry, which: str | None) -> int | None:
     """The feature count of the default model (``None``), or the one count every served
-    model has (``"*"``); None where no single count holds (or a model is not tabular: its
-    name answers 422 to any rows)."""
+    model has (``"*"``: the named prediction routes; ``"requests"``: the input of a
+    long-running request, which a model that streams or checks its own requests reads its
+    own way). None where no single count holds, or a model is not tabular (its name
+    answers 422 to any rows)."""
     served = registry.all()
     if which is None:
         served = [m for m in served if m.name == registry.default_name]
     if not served or any(m.batcher is None or m.spec.takes_images for m in served):
+        return None
+    if which == "requests" and any(
+        m.model.capabilities.streams or m.model.capabilities.validates_requests for m in served
+    ):
         return None
     counts = {m.spec.n_features for m in served}
     return counts.pop() if len(counts) == 1 else None
