@@ -2,7 +2,7 @@
 
 request ─▶ RequestContextMiddleware (id, access log, request metrics)
          ─▶ HotPath (POST /predict, /v1/models/{name}/predict)
-         ─▶ FastAPI (health, metrics, metadata, docs, /v1/requests)
+         ─▶ FastAPI (health, metrics, metadata, docs, /v1/requests, its WebSockets)
 
 Long-running requests: RequestService (API side) and in-process Workers over one SqlStore
 (SQLite by default, PostgreSQL to scale out) and an EventBus (in-process, or Redis).
@@ -29,9 +29,11 @@ from inferd.http.context import RequestContextMiddleware
 from inferd.http.drift_api import build_drift_router
 from inferd.http.hotpath import HotPath
 from inferd.http.openai_api import OpenAIErrorShape, build_openai_router
+from inferd.http.openapi import install_contract
 from inferd.http.requests_api import build_requests_router
 from inferd.http.v2 import build_v2_router
 from inferd.http.vision_api import VisionService, build_vision_router
+from inferd.http.ws import build_requests_ws_router
 from inferd.jobs.runner import ModelExecutor
 from inferd.jobs.service import RequestService
 from inferd.jobs.worker import Worker
@@ -126,6 +128,20 @@ class InferdApp:
         self.keys = KeyStore(self.store.engine)
         self.auth = (
             Authenticator(self.keys, settings.key_cache_seconds) if settings.auth_required else None
+        )
+        # Long-running requests over WebSocket: keys checked by the routes themselves (a
+        # browser sends its key in the first message).
+        self.api.include_router(
+            build_requests_ws_router(
+                self.requests, self.auth, self.enforcer, settings.max_body_bytes
+            )
+        )
+        # /openapi.json says what the server answers: every status, error body and constraint.
+        install_contract(
+            self.api,
+            self.registry,
+            auth=self.auth is not None,
+            max_instances=settings.max_instances,
         )
         self._asgi = OpenAIErrorShape(  # /openai/ errors in OpenAI's shape, even a 401
             RequestContextMiddleware(

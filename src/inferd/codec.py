@@ -62,9 +62,13 @@ def parse_predict_doc(
     """Validate an already-decoded prediction object (see :func:`parse_predict`)."""
     request_id = doc.get("request_id")
     if request_id is not None and (
-        not isinstance(request_id, str) or not 0 < len(request_id) <= _MAX_REQUEST_ID
+        not isinstance(request_id, str)
+        or not 0 < len(request_id) <= _MAX_REQUEST_ID
+        or not (request_id.isascii() and request_id.isprintable())  # it goes in a header
     ):
-        raise ValidationFailed(f"request_id must be a string of 1 to {_MAX_REQUEST_ID} characters")
+        raise ValidationFailed(
+            f"request_id must be a string of 1 to {_MAX_REQUEST_ID} printable ASCII characters"
+        )
     features = doc.get("features")
     instances = doc.get("instances")
     allowed = ("features", "instances", "request_id") if allow_batch else ("features", "request_id")

@@ -12,6 +12,7 @@ __all__ = [
     "DeadlineExceeded",
     "IdempotencyConflict",
     "InferdError",
+    "MethodNotAllowed",
     "ModelError",
     "ModelLoadError",
     "ModelNotFound",
@@ -62,6 +63,20 @@ class PayloadTooLarge(InferdError):
 
     status_code = 413
     code = "payload_too_large"
+
+
+class MethodNotAllowed(InferdError):
+    """The path exists, but not with this method; ``Allow`` lists the methods it has."""
+
+    status_code = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, allow: list[str]) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"allow": ", ".join(self.allow)}
 
 
 class UnsupportedMediaType(InferdError):

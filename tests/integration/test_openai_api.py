@@ -338,7 +338,7 @@ async def test_malformed_bodies(serve: Callable[..., Any]) -> None:
     assert too_big.status_code == 413
     assert elsewhere.status_code == 404
     assert "POST /openai/v1/completions" in elsewhere.json()["error"]["message"]
-    assert wrong_method.status_code == 404
+    assert (wrong_method.status_code, wrong_method.headers["allow"]) == (405, "POST")
     assert wrong_method.json()["error"]["type"] == "invalid_request_error"
 
 

@@ -96,7 +96,7 @@ def test_request_id_must_be_a_short_string(request_id: Any) -> None:
 
     assert isinstance(error, ValidationFailed)
     assert error.status_code == 422
-    assert "request_id must be a string of 1 to 128 characters" in error.message
+    assert "request_id must be a string of 1 to 128 printable ASCII characters" in error.message
 
 
 def test_unknown_field_is_named() -> None:

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inferd import __version__
 from inferd.errors import InferdError, ModelNotFound, ModelNotReady
-from inferd.http.responses import error_body
+from inferd.http.responses import documented_methods, error_body
 from inferd.http.routes import LEAN_ROUTES, LeanRoute
 from inferd.http.schemas import ERROR_RESPONSES
 from inferd.metrics import Metrics
@@ -43,6 +43,31 @@ class _Unanswered(Response):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         return None
+
+
+_SERVER_READINESS = {
+    "type": "object",
+    "required": ["status", "models"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ready", "not_ready"]},
+        "models": {"type": "object", "additionalProperties": {"type": "string"}},
+        "error": {"type": "string"},
+    },
+}
+_MODEL_READINESS = {
+    "type": "object",
+    "required": ["name", "version", "ready"],
+    "properties": {
+        "name": {"type": "string"},
+        "version": {"type": ["string", "null"]},
+        "ready": {"type": "boolean"},
+        "reason": {"type": "string"},
+    },
+}
+
+
+def _answer(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 def _error_response(error: InferdError) -> Response:
@@ -97,6 +122,11 @@ def build_api(registry: ModelRegistry, metrics: Metrics, lifespan: Any) -> FastA
         response = _error_response(error)
         if exc.headers:
             response.headers.update(exc.headers)
+        if exc.status_code == 405:  # every method of the path, not only its first route's
+            # FastAPI's cached document has the same paths, without a copy per request.
+            allow = documented_methods(api.openapi_schema or api.openapi(), request.url.path)
+            if allow:
+                response.headers["allow"] = ", ".join(allow)
         return response
 
     # ------------------------------------------------------------------ health
@@ -112,7 +142,7 @@ def build_api(registry: ModelRegistry, metrics: Metrics, lifespan: Any) -> FastA
         "/health/ready",
         tags=["health"],
         summary="Readiness: every configured model is loaded and warmed up",
-        responses={503: {"description": "Not ready yet, or a model failed to load"}},
+        responses={503: _answer("Not ready yet, or a model failed to load", _SERVER_READINESS)},
     )
     async def ready() -> Response:
         models = {
@@ -125,7 +155,18 @@ def build_api(registry: ModelRegistry, metrics: Metrics, lifespan: Any) -> FastA
             body["error"] = registry.failure
         return JSONResponse(body, status_code=200 if is_ready else 503)
 
-    @api.get("/metrics", tags=["observability"], summary="Prometheus metrics")
+    @api.get(
+        "/metrics",
+        tags=["observability"],
+        summary="Prometheus metrics, in the Prometheus text exposition format",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "The metrics of this process",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -162,7 +203,7 @@ def build_api(registry: ModelRegistry, metrics: Metrics, lifespan: Any) -> FastA
         "/v1/models/{name}/ready",
         tags=["models"],
         summary="Readiness of a model's default version",
-        responses={503: {"description": "Loading, or not ready"}},
+        responses={503: _answer("Loading, or not ready", _MODEL_READINESS)},
     )
     async def model_ready(name: str) -> Response:
         return _readiness(name, None)
@@ -171,7 +212,7 @@ def build_api(registry: ModelRegistry, metrics: Metrics, lifespan: Any) -> FastA
         "/v1/models/{name}/versions/{version}/ready",
         tags=["models"],
         summary="Readiness of one version",
-        responses={503: {"description": "Loading, or not ready"}},
+        responses={503: _answer("Loading, or not ready", _MODEL_READINESS)},
     )
     async def version_ready(name: str, version: int) -> Response:
         return _readiness(name, version)
@@ -205,7 +246,14 @@ def _documented(route: LeanRoute) -> Callable[..., Any]:
     """A FastAPI endpoint that documents ``route`` (its path parameters included); the lean
     path answers before FastAPI would call it."""
 
-    async def endpoint(**_: Any) -> Response:
+    async def endpoint(request: Request, **_: Any) -> Response:
+        if request.scope.get("inferd") is not None:
+            # Served behind the middleware: the lean path saw the request and declined it, so
+            # the path only looks like the route's (a version that is not decimal digits).
+            raise ModelNotFound(
+                f"{request.method} {request.url.path}: no such model version (a version is "
+                "a whole number, in decimal digits)"
+            )
         raise InferdError(
             f"{route.method} {route.path} is served by inferd's lean path; serve the InferdApp, "
             "not its FastAPI part alone"
@@ -213,8 +261,13 @@ def _documented(route: LeanRoute) -> Callable[..., Any]:
 
     endpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind)
-            for name, kind in route.params.items()
+            inspect.Parameter(
+                "request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request
+            ),
+            *(
+                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind)
+                for name, kind in route.params.items()
+            ),
         ]
     )
     endpoint.__name__ = route.path.strip("/").replace("/", "_").replace("{", "").replace("}", "")

@@ -37,9 +37,10 @@ from inferd.errors import (
     ValidationFailed,
 )
 from inferd.generation import GenerationRequest, Step
-from inferd.generation.chat import ChatPrompt, render_chat
+from inferd.generation.chat import ROLES, ChatPrompt, render_chat
 from inferd.http import openai_codec as codec
 from inferd.http.context import disconnect_probe
+from inferd.http.responses import method_not_allowed
 from inferd.models.loading import LoadedModel
 from inferd.serving import ClientGone, DataPlane, RequestContext
 from inferd.settings import Settings
@@ -380,6 +381,31 @@ def _with_length(headers: Any, length: int) -> list[tuple[bytes, bytes]]:
 
 
 # ---------------------------------------------------------------------------------- routes
+def _maybe(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` or null (a null parameter is one left out)."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+# What openai_codec accepts, said as JSON schemas (stream_options, which needs stream: true,
+# is left out: see docs/protocols.md).
+_COMMON_PARAMETERS: dict[str, Any] = {
+    "model": {"type": "string", "minLength": 1, "examples": ["tiny"]},
+    "stream": _maybe({"type": "boolean"}),
+    "max_tokens": _maybe({"type": "integer", "minimum": 1}),
+    "temperature": _maybe({"type": "number", "minimum": 0, "maximum": 2}),
+    "top_p": _maybe({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+    "top_k": _maybe({"type": "integer", "minimum": 0}),
+    # Up to 2^64-1; said as 2^63-1, which generators read as a float without going over.
+    "seed": _maybe({"type": "integer", "minimum": 0, "maximum": 2**63 - 1}),
+    "n": {"enum": [1, None]},
+    "stop": _maybe({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
+    "user": _maybe({"type": "string"}),
+    "presence_penalty": {"enum": [0, None]},
+    "frequency_penalty": {"enum": [0, None]},
+    "logit_bias": _maybe({"type": "object", "maxProperties": 0}),
+    "logprobs": {"enum": [False, 0, None]},
+}
 _COMPLETION_BODY = {
     "required": True,
     "content": {
@@ -388,19 +414,51 @@ _COMPLETION_BODY = {
                 "type": "object",
                 "required": ["model", "prompt"],
                 "properties": {
-                    "model": {"type": "string", "examples": ["tiny"]},
-                    "prompt": {"type": "string", "examples": ["the quick"]},
-                    "max_tokens": {"type": "integer"},
-                    "temperature": {"type": "number"},
-                    "top_p": {"type": "number"},
-                    "stop": {"type": "array", "items": {"type": "string"}},
-                    "seed": {"type": "integer"},
-                    "n": {"type": "integer", "enum": [1]},
-                    "stream": {"type": "boolean"},
+                    **_COMMON_PARAMETERS,
+                    "prompt": {
+                        "anyOf": [
+                            {"type": "string"},
+                            _TOKENS,
+                            {
+                                "type": "array",
+                                "items": {"type": "string"},
+                                "maxItems": 1,
+                                "minItems": 1,
+                            },
+                            {"type": "array", "items": _TOKENS, "maxItems": 1, "minItems": 1},
+                        ],
+                        "examples": ["the quick"],
+                    },
+                    "echo": {"enum": [False, None]},
+                    "best_of": {"enum": [1, None]},
+                    "suffix": {"enum": ["", None]},
                 },
+                "additionalProperties": False,
             }
         }
     },
+}
+_MESSAGE = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"enum": list(ROLES)},
+        "content": {
+            "anyOf": [
+                {"type": "string"},
+                {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["type", "text"],
+                        "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                    },
+                },
+            ]
+        },
+        "name": _maybe({"type": "string"}),
+    },
+    "additionalProperties": False,
 }
 _CHAT_BODY = {
     "required": True,
@@ -410,21 +468,32 @@ _CHAT_BODY = {
                 "type": "object",
                 "required": ["model", "messages"],
                 "properties": {
-                    "model": {"type": "string", "examples": ["tiny"]},
+                    **_COMMON_PARAMETERS,
                     "messages": {
                         "type": "array",
-                        "items": {
-                            "type": "object",
-                            "properties": {
-                                "role": {"type": "string", "enum": ["system", "user", "assistant"]},
-                                "content": {"type": "string"},
-                            },
-                        },
+                        "items": _MESSAGE,
+                        "minItems": 1,
+                        "examples": [[{"role": "user", "content": "the quick"}]],
                     },
-                    "max_tokens": {"type": "integer"},
-                    "temperature": {"type": "number"},
-                    "stream": {"type": "boolean"},
+                    "max_completion_tokens": _maybe({"type": "integer", "minimum": 1}),
+                    "top_logprobs": {"enum": [0, None]},
+                    "response_format": _maybe(
+                        {
+                            "type": "object",
+                            "required": ["type"],
+                            "properties": {"type": {"const": "text"}},
+                            "additionalProperties": False,
+                        }
+                    ),
+                    "tools": _maybe({"type": "array", "maxItems": 0}),
+                    "functions": _maybe({"type": "array", "maxItems": 0}),
+                    "tool_choice": {"enum": ["none", None]},
+                    "function_call": {"enum": ["none", None]},
+                    "parallel_tool_calls": {},
                 },
+                "additionalProperties": False,
+                # Both limits at once must agree: the schema says "one of them".
+                "not": {"required": ["max_tokens", "max_completion_tokens"]},
             }
         }
     },
@@ -482,6 +551,9 @@ def build_openai_router(plane: DataPlane, settings: Settings) -> APIRouter:
         "/{rest:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False
     )
     async def not_served(request: Request, rest: str) -> Response:
+        wrong = method_not_allowed(router.routes, request.method, request.url.path)
+        if wrong is not None:  # a route of its own with another method
+            return _error(wrong)
         return _error(
             NotFound(
                 f"{request.method} {request.url.path} is not served; inferd's OpenAI-compatible "

@@ -222,14 +222,16 @@ def _prompt(doc: dict[str, Any]) -> str | list[int]:
     prompt = doc["prompt"]
     if isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        return list(prompt)
+    tokens = _token_ids(prompt)
+    if tokens is not None:
+        return tokens
     if isinstance(prompt, list) and len(prompt) == 1:
         (only,) = prompt
         if isinstance(only, str):
             return only
-        if isinstance(only, list) and only and all(_is_int(t) for t in only):
-            return list(only)
+        tokens = _token_ids(only)
+        if tokens is not None:
+            return tokens
     if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
         raise InvalidParameter(
             f"prompt holds {len(prompt)} prompts; inferd takes one prompt per request", "prompt"
@@ -302,11 +304,21 @@ def _flag(value: Any, name: str) -> bool:
     return value
 
 
+def _token_ids(value: Any) -> list[int] | None:
+    """A non-empty list of integers (3.0 is 3 in JSON), or None."""
+    if not isinstance(value, list) or not value:
+        return None
+    ids = [int(t) if isinstance(t, float) and t.is_integer() else t for t in value]
+    return ids if all(_is_int(t) for t in ids) else None
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _integer(value: Any, name: str, low: int, high: int | None) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 3.0 is the integer 3 in JSON
     if not _is_int(value):
         raise InvalidParameter(f"{name} must be an integer", name)
     if value < low or (high is not None and value > high):

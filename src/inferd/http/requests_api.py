@@ -16,7 +16,7 @@ from inferd.http.body import check_length, read_body
 from inferd.jobs.service import RequestService
 from inferd.jobs.types import RequestRecord
 
-__all__ = ["build_requests_router", "record_json", "request_user"]
+__all__ = ["build_requests_router", "record_json", "request_user", "submit_answer"]
 
 
 class SubmitBody(BaseModel):
@@ -61,6 +61,19 @@ def record_json(record: RequestRecord, with_input: bool = True) -> dict[str, Any
     if with_input:
         doc["input"] = record.input
         doc["parameters"] = record.parameters
+    return doc
+
+
+def submit_answer(record: RequestRecord, created: bool) -> dict[str, Any]:
+    """What a submit answers (the 202 body); ``replayed`` for an idempotent replay."""
+    doc: dict[str, Any] = {
+        "id": record.id,
+        "status": record.status.value,
+        "created_at": _iso(record.created_at),
+        "events_url": f"/v1/requests/{record.id}/events",
+    }
+    if not created:
+        doc["replayed"] = True
     return doc
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
 
-from inferd.errors import InferdError
+from inferd.errors import InferdError, MethodNotAllowed
 
-__all__ = ["error_body", "send_error", "send_json"]
+__all__ = ["documented_methods", "error_body", "method_not_allowed", "send_error", "send_json"]
 
 _JSON = (b"content-type", b"application/json")
 
@@ -32,3 +34,30 @@ async def send_json(send: Send, status: int, body: bytes, extra: list[Any] | Non
 async def send_error(send: Send, error: InferdError) -> None:
     extra = [(k.encode(), v.encode()) for k, v in error.headers().items()]
     await send_json(send, error.status_code, error_body(error), extra)
+
+
+def method_not_allowed(routes: Iterable[Any], method: str, path: str) -> MethodNotAllowed | None:
+    """A 405 naming the methods that ``path`` has among ``routes`` (documented routes only:
+    not a catch-all), or None when no route has that path."""
+    allow: set[str] = set()
+    for route in routes:
+        regex, methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if not getattr(route, "include_in_schema", False) or regex is None or not methods:
+            continue
+        if regex.match(path):
+            allow.update(methods)
+    if not allow or method in allow:
+        return None
+    return MethodNotAllowed(
+        f"{method} {path}: the path has {', '.join(sorted(allow))}", sorted(allow)
+    )
+
+
+def documented_methods(document: dict[str, Any], path: str) -> list[str]:
+    """The methods an OpenAPI ``document`` gives ``path`` (matched against its templates)."""
+    allow: set[str] = set()
+    for template, operations in document.get("paths", {}).items():
+        pattern = re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path):
+            allow.update(m.upper() for m in operations if not m.startswith("x-"))
+    return sorted(allow)

@@ -27,6 +27,7 @@ from inferd.batching import Batcher
 from inferd.errors import BadRequest, InferdError, ModelNotFound
 from inferd.http.body import check_length, decompress, read_body
 from inferd.http.context import disconnect_probe, request_timeout, watch_disconnect
+from inferd.http.responses import method_not_allowed
 from inferd.http.v2_codec import InferRequest, RequestedOutput, encode_response, parse_request
 from inferd.http.v2_models import (
     INPUT_NAME,
@@ -169,7 +170,8 @@ class OpenInference:
         return index
 
     async def load(self, name: str, body: bytes) -> None:
-        parameters = _json_object(body, "load request").get("parameters") or {}
+        parameters = _json_object(body, "load request").get("parameters")
+        parameters = {} if parameters is None else parameters
         if not isinstance(parameters, dict):
             raise BadRequest("parameters must be an object")
         if parameters:
@@ -180,7 +182,8 @@ class OpenInference:
         await self.registry.load_model(name)
 
     async def unload(self, name: str, body: bytes) -> None:
-        parameters = _json_object(body, "unload request").get("parameters") or {}
+        parameters = _json_object(body, "unload request").get("parameters")
+        parameters = {} if parameters is None else parameters
         if not isinstance(parameters, dict):
             raise BadRequest("parameters must be an object")
         await self.registry.unload_model(name)
@@ -261,7 +264,7 @@ class V2Inbound:
 
 # ---------------------------------------------------------------------------------- helpers
 def _version(name: str, version: str) -> int:
-    if not version.isdigit() or int(version) < 1:
+    if not (version.isascii() and version.isdigit()) or int(version) < 1:
         raise ModelNotFound(
             f"model {name!r} has no version {version!r}; versions are positive integers"
         )
@@ -275,6 +278,14 @@ def _batcher(loaded: LoadedModel) -> Batcher[FloatArray, FloatArray]:
             "POST /v1/requests and follow its events"
         )
     return loaded.batcher
+
+
+def _repository_body(properties: dict[str, Any]) -> dict[str, Any]:
+    """The optional JSON body of a repository route (any Content-Type is read as JSON)."""
+    return {
+        "required": False,
+        "content": {_JSON: {"schema": {"type": "object", "properties": properties}}},
+    }
 
 
 def _json_object(body: bytes, what: str) -> dict[str, Any]:
@@ -395,14 +406,26 @@ def build_v2_router(plane: DataPlane, settings: Settings) -> APIRouter:
     async def post_version_infer(request: Request, name: str, version: str) -> Response:
         return await infer(request, name, version)
 
-    @router.post("/repository/index", summary="Models in the repository and their state")
+    @router.post(
+        "/repository/index",
+        summary="Models in the repository and their state",
+        openapi_extra={"requestBody": _repository_body({"ready": {"type": "boolean"}})},
+    )
     async def repository_index(request: Request) -> Response:
         async def call(ctx: RequestContext) -> Response:
             return _json_response(await v2.repository_index(await v2.read_body(request)))
 
         return await guarded(request, call)
 
-    @router.post("/repository/models/{name}/load", summary="Load (or reload) a model")
+    @router.post(
+        "/repository/models/{name}/load",
+        summary="Load (or reload) a model",
+        openapi_extra={
+            "requestBody": _repository_body(
+                {"parameters": {"type": ["object", "null"], "maxProperties": 0}}
+            )
+        },
+    )
     async def load(request: Request, name: str) -> Response:
         async def call(ctx: RequestContext) -> Response:
             ctx.model = name
@@ -411,7 +434,13 @@ def build_v2_router(plane: DataPlane, settings: Settings) -> APIRouter:
 
         return await guarded(request, call)
 
-    @router.post("/repository/models/{name}/unload", summary="Unload a model")
+    @router.post(
+        "/repository/models/{name}/unload",
+        summary="Unload a model",
+        openapi_extra={
+            "requestBody": _repository_body({"parameters": {"type": ["object", "null"]}})
+        },
+    )
     async def unload(request: Request, name: str) -> Response:
         async def call(ctx: RequestContext) -> Response:
             ctx.model = name
@@ -424,6 +453,9 @@ def build_v2_router(plane: DataPlane, settings: Settings) -> APIRouter:
         "/{rest:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False
     )
     async def not_served(request: Request, rest: str) -> Response:
+        wrong = method_not_allowed(router.routes, request.method, request.url.path)
+        if wrong is not None:  # a route of its own with another method
+            return _error(wrong)
         # Other V2 routes (statistics, shared memory, tracing) answer in the protocol's shape.
         return _error(
             ModelNotFound(f"{request.method} {request.url.path} is not served by inferd's V2 API")

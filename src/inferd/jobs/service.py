@@ -61,7 +61,9 @@ class RequestService:
             raise ValidationFailed("'model' must be the name of a served model")
         if "input" not in body:
             raise ValidationFailed("missing field 'input'")
-        parameters = body.get("parameters") or {}
+        parameters = body.get("parameters")
+        if parameters is None:
+            parameters = {}
         if not isinstance(parameters, dict):
             raise ValidationFailed("'parameters' must be an object")
         if idempotency_key is not None and not 0 < len(idempotency_key) <= _MAX_KEY:
