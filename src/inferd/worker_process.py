@@ -36,6 +36,7 @@ async def run_worker(settings: Settings, concurrency: int, burst: bool = False) 
     executor = ModelExecutor(registry, settings.max_instances, settings.lease_seconds)
     worker = backends.worker(settings, executor, concurrency)
     loop = asyncio.get_running_loop()
+    maintainer = loop.create_task(backends.maintenance(settings).run(), name="queue-maintenance")
     stopping = asyncio.Event()
     signals = 0
 
@@ -65,6 +66,8 @@ async def run_worker(settings: Settings, concurrency: int, burst: bool = False) 
             await runner
         return worker.processed
     finally:
+        maintainer.cancel()
+        await asyncio.gather(maintainer, return_exceptions=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await registry.stop(grace=1.0)

@@ -31,7 +31,7 @@ __all__ = [
     "event_from_sse",
 ]
 
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "dead"})
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "dead", "expired"})
 
 
 def _time(value: Any) -> datetime | None:
@@ -160,7 +160,7 @@ class RequestInfo:
 
     @property
     def terminal(self) -> bool:
-        """The request has ended (succeeded, failed, cancelled or dead)."""
+        """The request has ended (succeeded, failed, cancelled, dead or expired)."""
         return self.status in TERMINAL_STATUSES
 
     @property
