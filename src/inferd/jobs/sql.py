@@ -819,14 +819,16 @@ class _Tx:
         return (await self.conn.execute(query)).first()
 
     async def duplicate(self, dedup_hash: str, since: int) -> _Row | None:
-        """The request that a new one with ``dedup_hash`` can reuse: the newest that
-        succeeded at or after ``since``, else the oldest queued or running original."""
+        """The request that a new one with ``dedup_hash`` can reuse: the newest that ran and
+        succeeded at or after ``since``, else the oldest queued or running one that runs
+        itself (not one that joined another)."""
         done = (
             select(requests)
             .where(
                 requests.c.dedup_hash == dedup_hash,
                 requests.c.status == _SUCCEEDED,
                 requests.c.finished_at >= since,
+                requests.c.dedup_of.is_(None),  # a result is as old as the run that made it
             )
             .order_by(requests.c.finished_at.desc())
             .limit(1)
