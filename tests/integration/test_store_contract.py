@@ -30,7 +30,9 @@ from inferd.errors import (
     StoreUnavailable,
     TooManyQueued,
 )
+from inferd.jobs.events import InProcessEventBus
 from inferd.jobs.ids import encode_cursor
+from inferd.jobs.maintenance import Maintenance
 from inferd.jobs.sql import SqlStore
 from inferd.jobs.types import EventKind, Lease, QueueLimits, RequestRecord, RequestStatus
 
@@ -823,6 +825,62 @@ async def test_retention_deletes_old_finished_requests_in_batches(
     assert (await fetch(store, waiting)).status is RequestStatus.QUEUED
     assert (await fetch(store, recent)).status is RequestStatus.SUCCEEDED
     assert await store.events(recent)
+
+
+async def test_maintenance_runs_retention_in_batches_and_expiry_periodically(
+    store: SqlStore, clock: Clock
+) -> None:
+    for n in range(7):
+        await store.complete(await claim_new(store, n), n)
+    clock.advance(2 * 86400)
+    kept = await submit(store, model="other")
+    await store.complete(await claim(store, models=["other"]), "recent")
+    expiring = await submit(store, model="other", ttl_seconds=1)
+    clock.advance(1)
+    bus = InProcessEventBus()
+    batches: list[int] = []
+    expired: list[str] = []
+
+    async def on_expired(model: str, event: Any) -> None:
+        expired.append(event.request_id)
+
+    maintenance = Maintenance(
+        store,
+        bus,
+        expiry_interval=0.01,
+        retention_days=1.5,
+        retention_interval=0.01,
+        batch=3,
+        pause=0,
+        on_expired=on_expired,
+        on_purged=batches.append,
+    )
+    followed = bus.subscribe(expiring)
+    task = asyncio.create_task(maintenance.run())
+    try:
+        announced = await asyncio.wait_for(anext(followed), 10)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 10
+        while sum(batches) < 7 and loop.time() < end:
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await bus.close()
+    assert batches[:3] == [3, 3, 1]  # in batches of 3, each its own transaction
+    assert expired == [expiring]
+    assert announced == (await fetch(store, expiring)).last_seq
+    assert (await fetch(store, expiring)).status is RequestStatus.EXPIRED
+    assert (await fetch(store, kept)).status is RequestStatus.SUCCEEDED
+    assert len((await store.page("alice", limit=100)).items) == 2
+
+
+async def claim_new(store: SqlStore, value: Any) -> Lease:
+    """Submit a request and claim it at once."""
+    request_id = await submit(store, input=value)
+    lease = await claim(store)
+    assert lease.request_id == request_id
+    return lease
 
 
 # --- counts, migrations, availability ---------------------------------------------------------
