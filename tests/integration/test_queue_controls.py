@@ -209,6 +209,6 @@ async def test_an_admin_lists_and_requeues_a_dead_request(
     assert record["status"] == "succeeded" and record["attempts"] == 2
     assert again.status_code == 409 and again.json()["error"]["code"] == "invalid_state"
     assert missing.status_code == 404
-    assert [f["data"].get("reason") for f in events if f["event"] == "status"][0] == (
+    assert next(f["data"].get("reason") for f in events if f["event"] == "status") == (
         "requeued by an admin"
     )

@@ -840,6 +840,12 @@ async def test_maintenance_runs_retention_in_batches_and_expiry_periodically(
     bus = InProcessEventBus()
     batches: list[int] = []
     expired: list[str] = []
+    all_deleted = asyncio.Event()
+
+    def purged(count: int) -> None:
+        batches.append(count)
+        if sum(batches) >= 7:
+            all_deleted.set()
 
     async def on_expired(model: str, event: Any) -> None:
         expired.append(event.request_id)
@@ -853,16 +859,13 @@ async def test_maintenance_runs_retention_in_batches_and_expiry_periodically(
         batch=3,
         pause=0,
         on_expired=on_expired,
-        on_purged=batches.append,
+        on_purged=purged,
     )
     followed = bus.subscribe(expiring)
     task = asyncio.create_task(maintenance.run())
     try:
         announced = await asyncio.wait_for(anext(followed), 10)
-        loop = asyncio.get_running_loop()
-        end = loop.time() + 10
-        while sum(batches) < 7 and loop.time() < end:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(all_deleted.wait(), 10)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
