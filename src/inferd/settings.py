@@ -308,6 +308,12 @@ class Settings(BaseSettings):
     retention_interval_seconds: float = Field(default=300.0, gt=0)
     """How often retention looks for old requests to delete."""
 
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    """``inferd worker`` only: serve the worker's Prometheus metrics (``/metrics``, with
+    ``inference_tokens_processed_total``, the work done) on this port of ``host``, so that
+    they can be scraped and autoscaled on. 0: workers serve nothing (``inferd serve``'s own
+    ``/metrics`` holds the in-process workers' figures)."""
+
     sse_keepalive_seconds: float = Field(default=15.0, gt=0)
     """Seconds between keep-alive comments on an idle event stream."""
 

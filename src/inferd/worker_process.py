@@ -29,7 +29,26 @@ log = get_logger("inferd.worker")
 async def run_worker(settings: Settings, concurrency: int, burst: bool = False) -> int:
     """Run until signalled (or, with ``burst``, until the queue is empty); return the count
     of jobs run."""
-    registry = ModelRegistry(settings, Metrics())
+    metrics = Metrics()
+    exporter = None
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+
+        # A thread of its own: a scrape never waits for the event loop, nor slows it.
+        exporter, _ = start_http_server(
+            settings.worker_metrics_port, settings.host, metrics.registry
+        )
+        log.info("serving metrics", url=f"http://{settings.host}:{settings.worker_metrics_port}")
+    try:
+        return await _run(settings, metrics, concurrency, burst)
+    finally:
+        if exporter is not None:
+            exporter.shutdown()
+            exporter.server_close()
+
+
+async def _run(settings: Settings, metrics: Metrics, concurrency: int, burst: bool) -> int:
+    registry = ModelRegistry(settings, metrics)
     entries = registry.plan()
     await prepare_database(settings)
     backends = Backends.from_settings(settings, registry.metrics)
