@@ -201,7 +201,8 @@ class Metrics:
         # Long-running requests.
         self.jobs = Gauge(
             "inference_jobs",
-            "Long-running requests by status (queued, running, succeeded, failed, cancelled, dead),"
+            "Long-running requests by status (queued, running, succeeded, failed, cancelled, dead,"
+            " expired),"
             " read from the database; the queue depth to autoscale workers on.",
             ("status",),
             registry=r,
