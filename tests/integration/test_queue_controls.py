@@ -212,3 +212,42 @@ async def test_an_admin_lists_and_requeues_a_dead_request(
     assert next(f["data"].get("reason") for f in events if f["event"] == "status") == (
         "requeued by an admin"
     )
+
+
+async def test_a_key_past_its_queued_bound_gets_429_and_others_go_on(
+    serve: Callable[..., Any], models_dir: Path
+) -> None:
+    write_streaming_model(models_dir)
+    body = {"model": "streamer", "input": "x"}
+    async with serve(auth="required", workers=0, max_queued_requests_per_key=2) as s:
+        alice, _ = await s.app.keys.create("alice", ["requests"])
+        bob, _ = await s.app.keys.create("bob", ["requests"])
+        user = {"Authorization": f"Bearer {alice}"}
+        admin_key, _ = await s.app.keys.create("root", ["admin"])
+        admin = {"Authorization": f"Bearer {admin_key}"}
+        mine = [await s.client.post("/v1/requests", json=body, headers=user) for _ in range(3)]
+        other = await s.client.post(
+            "/v1/requests", json=body, headers={"Authorization": f"Bearer {bob}"}
+        )
+        not_admin = await s.client.get("/v1/admin/requests", headers=user)
+        as_admin = await s.client.get("/v1/admin/requests", headers=admin)
+    assert [r.status_code for r in mine] == [202, 202, 429]
+    assert mine[2].json()["error"]["code"] == "too_many_queued"
+    assert "retry-after" in mine[2].headers
+    assert other.status_code == 202
+    assert not_admin.status_code == 403  # dead letters are every user's: the admin scope
+    assert as_admin.status_code == 200
+
+
+async def test_openapi_declares_the_queue_controls(serve: Callable[..., Any]) -> None:
+    async with serve(workers=0) as s:
+        schema = (await s.client.get("/openapi.json")).json()
+    submit = schema["paths"]["/v1/requests"]["post"]
+    body = submit["requestBody"]["content"]["application/json"]["schema"]
+    assert {"ttl_seconds", "expires_at"} <= set(body["properties"])
+    assert {"429", "503"} <= set(submit["responses"])
+    record = schema["components"]["schemas"]["RequestDoc"]["properties"]
+    assert "expired" in record["status"]["enum"]
+    assert {"deduplicated", "deduplicated_from", "expires_at"} <= set(record)
+    assert "/v1/admin/requests" in schema["paths"]
+    assert "post" in schema["paths"]["/v1/admin/requests/{request_id}/requeue"]
