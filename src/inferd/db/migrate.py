@@ -21,7 +21,7 @@ from sqlalchemy import URL, Connection, func, select
 from inferd.db.engine import UNAVAILABLE_ERRORS, create_engine
 from inferd.errors import StoreUnavailable
 
-__all__ = ["MIGRATIONS_DIR", "alembic_config", "migrate"]
+__all__ = ["MIGRATIONS_DIR", "alembic_config", "foreign_keys_off", "migrate"]
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 """Alembic's script folder, installed with the package."""
@@ -40,8 +40,9 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
-def _foreign_keys_off(connection: Connection) -> None:
-    # On the DBAPI connection, outside any transaction (the pool has one connection).
+def foreign_keys_off(connection: Connection) -> None:
+    """Turn SQLite's foreign keys off on ``connection``'s DBAPI connection, outside any
+    transaction (the engine's pool must hold that one connection for the migration)."""
     cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
         cursor.execute("PRAGMA foreign_keys=OFF")
@@ -59,7 +60,7 @@ async def migrate(url: str | URL) -> None:
     try:
         if engine.dialect.name == "sqlite":
             async with engine.connect() as connection:
-                await connection.run_sync(_foreign_keys_off)
+                await connection.run_sync(foreign_keys_off)
         async with engine.begin() as connection:
             if connection.dialect.name == "postgresql":
                 await connection.execute(select(func.pg_advisory_xact_lock(_ADVISORY_LOCK_KEY)))
