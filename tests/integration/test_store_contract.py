@@ -741,6 +741,13 @@ async def test_joined_requests_share_a_failure_and_outlive_a_cancel(
     record = await fetch(store, joined.id)
     assert (record.status, record.error) == (RequestStatus.DEAD, "boom")
     assert (await fetch(store, failing)).status is RequestStatus.DEAD
+    # Requeued, a request that had joined runs on its own (and is not settled again).
+    assert await store.requeue(joined.id, 1) is not None
+    assert await store.settle_joined() == []
+    lease = await claim(store)
+    assert lease.request_id == joined.id
+    await store.complete(lease, "ran")
+    assert (await fetch(store, joined.id)).deduplicated_from is None
     # A cancelled original: the joiner runs on its own.
     clock.advance(1)
     body["input"] = "again"

@@ -613,6 +613,7 @@ class SqlStore:
                 "finished_at": None,
                 "expires_at": None,
                 "cancel_requested": False,
+                "dedup_of": None,  # a request that had joined another now runs on its own
             }
             bumped = await tx.bump(request_id, values)
             data = {"status": _QUEUED, "attempt": bumped.attempts, "reason": "requeued by an admin"}
