@@ -196,6 +196,10 @@ def submit(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Print the responses as they arrive.")
     ] = False,
+    ttl: Annotated[
+        float | None,
+        typer.Option("--ttl", help="Seconds it may wait for a worker; then it ends expired."),
+    ] = None,
     as_json: JsonOut = False,
     url: UrlOpt = None,
     api_key: KeyOpt = None,
@@ -209,7 +213,7 @@ def submit(
     if params is not None and not isinstance(params, dict):
         raise _fail("--parameters must be a JSON object", 2)
     with _client(url, api_key) as client:
-        job = client.submit(model, value, params, idempotency_key)
+        job = client.submit(model, value, params, idempotency_key, ttl_seconds=ttl)
         if not follow:
             if as_json:
                 _print_json(dataclasses.asdict(job))

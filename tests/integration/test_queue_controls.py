@@ -251,3 +251,22 @@ async def test_openapi_declares_the_queue_controls(serve: Callable[..., Any]) ->
     assert {"deduplicated", "deduplicated_from", "expires_at"} <= set(record)
     assert "/v1/admin/requests" in schema["paths"]
     assert "post" in schema["paths"]["/v1/admin/requests/{request_id}/requeue"]
+
+
+async def test_the_client_sends_a_ttl_and_reads_deduplication(
+    serve: Callable[..., Any], models_dir: Path
+) -> None:
+    import httpx
+
+    from inferd.client import AsyncClient
+
+    with_dedup(models_dir)
+    async with serve(**fast(workers=0)) as s:
+        transport = httpx.ASGITransport(app=s.app)
+        async with AsyncClient("http://inferd", transport=transport) as client:
+            first = await client.submit("streamer", "same", ttl_seconds=60)
+            joined = await client.submit("streamer", "same")
+    assert first.expires_at is not None and not first.deduplicated
+    assert abs((first.expires_at - first.created_at).total_seconds() - 60) < 1  # type: ignore[operator]
+    assert joined.deduplicated and joined.deduplicated_from == first.id
+    assert joined.expires_at is None
