@@ -113,7 +113,7 @@ class SubmitBody(BaseModel):
     input: Any = Field(examples=[{"features": [5.1, 3.5, 1.4, 0.2]}])
     """The model's input: ``{"features": [...]}`` for tabular models, a string for text."""
     parameters: dict[str, Any] | None = Field(default=None, examples=[{"max_new_tokens": 32}])
-    ttl_seconds: float | None = Field(default=None, gt=0, examples=[300])
+    ttl_seconds: float | None = Field(default=None, gt=0, le=316_224_000, examples=[300])
     """How long the request may wait for a worker; not started by then, it ends ``expired``
     (with an ``error`` event). Default: the model's ``[jobs] ttl_seconds``, else the server's
     ``request_ttl_seconds`` (none by default)."""

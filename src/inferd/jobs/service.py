@@ -28,6 +28,7 @@ __all__ = ["ControlledStore", "RequestService"]
 
 _MAX_KEY = 255
 _FIELDS = ("model", "input", "parameters", "ttl_seconds", "expires_at")
+_MAX_TTL = 10 * 366 * 86_400  # ten years: longer is a mistake (and overflows the column)
 
 
 class ControlledStore(RequestStore, QueueControls, Protocol):
@@ -119,12 +120,22 @@ class RequestService:
         options = self.executor.jobs_options(model)
         if ttl is None and expires_at is None:
             ttl = options.ttl_seconds if options.ttl_seconds is not None else self.ttl_seconds
-        limits = QueueLimits(
-            max_queued=options.max_queued_requests or self.max_queued,
-            max_queued_per_key=self.max_queued_per_key,
-            key_id=getattr(key, "id", None),
-            retry_after=self.retry_after,
-        )
+        # Only the controls in use are passed: a store without them still takes the rest.
+        controls: dict[str, Any] = {}
+        if expires_at is not None:
+            controls["expires_at"] = expires_at
+        if ttl is not None:
+            controls["ttl_seconds"] = ttl
+        max_queued = options.max_queued_requests or self.max_queued
+        if max_queued is not None or self.max_queued_per_key is not None:
+            controls["limits"] = QueueLimits(
+                max_queued=max_queued,
+                max_queued_per_key=self.max_queued_per_key,
+                key_id=getattr(key, "id", None),
+                retry_after=self.retry_after,
+            )
+        if options.dedup:
+            controls["dedup_seconds"] = options.dedup_ttl_seconds
         try:
             record, created = await self.store.create(
                 user=user,
@@ -135,10 +146,7 @@ class RequestService:
                 idempotency_key=idempotency_key,
                 max_attempts=self.max_attempts,
                 charge=charge,
-                expires_at=expires_at,
-                ttl_seconds=ttl,
-                limits=limits,
-                dedup_seconds=options.dedup_ttl_seconds if options.dedup else None,
+                **controls,
             )
         except (QueueFull, TooManyQueued) as exc:
             if self.metrics is not None:
@@ -214,8 +222,8 @@ def _deadline(body: dict[str, Any]) -> tuple[float | None, float | None]:
     if ttl is not None:
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl):
             raise ValidationFailed("'ttl_seconds' must be a number of seconds")
-        if ttl <= 0:
-            raise ValidationFailed(f"'ttl_seconds' must be positive, not {ttl}")
+        if not 0 < ttl <= _MAX_TTL:
+            raise ValidationFailed(f"'ttl_seconds' must be between 0 and {_MAX_TTL}, not {ttl}")
         return float(ttl), None
     if expires is not None:
         if not isinstance(expires, str):
