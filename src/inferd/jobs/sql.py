@@ -507,6 +507,12 @@ class SqlStore:
         """End up to ``limit`` queued requests whose ``expires_at`` has passed as ``expired``:
         their job goes, an ``error`` event is stored. Returns (model, event) of each."""
         ended: list[tuple[str, Event]] = []
+        async with self._read() as tx:  # most rounds find nothing: no write lock for them
+            due = select(jobs.c.request_id).where(
+                jobs.c.state == _QUEUED, jobs.c.expires_at <= tx.now
+            )
+            if (await tx.conn.execute(due.limit(1))).first() is None:
+                return ended
         async with self._write() as tx:
             due = (
                 select(jobs.c.request_id, jobs.c.model, jobs.c.expires_at)
@@ -539,6 +545,9 @@ class SqlStore:
             .limit(limit)
         )
         stored: list[Event] = []
+        async with self._read() as tx:  # most rounds find nothing: no write lock for them
+            if (await tx.conn.execute(waiting.limit(1))).first() is None:
+                return stored
         async with self._write() as tx:
             for joiner_id, original_id in (await tx.conn.execute(waiting)).all():
                 joined = await tx.locked_request(joiner_id)
