@@ -30,7 +30,7 @@ from inferd.http.drift_api import build_drift_router
 from inferd.http.hotpath import HotPath
 from inferd.http.openai_api import OpenAIErrorShape, build_openai_router
 from inferd.http.openapi import install_contract
-from inferd.http.requests_api import build_requests_router
+from inferd.http.requests_api import build_dead_letter_router, build_requests_router
 from inferd.http.v2 import build_v2_router
 from inferd.http.vision_api import VisionService, build_vision_router
 from inferd.http.ws import build_requests_ws_router
@@ -98,12 +98,19 @@ class InferdApp:
             keepalive=settings.sse_keepalive_seconds,
             on_submit=self.worker.wake if self.worker is not None else None,
             enforcer=self.enforcer,
+            max_queued=settings.max_queued_requests or None,
+            max_queued_per_key=settings.max_queued_requests_per_key or None,
+            ttl_seconds=settings.request_ttl_seconds or None,
+            retry_after=settings.retry_after_s,
+            metrics=self.metrics,
         )
+        self.maintenance = self.backends.maintenance(settings)
         self.api: FastAPI = build_api(self.registry, self.metrics, self._lifespan)
         self.api.include_router(
             build_requests_router(self.requests, settings.max_body_bytes, settings.sse_retry_ms)
         )
         self.api.include_router(build_admin_router(self.registry))  # /v1/admin: load, unload
+        self.api.include_router(build_dead_letter_router(self.requests))  # /v1/admin/requests
         # Image classification: /v1/models/{name}/classify and /v1/predict.
         self.vision = VisionService(self.plane, settings, self.metrics)
         self.api.include_router(build_vision_router(self.vision))
@@ -155,6 +162,7 @@ class InferdApp:
         )
         self._flusher: asyncio.Task[None] | None = None
         self._counter: asyncio.Task[None] | None = None
+        self._maintainer: asyncio.Task[None] | None = None
         self._revocations: asyncio.Task[None] | None = None
         self._repository_watch: asyncio.Task[None] | None = None
         self._ledger_task: asyncio.Task[None] | None = None
@@ -184,6 +192,8 @@ class InferdApp:
         self._loader = loop.create_task(self._load(entries), name="model-loader")
         self._flusher = loop.create_task(self._flush_access_log(), name="access-log-flusher")
         self._counter = loop.create_task(self._watch_jobs(), name="job-counter")
+        self._maintainer = loop.create_task(self.maintenance.run(), name="queue-maintenance")
+        self._maintainer.add_done_callback(_watch("queue maintenance"))
         self._revocations = loop.create_task(self._watch_revocations(), name="key-revocations")
         self._ledger_task = loop.create_task(self.ledger.run(), name="usage-ledger")
         self._stats_task = loop.create_task(self.stats.run(), name="stats-sampler")
@@ -207,7 +217,13 @@ class InferdApp:
         # or a query cut off mid-way can leave a task that never finishes.
         watchers = [
             t
-            for t in (self._loader, self._counter, self._revocations, self._repository_watch)
+            for t in (
+                self._loader,
+                self._counter,
+                self._maintainer,
+                self._revocations,
+                self._repository_watch,
+            )
             if t is not None
         ]
         for task in watchers:

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from inferd.jobs.events import create_event_bus
+from inferd.jobs.maintenance import Maintenance
 from inferd.jobs.runner import ModelExecutor
 from inferd.jobs.sql import SqlStore
-from inferd.jobs.types import EventBus
-from inferd.jobs.usage import settle_usage
+from inferd.jobs.types import Event, EventBus
+from inferd.jobs.usage import settle_usage, tokens_processed
 from inferd.jobs.worker import Worker
 from inferd.metrics import Metrics
 from inferd.settings import Settings
@@ -89,7 +90,16 @@ class Backends:
             metrics.job_seconds.labels(model).observe(seconds)
 
         async def settle(lease: Any, event: Any, chunks: list[Any]) -> None:
+            metrics.tokens_processed.labels(lease.model).inc(
+                tokens_processed(executor, lease, event, chunks)
+            )
             await settle_usage(self.enforcer, executor, lease, event, chunks)
+            if executor.registry.find(lease.model) is not None and (
+                executor.jobs_options(lease.model).dedup
+            ):
+                # Requests that joined this one finish now, not at the next expiry round.
+                for joined in await self.store.settle_joined():
+                    await self.bus.publish(joined.request_id, joined.seq)
 
         return Worker(
             self.store,
@@ -101,6 +111,26 @@ class Backends:
             poll_seconds=settings.poll_seconds,
             on_outcome=count,
             on_terminal=settle,
+        )
+
+    def maintenance(self, settings: Settings) -> Maintenance:
+        """Expiry, joined requests and retention of the store, counted in the metrics; an
+        expired request's budget reservation is released (it used nothing)."""
+        metrics = self.enforcer.metrics
+
+        async def expired(model: str, event: Event) -> None:
+            metrics.jobs_expired.labels(model).inc()
+            await self.enforcer.settle_request(event.request_id, model, 0, 0)
+
+        return Maintenance(
+            self.store,
+            self.bus,
+            expiry_interval=settings.expiry_interval_seconds,
+            retention_days=settings.retention_days,
+            retention_interval=settings.retention_interval_seconds,
+            batch=settings.retention_batch_size,
+            on_expired=expired,
+            on_purged=metrics.requests_purged.inc,
         )
 
     async def close(self) -> None:

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["register"]
+__all__ = ["admin_call", "register"]
 
 _out = Console()
 _err = Console(stderr=True, soft_wrap=True)
@@ -77,6 +77,10 @@ def _call(method: str, url: str, path: str, api_key: str | None, body: Any = Non
         else f"{response.status_code} {response.reason_phrase}"
     )
     raise _fail(message, 2 if response.status_code in _REFUSED else 1)
+
+
+admin_call = _call
+"""One call to the admin API (``inferd requests dead|requeue`` use it too)."""
 
 
 def _print_json(doc: Any) -> None:

@@ -2,6 +2,8 @@
 
 Every command talks to a running server (``--url``, INFERD_URL; ``--api-key``,
 INFERD_API_KEY) through :mod:`inferd.client`, so it gets the same retries and stream resume.
+``inferd requests dead`` and ``inferd requests requeue`` call the admin API
+(``/v1/admin/requests``; a key with the ``admin`` scope when keys are on).
 Exit codes: 0 done, 1 the server or the connection failed (or the request did), 2 the input
 was wrong (refused by the command itself or by the server with 400, 404, 409, 413, 415, 422).
 """
@@ -27,7 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["register"]
 
 requests_app = typer.Typer(
-    help="Long-running requests on a server: submit, follow, list, get, cancel.",
+    help="Long-running requests on a server: submit, follow, list, get, cancel; dead letters "
+    "(dead, requeue) for admins.",
     no_args_is_help=True,
 )
 
@@ -193,6 +196,10 @@ def submit(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Print the responses as they arrive.")
     ] = False,
+    ttl: Annotated[
+        float | None,
+        typer.Option("--ttl", help="Seconds it may wait for a worker; then it ends expired."),
+    ] = None,
     as_json: JsonOut = False,
     url: UrlOpt = None,
     api_key: KeyOpt = None,
@@ -206,7 +213,7 @@ def submit(
     if params is not None and not isinstance(params, dict):
         raise _fail("--parameters must be a JSON object", 2)
     with _client(url, api_key) as client:
-        job = client.submit(model, value, params, idempotency_key)
+        job = client.submit(model, value, params, idempotency_key, ttl_seconds=ttl)
         if not follow:
             if as_json:
                 _print_json(dataclasses.asdict(job))
@@ -284,3 +291,100 @@ def cancel_cmd(
         _print_json(record.raw)
     else:
         sys.stdout.write(f"{record.id} {record.status}\n")
+
+
+_DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _dead_letters(
+    url: str, api_key: str | None, statuses: list[str], model: str | None, limit: int
+) -> list[dict[str, Any]]:
+    """Up to ``limit`` dead letters, newest first, following the server's cursor."""
+    from urllib.parse import urlencode
+
+    from inferd.cli_admin import admin_call
+
+    found: list[dict[str, Any]] = []
+    cursor = None
+    while len(found) < limit:
+        query: dict[str, Any] = {"status": statuses, "limit": min(100, limit - len(found))}
+        if model is not None:
+            query["model"] = model
+        if cursor is not None:
+            query["cursor"] = cursor
+        doc = admin_call("GET", url, "/v1/admin/requests?" + urlencode(query, doseq=True), api_key)
+        found.extend(doc["requests"])
+        cursor = doc["next_cursor"]
+        if cursor is None:
+            break
+    return found
+
+
+StatusOpt = Annotated[
+    list[str] | None,
+    typer.Option("--status", "-s", help="dead (default), failed or expired; repeat for several."),
+]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Only this model's.")]
+
+
+@requests_app.command("dead")
+def dead_cmd(
+    status: StatusOpt = None,
+    model: ModelOpt = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="How many, newest first.")] = 20,
+    as_json: JsonOut = False,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """List dead letters: every user's requests that ended dead (or failed, expired)."""
+    if limit < 1:
+        raise _fail(f"--limit must be at least 1, got {limit}", 2)
+    found = _dead_letters(url or _DEFAULT_URL, api_key, status or ["dead"], model, limit)
+    if as_json:
+        _print_json(found)
+        return
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("id", "user", "model", "status", "tries", "error"):
+        table.add_column(column, no_wrap=column == "id")
+    for r in found:
+        error = (r.get("error") or "")[:80]
+        table.add_row(r["id"], r["user"], r["model"], r["status"], str(r["attempts"]), error)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+@requests_app.command("requeue")
+def requeue_cmd(
+    request_ids: Annotated[
+        list[str] | None, typer.Argument(help="The requests to queue again.")
+    ] = None,
+    all_dead: Annotated[
+        bool,
+        typer.Option("--all", help="Every dead letter (of --status, --model) instead of ids."),
+    ] = False,
+    status: StatusOpt = None,
+    model: ModelOpt = None,
+    attempts: Annotated[
+        int | None,
+        typer.Option(help="Attempts each gets from now on; default: the server's max_attempts."),
+    ] = None,
+    limit: Annotated[int, typer.Option(help="With --all: at most this many.")] = 1000,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Queue dead (or failed, expired) requests again: same ids, more attempts."""
+    from inferd.cli_admin import admin_call
+
+    if bool(request_ids) == all_dead:
+        raise _fail("give request ids or --all, not both (and not neither)", 2)
+    if attempts is not None and attempts < 1:
+        raise _fail(f"--attempts must be at least 1, got {attempts}", 2)
+    base = url or _DEFAULT_URL
+    ids = list(request_ids or [])
+    if all_dead:
+        ids = [r["id"] for r in _dead_letters(base, api_key, status or ["dead"], model, limit)]
+    body = {"attempts": attempts} if attempts is not None else None
+    for request_id in ids:
+        doc = admin_call("POST", base, f"/v1/admin/requests/{request_id}/requeue", api_key, body)
+        sys.stdout.write(f"{doc['id']} {doc['status']}\n")
+    if all_dead:
+        _err.print(f"requeued {len(ids)} request(s)", markup=False, highlight=False)

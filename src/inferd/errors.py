@@ -12,6 +12,7 @@ __all__ = [
     "DeadlineExceeded",
     "IdempotencyConflict",
     "InferdError",
+    "InvalidState",
     "MethodNotAllowed",
     "ModelError",
     "ModelLoadError",
@@ -20,7 +21,9 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "PayloadTooLarge",
+    "QueueFull",
     "StoreUnavailable",
+    "TooManyQueued",
     "UnsupportedMediaType",
     "ValidationFailed",
 ]
@@ -158,3 +161,28 @@ class StoreUnavailable(InferdError):
     status_code = 503
     code = "store_unavailable"
     retryable = True
+
+
+class QueueFull(InferdError):
+    """The model's queue of long-running requests holds ``max_queued_requests``; nothing
+    was stored. Back off (``Retry-After``) and submit again."""
+
+    status_code = 503
+    code = "queue_full"
+    retryable = True
+
+
+class TooManyQueued(InferdError):
+    """The API key already has ``max_queued_requests_per_key`` requests waiting; nothing was
+    stored. Submit again once some have started."""
+
+    status_code = 429
+    code = "too_many_queued"
+    retryable = True
+
+
+class InvalidState(InferdError):
+    """The resource is not in a state that allows this action (requeue a running request)."""
+
+    status_code = 409
+    code = "invalid_state"

@@ -201,7 +201,8 @@ class Metrics:
         # Long-running requests.
         self.jobs = Gauge(
             "inference_jobs",
-            "Long-running requests by status (queued, running, succeeded, failed, cancelled, dead),"
+            "Long-running requests by status (queued, running, succeeded, failed, cancelled, dead,"
+            " expired),"
             " read from the database; the queue depth to autoscale workers on.",
             ("status",),
             registry=r,
@@ -210,6 +211,39 @@ class Metrics:
             "inference_job_runs_total",
             "Attempts run by this process's workers, by model and outcome.",
             ("model", "outcome"),
+            registry=r,
+        )
+        self.jobs_expired = Counter(
+            "inference_jobs_expired_total",
+            "Long-running requests that ended expired: not started before their expires_at.",
+            ("model",),
+            registry=r,
+        )
+        self.job_rejections = Counter(
+            "inference_job_rejections_total",
+            "Submits refused by the bounded queue: reason=queue_full (503, the model's "
+            "max_queued_requests) or too_many_queued (429, max_queued_requests_per_key).",
+            ("model", "reason"),
+            registry=r,
+        )
+        self.jobs_deduplicated = Counter(
+            "inference_jobs_deduplicated_total",
+            "Submits answered by an identical request ([jobs] dedup): kind=hit (from a stored "
+            "result) or join (waiting for a queued or running one).",
+            ("model", "kind"),
+            registry=r,
+        )
+        self.tokens_processed = Counter(
+            "inference_tokens_processed_total",
+            "Work done by the workers of this process on long-running requests, in tokens: "
+            "chunks of a streaming model (a text model's generated tokens), rows of a "
+            "tabular one; rate() of it is the throughput to autoscale workers on.",
+            ("model",),
+            registry=r,
+        )
+        self.requests_purged = Counter(
+            "inference_requests_purged_total",
+            "Finished long-running requests deleted by retention (retention_days).",
             registry=r,
         )
         self.job_seconds = Histogram(

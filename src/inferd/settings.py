@@ -285,6 +285,43 @@ class Settings(BaseSettings):
     """On SIGTERM, how long running jobs may take to finish before they are handed back to the
     queue (without burning an attempt)."""
 
+    max_queued_requests: int = Field(default=10_000, ge=0)
+    """Queued (not yet started) requests per model past which ``POST /v1/requests`` is refused
+    with 503 and ``Retry-After``; nothing already accepted is dropped. A model.toml may set
+    ``[jobs] max_queued_requests``. 0: no bound. On PostgreSQL, submits that
+    arrive together may overshoot it by the number in flight."""
+
+    max_queued_requests_per_key: int = Field(default=0, ge=0)
+    """Queued requests one API key may have; past it a submit gets 429 with ``Retry-After``.
+    0: no bound per key. Requests submitted without a key (authentication off) are not
+    counted."""
+
+    request_ttl_seconds: float = Field(default=0.0, ge=0)
+    """How long a request may wait for its first attempt (or a retry) before it ends
+    ``expired``, when its body gives neither ``ttl_seconds`` nor ``expires_at`` (and its
+    model.toml no ``[jobs] ttl_seconds``). 0: requests wait as long as it takes."""
+
+    expiry_interval_seconds: float = Field(default=1.0, gt=0)
+    """How often each process ends the queued requests past their ``expires_at``, and
+    finishes requests that joined an identical one which has ended."""
+
+    retention_days: float = Field(default=0.0, ge=0)
+    """Delete finished requests (and their events) that ended more than this many days ago.
+    0: keep everything. Deletion runs in small batches (``retention_batch_size``), each
+    its own short transaction, every ``retention_interval_seconds``."""
+
+    retention_batch_size: int = Field(default=500, ge=1, le=100_000)
+    """Requests deleted per transaction by retention."""
+
+    retention_interval_seconds: float = Field(default=300.0, gt=0)
+    """How often retention looks for old requests to delete."""
+
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    """``inferd worker`` only: serve the worker's Prometheus metrics (``/metrics``, with
+    ``inference_tokens_processed_total``, the work done) on this port of ``host``, so that
+    they can be scraped and autoscaled on. 0: workers serve nothing (``inferd serve``'s own
+    ``/metrics`` holds the in-process workers' figures)."""
+
     sse_keepalive_seconds: float = Field(default=15.0, gt=0)
     """Seconds between keep-alive comments on an idle event stream."""
 

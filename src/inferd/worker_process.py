@@ -31,7 +31,26 @@ log = get_logger("inferd.worker")
 async def run_worker(settings: Settings, concurrency: int, burst: bool = False) -> int:
     """Run until signalled (or, with ``burst``, until the queue is empty); return the count
     of jobs run."""
-    registry = ModelRegistry(settings, Metrics())
+    metrics = Metrics()
+    exporter = None
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+
+        # A thread of its own: a scrape never waits for the event loop, nor slows it.
+        exporter, _ = start_http_server(
+            settings.worker_metrics_port, settings.host, metrics.registry
+        )
+        log.info("serving metrics", url=f"http://{settings.host}:{settings.worker_metrics_port}")
+    try:
+        return await _run(settings, metrics, concurrency, burst)
+    finally:
+        if exporter is not None:
+            exporter.shutdown()
+            exporter.server_close()
+
+
+async def _run(settings: Settings, metrics: Metrics, concurrency: int, burst: bool) -> int:
+    registry = ModelRegistry(settings, metrics)
     entries = registry.plan()
     traced = tracing.configure_from_env(settings.otel_endpoint)
     await prepare_database(settings)
@@ -39,6 +58,7 @@ async def run_worker(settings: Settings, concurrency: int, burst: bool = False) 
     executor = ModelExecutor(registry, settings.max_instances, settings.lease_seconds)
     worker = backends.worker(settings, executor, concurrency)
     loop = asyncio.get_running_loop()
+    maintainer = loop.create_task(backends.maintenance(settings).run(), name="queue-maintenance")
     stopping = asyncio.Event()
     signals = 0
 
@@ -68,6 +88,8 @@ async def run_worker(settings: Settings, concurrency: int, burst: bool = False) 
             await runner
         return worker.processed
     finally:
+        maintainer.cancel()
+        await asyncio.gather(maintainer, return_exceptions=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await registry.stop(grace=1.0)

@@ -469,6 +469,19 @@ def test_keda_scales_the_workers_on_queued_requests(base: list[dict[str, Any]]) 
     assert scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
 
 
+def test_keda_also_scales_the_workers_on_the_work_they_do(base: list[dict[str, Any]]) -> None:
+    triggers = find(base, "ScaledObject", "inferd-worker")["spec"]["triggers"]
+    tokens = next(t for t in triggers if t["name"] == "tokens-processed")
+    assert tokens["type"] == "prometheus"
+    query = tokens["metadata"]["query"]
+    assert "inference_tokens_processed_total" in query and query.startswith("sum(rate(")
+    assert_known_metrics([query], "ScaledObject")
+    assert float(tokens["metadata"]["threshold"]) > 0
+    # Until the workers are scraped the query is empty: that must read as 0, not an error
+    # that would put the whole ScaledObject on its fallback.
+    assert tokens["metadata"]["ignoreNullValues"] == "true"
+
+
 def test_the_migration_job_upgrades_the_schema(base: list[dict[str, Any]]) -> None:
     job = find(base, "Job", "inferd-migrate")
     c = container(job, "migrate")

@@ -506,6 +506,31 @@ def test_cli_requests(server: Server) -> None:
     assert missing.stderr.startswith("error: request 'req_00000000000000000000000000'")
 
 
+def test_cli_dead_letters_and_requeue(server: Server, client: Client) -> None:
+    job = client.submit("streamer", "boom")  # fails on every attempt: dead after 3
+    ok = client.submit("streamer", "fine", {"chunks": 1})
+    deadline = time.monotonic() + 30
+    while client.get(job.id).status != "dead" or client.get(ok.id).status != "succeeded":
+        assert time.monotonic() < deadline, client.get(job.id)
+        time.sleep(0.1)
+    listed, requeued, refused = _cli_all(
+        ("requests", "dead", "--model", "streamer", "--json"),
+        ("requests", "requeue", job.id, "--attempts", "1"),
+        ("requests", "requeue", ok.id),
+        url=server.url,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert job.id in [r["id"] for r in json.loads(listed.stdout)]
+    assert requeued.returncode == 0, requeued.stderr
+    assert requeued.stdout == f"{job.id} queued\n"
+    assert refused.returncode == 2
+    assert refused.stderr.startswith(f"error: request {ok.id!r} is succeeded")
+    while (record := client.get(job.id)).status != "dead":
+        assert time.monotonic() < deadline + 30, record
+        time.sleep(0.1)
+    assert (record.attempts, record.max_attempts) == (4, 4)  # one more attempt, and it ran
+
+
 # ---------------------------------------------------------------- routes added beside this client
 
 

@@ -39,7 +39,7 @@ async def wait_terminal(client: Any, request_id: str, within: float = 10.0) -> d
     end = loop.time() + within
     while True:
         record = (await client.get(f"/v1/requests/{request_id}")).json()
-        if record["status"] in ("succeeded", "failed", "cancelled", "dead"):
+        if record["status"] in ("succeeded", "failed", "cancelled", "dead", "expired"):
             return record
         if loop.time() > end:
             raise AssertionError(f"request still {record['status']} after {within}s")
@@ -60,7 +60,16 @@ async def test_submit_stream_and_read_back(serve: Callable[..., Any], models_dir
         )
         assert r.status_code == 202, r.text
         accepted = r.json()
-        assert set(accepted) == {"id", "status", "created_at", "events_url"}
+        assert set(accepted) == {
+            "id",
+            "status",
+            "created_at",
+            "events_url",
+            "expires_at",
+            "deduplicated",
+            "deduplicated_from",
+        }
+        assert accepted["deduplicated"] is False and accepted["expires_at"] is None
         assert accepted["status"] == "queued"
         events = await s.client.get(accepted["events_url"])
         record = await wait_terminal(s.client, accepted["id"])

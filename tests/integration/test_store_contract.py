@@ -22,13 +22,22 @@ from sqlalchemy import Connection, column, select, table, text
 from inferd.db.engine import sqlite_url
 from inferd.db.migrate import migrate
 from inferd.db.schema import VERSION_TABLE, metadata
-from inferd.errors import BadRequest, IdempotencyConflict, StoreUnavailable
+from inferd.errors import (
+    BadRequest,
+    IdempotencyConflict,
+    InvalidState,
+    QueueFull,
+    StoreUnavailable,
+    TooManyQueued,
+)
+from inferd.jobs.events import InProcessEventBus
 from inferd.jobs.ids import encode_cursor
+from inferd.jobs.maintenance import Maintenance
 from inferd.jobs.sql import SqlStore
-from inferd.jobs.types import EventKind, Lease, RequestRecord, RequestStatus
+from inferd.jobs.types import EventKind, Lease, QueueLimits, RequestRecord, RequestStatus
 
 BACKENDS = ["sqlite", "postgres"]
-STATUSES = ["queued", "running", "succeeded", "failed", "cancelled", "dead"]
+STATUSES = ["queued", "running", "succeeded", "failed", "cancelled", "dead", "expired"]
 
 
 class Clock:
@@ -575,6 +584,326 @@ async def test_cancel_a_terminal_request_changes_nothing(store: SqlStore) -> Non
     assert await store.cancel("req_01ARZ3NDEKTSV4RRFFQ69G5FAV") is None
 
 
+# --- queue controls: bounded queue, expiry, deduplication, dead letters, retention ----------
+
+
+async def test_the_queue_of_a_model_is_bounded(store: SqlStore) -> None:
+    limits = QueueLimits(max_queued=3, retry_after=7)
+    ids = [await submit(store, limits=limits) for _ in range(3)]
+    with pytest.raises(QueueFull, match="full") as info:
+        await submit(store, limits=limits)
+    assert info.value.status_code == 503 and info.value.headers() == {"retry-after": "7"}
+    assert await submit(store, model="other", limits=limits)  # another model's queue
+    assert (await store.counts())["queued"] == 4  # nothing was stored, nothing dropped
+    lease = await claim(store, models=["echo"])  # a running job no longer waits
+    assert await submit(store, limits=limits)
+    await store.complete(lease, "ok")
+    for request_id in ids[1:]:
+        assert (await fetch(store, request_id)).status is RequestStatus.QUEUED
+
+
+async def test_the_queued_requests_of_a_key_are_bounded(store: SqlStore) -> None:
+    mine = QueueLimits(max_queued_per_key=2, key_id="k1")
+    await submit(store, limits=mine)
+    await submit(store, limits=mine)
+    with pytest.raises(TooManyQueued) as info:
+        await submit(store, limits=mine)
+    assert info.value.status_code == 429 and "retry-after" in info.value.headers()
+    await submit(store, limits=QueueLimits(max_queued_per_key=2, key_id="k2"))
+    await submit(store, limits=QueueLimits(max_queued_per_key=2))  # no key: not counted
+    assert (await store.counts())["queued"] == 4
+
+
+async def test_a_request_not_started_in_time_expires(store: SqlStore, clock: Clock) -> None:
+    late = await submit(store, ttl_seconds=10)
+    kept = await submit(store, ttl_seconds=60)
+    forever = await submit(store)
+    record = await fetch(store, late)
+    assert record.expires_at is not None
+    assert abs(record.expires_at.timestamp() - (clock.now + 10)) < 1e-5
+    assert await store.expire_due() == []
+    clock.advance(10)  # expiry is inclusive: at expires_at it may no longer start
+    lease = await claim(store)  # the claim skips the expired job, even before the sweep
+    assert lease.request_id == kept
+    assert await store.claim("w", 30) is not None  # forever
+    ended = await store.expire_due()
+    assert [(model, event.request_id) for model, event in ended] == [("echo", late)]
+    event = ended[0][1]
+    assert event.kind is EventKind.ERROR and event.data["status"] == "expired"
+    assert "expired at" in event.data["error"]
+    record = await fetch(store, late)
+    assert record.status is RequestStatus.EXPIRED and record.terminal
+    assert record.attempts == 0 and record.finished_at is not None
+    assert (await kinds(store, late))[-1] == ("error", event.data)
+    assert await store.expire_due() == []
+    assert (await store.counts())["expired"] == 1
+    assert (await fetch(store, forever)).status is RequestStatus.RUNNING
+
+
+async def test_expires_at_is_an_instant(store: SqlStore, clock: Clock) -> None:
+    request_id = await submit(store, expires_at=clock.now + 5)
+    clock.advance(4.9)
+    assert await store.expire_due() == []
+    clock.advance(0.1)
+    assert len(await store.expire_due()) == 1
+    assert (await fetch(store, request_id)).status is RequestStatus.EXPIRED
+    with pytest.raises(BadRequest, match="not both"):
+        await submit(store, expires_at=clock.now + 5, ttl_seconds=5)
+
+
+async def test_a_retry_that_waits_past_the_ttl_expires(store: SqlStore, clock: Clock) -> None:
+    request_id = await submit(store, ttl_seconds=30)
+    await store.fail(await claim(store), "flaky")
+    clock.advance(31)
+    assert await store.claim("w", 30) is None
+    assert len(await store.expire_due()) == 1
+    record = await fetch(store, request_id)
+    assert (record.status, record.attempts) == (RequestStatus.EXPIRED, 1)
+
+
+async def test_a_cancelled_or_running_request_does_not_expire(
+    store: SqlStore, clock: Clock
+) -> None:
+    running = await submit(store, ttl_seconds=1)
+    cancelled = await submit(store, ttl_seconds=1)
+    lease = await claim(store)
+    await store.cancel(cancelled)
+    clock.advance(2)
+    assert await store.expire_due() == []
+    assert await store.complete(lease, "ok") is not None
+    assert (await fetch(store, running)).status is RequestStatus.SUCCEEDED
+    assert (await fetch(store, cancelled)).status is RequestStatus.CANCELLED
+
+
+DEDUP = 600.0
+
+
+async def test_dedup_answers_from_a_stored_result(store: SqlStore, clock: Clock) -> None:
+    body: dict[str, Any] = {"input": {"text": "same"}, "parameters": {"p": 1}, "version": "1"}
+    original = await submit(store, dedup_seconds=DEDUP, **body)
+    lease = await claim(store)
+    await store.append(lease, {"response": "a"})
+    await store.append(lease, {"response": "b"})
+    await store.complete(lease, {"text": "ab"})
+    clock.advance(DEDUP - 1)
+    record, created = await store.create(user="bob", model="echo", dedup_seconds=DEDUP, **body)
+    assert created and record.id != original
+    assert record.deduplicated and record.deduplicated_from == original
+    assert record.status is RequestStatus.SUCCEEDED and record.result == {"text": "ab"}
+    assert [r["response"] for r in record.responses] == ["a", "b"]
+    assert await fetch(store, record.id) == record
+    history = await kinds(store, record.id)
+    assert [(k, d.get("response")) for k, d in history] == [
+        ("response", "a"),
+        ("response", "b"),
+        ("done", None),
+    ]
+    assert history[-1][1] == {
+        "status": "succeeded",
+        "result": {"text": "ab"},
+        "deduplicated_from": original,
+    }
+    assert await store.claim("w", 30) is None  # nothing was queued
+    # Another version, input or parameters is another request; so is a stale result.
+    for changed in ({"version": "2"}, {"input": "other"}, {"parameters": {}}):
+        fresh, _ = await store.create(
+            user="bob", model="echo", dedup_seconds=DEDUP, **(body | changed)
+        )
+        assert not fresh.deduplicated and fresh.status is RequestStatus.QUEUED
+    clock.advance(2)
+    stale, _ = await store.create(user="bob", model="echo", dedup_seconds=DEDUP, **body)
+    assert not stale.deduplicated
+    # Without dedup_seconds (the model did not opt in) nothing is shared.
+    alone, _ = await store.create(user="bob", model="echo", **body)
+    assert not alone.deduplicated
+
+
+async def test_dedup_joins_a_running_request(store: SqlStore) -> None:
+    body: dict[str, Any] = {"input": "same", "parameters": {}}
+    original = await submit(store, dedup_seconds=DEDUP, **body)
+    lease = await claim(store)
+    joined, created = await store.create(user="bob", model="echo", dedup_seconds=DEDUP, **body)
+    assert created and joined.deduplicated_from == original
+    assert joined.status is RequestStatus.QUEUED
+    again, _ = await store.create(user="carol", model="echo", dedup_seconds=DEDUP, **body)
+    assert again.deduplicated_from == original  # joins the original, not the joiner
+    assert await store.claim("w", 30) is None  # run once
+    assert await store.settle_joined() == []  # still running
+    await store.append(lease, {"response": "x"})
+    await store.complete(lease, "result")
+    settled = await store.settle_joined()
+    assert {event.request_id for event in settled} == {joined.id, again.id}
+    for request_id in (joined.id, again.id):
+        record = await fetch(store, request_id)
+        assert (record.status, record.result) == (RequestStatus.SUCCEEDED, "result")
+        assert [r["response"] for r in record.responses] == ["x"]
+        assert [k for k, _ in await kinds(store, request_id)] == ["status", "response", "done"]
+    assert await store.settle_joined() == []
+
+
+async def test_joined_requests_share_a_failure_and_outlive_a_cancel(
+    store: SqlStore, clock: Clock
+) -> None:
+    body: dict[str, Any] = {"input": "same", "parameters": {}, "dedup_seconds": DEDUP}
+    failing = await submit(store, max_attempts=1, **body)
+    joined, _ = await store.create(user="bob", model="echo", **body)
+    await store.fail(await claim(store), "boom")
+    await store.settle_joined()
+    record = await fetch(store, joined.id)
+    assert (record.status, record.error) == (RequestStatus.DEAD, "boom")
+    assert (await fetch(store, failing)).status is RequestStatus.DEAD
+    # Requeued, a request that had joined runs on its own (and is not settled again).
+    assert await store.requeue(joined.id, 1) is not None
+    assert await store.settle_joined() == []
+    lease = await claim(store)
+    assert lease.request_id == joined.id
+    await store.complete(lease, "ran")
+    assert (await fetch(store, joined.id)).deduplicated_from is None
+    # A cancelled original: the joiner runs on its own.
+    clock.advance(1)
+    body["input"] = "again"
+    cancelled = await submit(store, **body)
+    joined, _ = await store.create(user="bob", model="echo", **body)
+    await store.cancel(cancelled)
+    (event,) = await store.settle_joined()
+    assert event.data["status"] == "queued" and "cancelled" in event.data["reason"]
+    lease = await claim(store)
+    assert lease.request_id == joined.id
+    await store.complete(lease, "mine")
+    record = await fetch(store, joined.id)
+    assert (record.status, record.result, record.deduplicated) == (
+        RequestStatus.SUCCEEDED,
+        "mine",
+        False,
+    )
+
+
+async def test_a_dead_request_can_be_listed_and_requeued(store: SqlStore, clock: Clock) -> None:
+    dead = await submit(store, max_attempts=1)
+    await store.fail(await claim(store), "crashed")
+    done = await submit(store)
+    await store.complete(await claim(store), "ok")
+    expired = await submit(store, ttl_seconds=1)
+    clock.advance(2)
+    await store.expire_due()
+    page = await store.dead_letters([RequestStatus.DEAD])
+    assert [r.id for r in page.items] == [dead]
+    both = await store.dead_letters([RequestStatus.DEAD, RequestStatus.EXPIRED], limit=1)
+    assert [r.id for r in both.items] == [expired] and both.next_cursor is not None
+    rest = await store.dead_letters(
+        [RequestStatus.DEAD, RequestStatus.EXPIRED], cursor=both.next_cursor
+    )
+    assert [r.id for r in rest.items] == [dead] and rest.next_cursor is None
+    assert (await store.dead_letters([RequestStatus.DEAD], model="other")).items == []
+
+    requeued = await store.requeue(dead, 2)
+    assert requeued is not None
+    record, event = requeued
+    assert (record.status, record.attempts, record.max_attempts) == (RequestStatus.QUEUED, 1, 3)
+    assert record.finished_at is None
+    assert event.data == {"status": "queued", "attempt": 1, "reason": "requeued by an admin"}
+    assert (await store.dead_letters([RequestStatus.DEAD])).items == []
+    lease = await claim(store)
+    assert (lease.request_id, lease.attempt) == (dead, 2)
+    await store.complete(lease, "second time lucky")
+    record = await fetch(store, dead)
+    assert (record.status, record.result) == (RequestStatus.SUCCEEDED, "second time lucky")
+    seqs = [e.seq for e in await store.events(dead)]
+    assert seqs == list(range(1, len(seqs) + 1))
+
+    assert await store.requeue(expired, 1) is not None
+    assert (await fetch(store, expired)).expires_at is None  # its deadline is gone
+    with pytest.raises(InvalidState, match="succeeded") as info:
+        await store.requeue(done, 1)
+    assert info.value.status_code == 409
+    assert await store.requeue("req_01ARZ3NDEKTSV4RRFFQ69G5FAV", 1) is None
+
+
+async def test_retention_deletes_old_finished_requests_in_batches(
+    store: SqlStore, clock: Clock
+) -> None:
+    old = []
+    for n in range(5):
+        request_id = await submit(store, input=n)
+        lease = await claim(store)
+        await store.append(lease, {"response": n})
+        await store.complete(lease, n)
+        old.append(request_id)
+    waiting = await submit(store)  # old too, but not finished: kept
+    clock.advance(3 * 86400)
+    recent = await submit(store, model="other")
+    await store.complete(await claim(store, models=["other"]), "recent")
+    assert await store.purge(2 * 86400, limit=2) == 2
+    assert await store.purge(2 * 86400, limit=2) == 2
+    assert await store.purge(2 * 86400, limit=2) == 1
+    assert await store.purge(2 * 86400, limit=2) == 0
+    for request_id in old:
+        assert await store.get(request_id) is None
+        assert await store.events(request_id) == []
+    assert (await fetch(store, waiting)).status is RequestStatus.QUEUED
+    assert (await fetch(store, recent)).status is RequestStatus.SUCCEEDED
+    assert await store.events(recent)
+
+
+async def test_maintenance_runs_retention_in_batches_and_expiry_periodically(
+    store: SqlStore, clock: Clock
+) -> None:
+    for n in range(7):
+        await store.complete(await claim_new(store, n), n)
+    clock.advance(2 * 86400)
+    kept = await submit(store, model="other")
+    await store.complete(await claim(store, models=["other"]), "recent")
+    expiring = await submit(store, model="other", ttl_seconds=1)
+    clock.advance(1)
+    bus = InProcessEventBus()
+    batches: list[int] = []
+    expired: list[str] = []
+    all_deleted = asyncio.Event()
+
+    def purged(count: int) -> None:
+        batches.append(count)
+        if sum(batches) >= 7:
+            all_deleted.set()
+
+    async def on_expired(model: str, event: Any) -> None:
+        expired.append(event.request_id)
+
+    maintenance = Maintenance(
+        store,
+        bus,
+        expiry_interval=0.01,
+        retention_days=1.5,
+        retention_interval=0.01,
+        batch=3,
+        pause=0,
+        on_expired=on_expired,
+        on_purged=purged,
+    )
+    followed = bus.subscribe(expiring)
+    task = asyncio.create_task(maintenance.run())
+    try:
+        announced = await asyncio.wait_for(anext(followed), 10)
+        await asyncio.wait_for(all_deleted.wait(), 10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await bus.close()
+    assert batches[:3] == [3, 3, 1]  # in batches of 3, each its own transaction
+    assert expired == [expiring]
+    assert announced == (await fetch(store, expiring)).last_seq
+    assert (await fetch(store, expiring)).status is RequestStatus.EXPIRED
+    assert (await fetch(store, kept)).status is RequestStatus.SUCCEEDED
+    assert len((await store.page("alice", limit=100)).items) == 2
+
+
+async def claim_new(store: SqlStore, value: Any) -> Lease:
+    """Submit a request and claim it at once."""
+    request_id = await submit(store, input=value)
+    lease = await claim(store)
+    assert lease.request_id == request_id
+    return lease
+
+
 # --- counts, migrations, availability ---------------------------------------------------------
 
 
@@ -587,7 +916,7 @@ async def test_counts_every_status(store: SqlStore) -> None:
     await claim(store)
     (queued, *_) = (await store.page("alice")).items
     await store.cancel(queued.id)
-    assert await store.counts() == dict.fromkeys(STATUSES, 1) | {"dead": 0}
+    assert await store.counts() == dict.fromkeys(STATUSES, 1) | {"dead": 0, "expired": 0}
 
 
 history = table(VERSION_TABLE, column("version_num"))
@@ -607,7 +936,7 @@ async def test_migrations_are_idempotent_and_match_the_schema(store_url: str) ->
         async with store.engine.connect() as conn:
             assert await conn.run_sync(_schema_diff) == []
             version = await conn.scalar(select(column("version_num")).select_from(history))
-        assert version == "0006"
+        assert version == "0005"
     finally:
         await store.close()
 

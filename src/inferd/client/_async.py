@@ -176,11 +176,14 @@ class AsyncClient:
         input: Any,
         parameters: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        ttl_seconds: float | None = None,
     ) -> Submitted:
         """Queue a long-running request. With a key (given, or generated), a retry after a
-        lost answer returns the same request instead of creating another."""
+        lost answer returns the same request instead of creating another. ``ttl_seconds``:
+        not started by then, it ends ``expired`` (the server's default when None)."""
+        auto = self.auto_idempotency_keys
         return await self._run(
-            calls.submit(model, input, parameters, idempotency_key, self.auto_idempotency_keys)
+            calls.submit(model, input, parameters, idempotency_key, auto, ttl_seconds)
         )
 
     async def get(self, request_id: str) -> RequestInfo:

@@ -243,6 +243,7 @@ def submit(
     parameters: dict[str, Any] | None,
     idempotency_key: str | None,
     auto_key: bool,
+    ttl_seconds: float | None = None,
 ) -> Call[Submitted]:
     key = (
         idempotency_key
@@ -252,6 +253,8 @@ def submit(
     body: dict[str, Any] = {"model": model, "input": _rows(input)}
     if parameters:
         body["parameters"] = parameters
+    if ttl_seconds is not None:
+        body["ttl_seconds"] = ttl_seconds
     headers = {"idempotency-key": key} if key is not None else {}
 
     def parse(response: httpx.Response) -> Submitted:

@@ -176,12 +176,13 @@ class Client:
         input: Any,
         parameters: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        ttl_seconds: float | None = None,
     ) -> Submitted:
         """Queue a long-running request. With a key (given, or generated), a retry after a
-        lost answer returns the same request instead of creating another."""
-        return self._run(
-            calls.submit(model, input, parameters, idempotency_key, self.auto_idempotency_keys)
-        )
+        lost answer returns the same request instead of creating another. ``ttl_seconds``:
+        not started by then, it ends ``expired`` (the server's default when None)."""
+        auto = self.auto_idempotency_keys
+        return self._run(calls.submit(model, input, parameters, idempotency_key, auto, ttl_seconds))
 
     def get(self, request_id: str) -> RequestInfo:
         """A request's stored record: status, attempts, responses, result or error."""

@@ -31,7 +31,7 @@ __all__ = [
     "event_from_sse",
 ]
 
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "dead"})
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "dead", "expired"})
 
 
 def _time(value: Any) -> datetime | None:
@@ -121,6 +121,14 @@ class Submitted:
     replayed: bool
     """True when the idempotency key matched an earlier request: this is that request."""
     idempotency_key: str | None
+    expires_at: datetime | None = None
+    """When it ends ``expired`` if no worker has started it by then (None: never)."""
+    deduplicated_from: str | None = None
+    """The identical request that answered it (a stored result, or a run it joined)."""
+
+    @property
+    def deduplicated(self) -> bool:
+        return self.deduplicated_from is not None
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], replayed: bool, key: str | None) -> Submitted:
@@ -131,6 +139,8 @@ class Submitted:
             events_url=doc.get("events_url", f"/v1/requests/{doc['id']}/events"),
             replayed=replayed,
             idempotency_key=key,
+            expires_at=_time(doc.get("expires_at")),
+            deduplicated_from=doc.get("deduplicated_from"),
         )
 
 
@@ -160,7 +170,7 @@ class RequestInfo:
 
     @property
     def terminal(self) -> bool:
-        """The request has ended (succeeded, failed, cancelled or dead)."""
+        """The request has ended (succeeded, failed, cancelled, dead or expired)."""
         return self.status in TERMINAL_STATUSES
 
     @property

@@ -10,6 +10,12 @@ Long-running requests (:mod:`inferd.jobs`):
   stay small however many finished requests are kept.
 * ``inferd_events``: the event log of each request, keyed by (request_id, seq).
 
+Queue controls (revision 0004): a request may carry ``expires_at`` (the last instant an
+attempt may start; a queued job past it ends ``expired``), a ``dedup_hash`` (models with
+``[jobs] dedup``) and ``dedup_of`` (the request whose run it joined or whose result it
+reused). A job also carries a copy of ``expires_at`` and the API key that submitted it
+(``key_id``), which the per-key bound of queued requests counts.
+
 Tenancy (:mod:`inferd.tenancy`): ``inferd_api_keys``, ``inferd_usage`` (per key, model and UTC
 day) and ``inferd_request_charges`` (the budget a long-running request reserved).
 
@@ -93,15 +99,27 @@ requests = Table(
     # W3C trace context of the submit (traceparent, tracestate) while tracing is on, else NULL:
     # the worker's span of each run is its child.
     Column("trace_context", JSON, nullable=True),
+    # The last instant an attempt may start (TTL); NULL: never expires.
+    Column("expires_at", BigInteger, nullable=True),
+    # sha256 of (model, version, input, parameters) for models with [jobs] dedup; else NULL.
+    Column("dedup_hash", String(64), nullable=True),
+    # The request whose run this one joined, or whose stored result answered it.
+    Column("dedup_of", String(40), nullable=True),
     # NULL keys are distinct on both databases: requests without a key never collide.
     UniqueConstraint("user_id", "idempotency_key"),
     CheckConstraint(
-        "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'dead')",
+        "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'dead', 'expired')",
         name="status",
     ),
     # Keyset pagination of one user's requests, newest first.
     Index(None, "user_id", "created_at", "id"),
     Index(None, "status"),
+    # Deduplication: the newest succeeded (or running) request with the same body.
+    Index(None, "dedup_hash"),
+    # Retention: terminal requests by age, oldest first.
+    Index(None, "finished_at"),
+    # Joined requests of a running one.
+    Index(None, "dedup_of"),
 )
 
 jobs = Table(
@@ -119,10 +137,18 @@ jobs = Table(
     Column("lease_token", String(64), nullable=True),
     Column("lease_expires_at", BigInteger, nullable=True),
     Column("worker_id", String(255), nullable=True),
+    # The request's expires_at (copied: the expiry sweep reads this table only).
+    Column("expires_at", BigInteger, nullable=True),
+    # The API key that submitted the request (the per-key bound of queued requests).
+    Column("key_id", String(32), nullable=True),
     CheckConstraint("state IN ('queued', 'running')", name="state"),
     # claim: the oldest due queued job; reap: running jobs by lease expiry.
     Index(None, "state", "run_at", "request_id"),
     Index(None, "state", "lease_expires_at"),
+    # The bounded queue: queued jobs per model and per key; the expiry sweep.
+    Index(None, "model", "state"),
+    Index(None, "key_id", "state"),
+    Index(None, "state", "expires_at"),
 )
 
 events = Table(

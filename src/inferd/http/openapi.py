@@ -27,7 +27,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from inferd.http.schemas import ErrorBody
+from inferd.http.schemas import ErrorBody, SubmitBody
 from inferd.models.registry import ModelRegistry
 from inferd.tenancy.auth import required_scope
 
@@ -72,11 +72,14 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "/v1/models/{name}/versions/{version}/predict"): _PREDICT,
     ("POST", "/v1/models/{name}/classify"): (*_IMAGE, 422),
     ("POST", "/v1/predict"): _IMAGE,
+    # 503 also when the model's queue is full (queue_full), 429 past a key's queued cap.
     ("POST", "/v1/requests"): (400, 404, 409, 413, 415, 422, 429, _STORE),
     ("GET", "/v1/requests"): (400, 422, _STORE),
     ("GET", "/v1/requests/{request_id}"): (404, _STORE),
     ("POST", "/v1/requests/{request_id}/cancel"): (404, _STORE),
     ("GET", "/v1/requests/{request_id}/events"): (400, 404, _STORE),
+    ("GET", "/v1/admin/requests"): (400, 422, _STORE),
+    ("POST", "/v1/admin/requests/{request_id}/requeue"): (400, 404, 409, 422, _STORE),
     ("GET", "/v1/admin/repository"): (),
     ("POST", "/v1/admin/models/{name}/load"): (400, 404, 409, 422),
     ("POST", "/v1/admin/models/{name}/unload"): (404,),
@@ -137,6 +140,12 @@ _RETRY_AFTER = {
 }
 _PARAMETERS: dict[tuple[str, str, str], dict[str, Any]] = {
     ("GET", "/v1/requests", "limit"): {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 100,
+        "default": 20,
+    },
+    ("GET", "/v1/admin/requests", "limit"): {
         "type": "integer",
         "minimum": 1,
         "maximum": 100,
@@ -296,6 +305,7 @@ def with_models(
     every = features("requests")
     if submit is not None and every is not None:
         content = submit["requestBody"]["content"]["application/json"]
+        controls = SubmitBody.model_json_schema()["properties"]
         content["schema"] = {
             "type": "object",
             "required": ["model", "input"],
@@ -303,8 +313,19 @@ def with_models(
                 "model": {"type": "string", "minLength": 1, "examples": ["iris"]},
                 "input": predict_body(every, max_instances, True),
                 "parameters": {"anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}]},
+                # The queue controls, as the generic body declares them.
+                "ttl_seconds": controls["ttl_seconds"],
+                "expires_at": controls["expires_at"],
             },
             "additionalProperties": False,
+            # One deadline or the other, not both.
+            "not": {
+                "required": ["ttl_seconds", "expires_at"],
+                "properties": {
+                    "ttl_seconds": {"not": {"type": "null"}},
+                    "expires_at": {"not": {"type": "null"}},
+                },
+            },
         }
     return doc
 

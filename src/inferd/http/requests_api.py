@@ -1,4 +1,5 @@
-"""HTTP routes of long-running requests: submit, read, list, cancel, follow over SSE."""
+"""HTTP routes of long-running requests: submit, read, list, cancel, follow over SSE; and the
+admin's dead letters (list, requeue) under ``/v1/admin/requests``."""
 
 from __future__ import annotations
 
@@ -6,27 +7,41 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Body, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, Field
 
 from inferd.errors import BadRequest, UnsupportedMediaType
 from inferd.http import sse
 from inferd.http.body import check_length, read_body
+from inferd.http.schemas import (
+    DeadLetterPage,
+    ErrorBody,
+    RequestAccepted,
+    RequestDoc,
+    RequeueBody,
+    SubmitBody,
+)
 from inferd.jobs.service import RequestService
-from inferd.jobs.types import RequestRecord
+from inferd.jobs.types import RequestRecord, RequestStatus
 
-__all__ = ["build_requests_router", "record_json", "request_user", "submit_answer"]
+__all__ = [
+    "build_dead_letter_router",
+    "build_requests_router",
+    "record_json",
+    "request_user",
+    "submit_answer",
+]
 
-
-class SubmitBody(BaseModel):
-    """``POST /v1/requests``."""
-
-    model: str = Field(examples=["iris"])
-    """A served model's name."""
-    input: Any = Field(examples=[{"features": [5.1, 3.5, 1.4, 0.2]}])
-    """The model's input: ``{"features": [...]}`` for tabular models, a string for text."""
-    parameters: dict[str, Any] | None = Field(default=None, examples=[{"max_new_tokens": 32}])
+_SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        404: "Unknown model",
+        409: "Idempotency-Key reused with another body",
+        422: "Bad input, parameters, ttl_seconds or expires_at",
+        429: "Rate or budget spent, or the key's queued requests at their bound; Retry-After",
+        503: "The model's queue is full (max_queued_requests); nothing stored; Retry-After",
+    }.items()
+}
 
 
 def request_user(request: Request) -> str:
@@ -56,6 +71,9 @@ def record_json(record: RequestRecord, with_input: bool = True) -> dict[str, Any
         "updated_at": _iso(record.updated_at),
         "started_at": _iso(record.started_at),
         "finished_at": _iso(record.finished_at),
+        "expires_at": _iso(record.expires_at),
+        "deduplicated": record.deduplicated,
+        "deduplicated_from": record.deduplicated_from,
         "events_url": f"/v1/requests/{record.id}/events",
     }
     if with_input:
@@ -90,6 +108,8 @@ def build_requests_router(
         "",
         status_code=202,
         summary="Submit a long-running request; follow it at events_url",
+        response_model=RequestAccepted,
+        responses=_SUBMIT_ERRORS,
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -116,16 +136,18 @@ def build_requests_router(
         headers = {"location": f"/v1/requests/{record.id}"}
         if not created:
             headers["idempotent-replayed"] = "true"
-        return _json(
-            {
-                "id": record.id,
-                "status": record.status.value,
-                "created_at": _iso(record.created_at),
-                "events_url": f"/v1/requests/{record.id}/events",
-            },
-            202,
-            headers,
-        )
+        accepted = {
+            "id": record.id,
+            "status": record.status.value,
+            "created_at": _iso(record.created_at),
+            "events_url": f"/v1/requests/{record.id}/events",
+            "expires_at": _iso(record.expires_at),
+            "deduplicated": record.deduplicated,
+            "deduplicated_from": record.deduplicated_from,
+        }
+        if record.deduplicated and record.status is RequestStatus.SUCCEEDED:
+            accepted["result"] = record.result
+        return _json(accepted, 202, headers)
 
     @router.get("", summary="The caller's requests, newest first, with cursor pagination")
     async def list_requests(
@@ -144,7 +166,11 @@ def build_requests_router(
             }
         )
 
-    @router.get("/{request_id}", summary="One request with its stored responses")
+    @router.get(
+        "/{request_id}",
+        summary="One request with its stored responses",
+        response_model=RequestDoc,
+    )
     async def get_request(request: Request, request_id: str) -> Response:
         return _json(record_json(await service.get(request_user(request), request_id)))
 
@@ -171,5 +197,61 @@ def build_requests_router(
             media_type="text/event-stream",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
+
+    return router
+
+
+_DEAD_LETTERS = [RequestStatus.DEAD, RequestStatus.FAILED, RequestStatus.EXPIRED]
+
+
+def build_dead_letter_router(service: RequestService) -> APIRouter:
+    """``/v1/admin/requests``: requests that ended without a result, of every user, and
+    putting them back in the queue (the ``admin`` scope, like every ``/v1/admin`` route)."""
+    router = APIRouter(prefix="/v1/admin/requests", tags=["admin"])
+
+    @router.get(
+        "",
+        summary="Dead letters: dead (or failed, expired) requests of every user, newest first",
+        response_model=DeadLetterPage,
+    )
+    async def dead_letters(
+        status: list[str] | None = Query(
+            default=None, description="dead (default), failed or expired; repeat for several"
+        ),
+        model: str | None = Query(default=None, description="only this model's"),
+        cursor: str | None = Query(default=None, description="next_cursor of the previous page"),
+        limit: int = Query(default=20, description="1 to 100"),
+    ) -> Response:
+        if not 1 <= limit <= 100:
+            raise BadRequest(f"limit must be between 1 and 100, got {limit}")
+        allowed = {s.value: s for s in _DEAD_LETTERS}
+        wanted = status or ["dead"]
+        unknown = [name for name in wanted if name not in allowed]
+        if unknown:
+            raise BadRequest(
+                f"status {', '.join(map(repr, unknown))} is not a dead letter; "
+                f"use {', '.join(allowed)}"
+            )
+        page = await service.dead_letters([allowed[n] for n in wanted], model, cursor, limit)
+        return _json(
+            {
+                "requests": [record_json(r) for r in page.items],
+                "next_cursor": page.next_cursor,
+                "limit": limit,
+            }
+        )
+
+    @router.post(
+        "/{request_id}/requeue",
+        summary="Queue a dead, failed or expired request again (same id, more attempts)",
+        response_model=RequestDoc,
+        responses={
+            404: {"model": ErrorBody, "description": "No such request"},
+            409: {"model": ErrorBody, "description": "It is not dead, failed or expired"},
+        },
+    )
+    async def requeue(request_id: str, body: RequeueBody | None = Body(default=None)) -> Response:
+        attempts = body.attempts if body is not None else None
+        return _json(record_json(await service.requeue(request_id, attempts)))
 
     return router

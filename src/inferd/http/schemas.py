@@ -5,16 +5,21 @@ The hot path validates by hand (see :mod:`inferd.codec`) to the same rules.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "DeadLetterPage",
     "ErrorBody",
     "ModelPredictRequest",
     "ModelPredictResponse",
     "PredictRequest",
     "PredictResponse",
+    "RequestAccepted",
+    "RequestDoc",
+    "RequeueBody",
+    "SubmitBody",
 ]
 
 
@@ -89,3 +94,90 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         504: "Deadline passed before the model answered",
     }.items()
 }
+
+
+# --- long-running requests (/v1/requests) -----------------------------------------------------
+
+RequestStatusName = Literal[
+    "queued", "running", "succeeded", "failed", "cancelled", "dead", "expired"
+]
+
+
+class SubmitBody(BaseModel):
+    """``POST /v1/requests``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(examples=["iris"])
+    """A served model's name."""
+    input: Any = Field(examples=[{"features": [5.1, 3.5, 1.4, 0.2]}])
+    """The model's input: ``{"features": [...]}`` for tabular models, a string for text."""
+    parameters: dict[str, Any] | None = Field(default=None, examples=[{"max_new_tokens": 32}])
+    ttl_seconds: float | None = Field(default=None, gt=0, le=316_224_000, examples=[300])
+    """How long the request may wait for a worker; not started by then, it ends ``expired``
+    (with an ``error`` event). Default: the model's ``[jobs] ttl_seconds``, else the server's
+    ``request_ttl_seconds`` (none by default)."""
+    expires_at: str | None = Field(default=None, examples=["2026-12-31T12:00:00Z"])
+    """The same as an instant (ISO-8601 with a time zone); give this or ``ttl_seconds``."""
+
+
+class RequestAccepted(BaseModel):
+    """``202`` answer of ``POST /v1/requests``."""
+
+    id: str
+    status: RequestStatusName
+    """``queued``; ``succeeded`` when an identical request's stored result answered it."""
+    created_at: str
+    events_url: str
+    expires_at: str | None
+    """When it expires if no worker has started it (null: never)."""
+    deduplicated: bool
+    """True when an identical request answered it (a stored result, or a run it joined);
+    only for models with ``[jobs] dedup = true``."""
+    deduplicated_from: str | None
+    """The id of that identical request."""
+    result: Any = None
+    """The result, when it was answered from a stored one."""
+
+
+class RequestDoc(BaseModel):
+    """A stored long-running request (``GET /v1/requests/{id}``)."""
+
+    id: str
+    user: str
+    model: str
+    version: str | None
+    status: RequestStatusName
+    attempts: int
+    max_attempts: int
+    responses: list[dict[str, Any]]
+    result: Any
+    error: str | None
+    cancel_requested: bool
+    created_at: str
+    updated_at: str
+    started_at: str | None
+    finished_at: str | None
+    expires_at: str | None
+    deduplicated: bool
+    deduplicated_from: str | None
+    events_url: str
+    input: Any = None
+    parameters: dict[str, Any] | None = None
+
+
+class DeadLetterPage(BaseModel):
+    """``GET /v1/admin/requests``: requests of every user in the statuses asked for."""
+
+    requests: list[RequestDoc]
+    next_cursor: str | None
+    limit: int
+
+
+class RequeueBody(BaseModel):
+    """Optional body of ``POST /v1/admin/requests/{id}/requeue``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempts: int | None = Field(default=None, ge=1, le=100)
+    """Attempts it gets from now on; default: the server's ``max_attempts``."""

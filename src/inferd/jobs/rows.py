@@ -44,6 +44,7 @@ def body_hash(model: str, version: str | None, input: Any, parameters: Mapping[s
 def to_record(row: Mapping[Any, Any], responses: list[dict[str, Any]]) -> RequestRecord:
     """The record of a stored ``inferd_requests`` row (a row's ``_mapping``)."""
     started, finished = row["started_at"], row["finished_at"]
+    expires = row.get("expires_at")
     return RequestRecord(
         id=row["id"],
         user=row["user_id"],
@@ -64,6 +65,8 @@ def to_record(row: Mapping[Any, Any], responses: list[dict[str, Any]]) -> Reques
         idempotency_key=row["idempotency_key"],
         last_seq=row["last_seq"],
         responses=responses,
+        expires_at=None if expires is None else to_datetime(expires),
+        deduplicated_from=row.get("dedup_of"),
     )
 
 

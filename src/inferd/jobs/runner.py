@@ -20,6 +20,7 @@ from inferd.codec import parse_predict_doc, render_rows
 from inferd.errors import InferdError, ModelNotFound, ValidationFailed
 from inferd.models.base import RequestValidator, StreamingModel
 from inferd.models.registry import LoadedModel, ModelRegistry, ModelState
+from inferd.models.spec import JobsSpec
 from inferd.serving import DataPlane, Decoded, RequestContext
 
 __all__ = ["ModelExecutor"]
@@ -65,6 +66,10 @@ class ModelExecutor:
         """The version of ``name`` that serves requests now."""
         loaded = self.registry.find(name)
         return loaded.version_str if loaded is not None else None
+
+    def jobs_options(self, name: str) -> JobsSpec:
+        """The ``[jobs]`` table of ``name``'s model.toml (queue bound, TTL, deduplication)."""
+        return self._loaded(name).spec.jobs
 
     def streams(self, name: str) -> bool:
         """Whether ``name`` answers in chunks (its usage is the chunks it produced)."""

@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol
 
 from inferd import tracing
 from inferd.concurrency import run_blocking
-from inferd.errors import NotFound, ValidationFailed
+from inferd.errors import NotFound, QueueFull, TooManyQueued, ValidationFailed
 from inferd.jobs.follow import follow_events
 from inferd.jobs.runner import ModelExecutor
-from inferd.jobs.types import Event, EventBus, Page, RequestRecord, RequestStore
+from inferd.jobs.types import (
+    Event,
+    EventBus,
+    Page,
+    QueueControls,
+    QueueLimits,
+    RequestRecord,
+    RequestStatus,
+    RequestStore,
+)
+from inferd.metrics import Metrics
 from inferd.tenancy.enforce import Enforcer
 
-__all__ = ["RequestService"]
+__all__ = ["ControlledStore", "RequestService"]
 
 _MAX_KEY = 255
+_FIELDS = ("model", "input", "parameters", "ttl_seconds", "expires_at")
+_MAX_TTL = 10 * 366 * 86_400  # ten years: longer is a mistake (and overflows the column)
+
+
+class ControlledStore(RequestStore, QueueControls, Protocol):
+    """A request store with the queue controls (the SQL store)."""
 
 
 class RequestService:
@@ -23,7 +41,7 @@ class RequestService:
 
     def __init__(
         self,
-        store: RequestStore,
+        store: ControlledStore,
         bus: EventBus,
         executor: ModelExecutor,
         *,
@@ -31,6 +49,11 @@ class RequestService:
         keepalive: float = 15.0,
         on_submit: Callable[[], None] | None = None,
         enforcer: Enforcer | None = None,
+        max_queued: int | None = None,
+        max_queued_per_key: int | None = None,
+        ttl_seconds: float | None = None,
+        retry_after: float = 1.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -39,6 +62,14 @@ class RequestService:
         self.keepalive = keepalive
         self.on_submit = on_submit
         self.enforcer = enforcer
+        self.max_queued = max_queued
+        """Queued requests per model past which a submit gets 503 (model.toml may say)."""
+        self.max_queued_per_key = max_queued_per_key
+        """Queued requests per API key past which a submit gets 429."""
+        self.ttl_seconds = ttl_seconds
+        """Default wait for a first attempt before a request expires (None: never)."""
+        self.retry_after = retry_after
+        self.metrics = metrics
 
     async def submit(
         self,
@@ -50,11 +81,11 @@ class RequestService:
         """Validate and store a request; returns (record, created)."""
         if not isinstance(body, dict):
             raise ValidationFailed('the body must be a JSON object {"model", "input", ...}')
-        unknown = set(body) - {"model", "input", "parameters"}
+        unknown = set(body) - set(_FIELDS)
         if unknown:
             raise ValidationFailed(
-                f"unknown field(s) {', '.join(sorted(map(repr, unknown)))}; "
-                "expected 'model', 'input' and optionally 'parameters'"
+                f"unknown field(s) {', '.join(sorted(map(repr, unknown)))}; expected 'model', "
+                "'input' and optionally 'parameters', 'ttl_seconds' or 'expires_at'"
             )
         model = body.get("model")
         if not isinstance(model, str) or not model:
@@ -68,6 +99,7 @@ class RequestService:
             raise ValidationFailed("'parameters' must be an object")
         if idempotency_key is not None and not 0 < len(idempotency_key) <= _MAX_KEY:
             raise ValidationFailed(f"Idempotency-Key must be 1 to {_MAX_KEY} characters")
+        ttl, expires_at = _deadline(body)
         # Off the loop: a text model's check tokenizes the prompt.
         await run_blocking(self.executor.validate, model, body["input"], parameters)
         if idempotency_key is not None:
@@ -88,21 +120,52 @@ class RequestService:
                 "day": quota.day,
                 "reserved": quota.reserved,
             }
-        record, created = await self.store.create(
-            user=user,
-            model=model,
-            version=self.executor.version_of(model),
-            input=body["input"],
-            parameters=parameters,
-            idempotency_key=idempotency_key,
-            max_attempts=self.max_attempts,
-            charge=charge,
-            trace_context=tracing.carrier(),  # None while tracing is off
-        )
-        if created and self.on_submit is not None:
+        options = self.executor.jobs_options(model)
+        if ttl is None and expires_at is None:
+            ttl = options.ttl_seconds if options.ttl_seconds is not None else self.ttl_seconds
+        # Only the controls in use are passed: a store without them still takes the rest.
+        controls: dict[str, Any] = {}
+        if expires_at is not None:
+            controls["expires_at"] = expires_at
+        if ttl is not None:
+            controls["ttl_seconds"] = ttl
+        max_queued = options.max_queued_requests or self.max_queued
+        if max_queued is not None or self.max_queued_per_key is not None:
+            controls["limits"] = QueueLimits(
+                max_queued=max_queued,
+                max_queued_per_key=self.max_queued_per_key,
+                key_id=getattr(key, "id", None),
+                retry_after=self.retry_after,
+            )
+        if options.dedup:
+            controls["dedup_seconds"] = options.dedup_ttl_seconds
+        try:
+            record, created = await self.store.create(
+                user=user,
+                model=model,
+                version=self.executor.version_of(model),
+                input=body["input"],
+                parameters=parameters,
+                idempotency_key=idempotency_key,
+                max_attempts=self.max_attempts,
+                charge=charge,
+                trace_context=tracing.carrier(),  # None while tracing is off
+                **controls,
+            )
+        except (QueueFull, TooManyQueued) as exc:
+            if self.metrics is not None:
+                self.metrics.job_rejections.labels(model, exc.code).inc()
+            if quota is not None and self.enforcer is not None:  # nothing stored: not charged
+                await self.enforcer.limiter.settle(key.id, quota.reserved, 0, day=quota.day)
+            raise
+        if created and record.deduplicated and self.metrics is not None:
+            kind = "join" if record.status is RequestStatus.QUEUED else "hit"
+            self.metrics.jobs_deduplicated.labels(model, kind).inc()
+        if created and not record.deduplicated and self.on_submit is not None:
             self.on_submit()
-        if quota is not None and not created and self.enforcer is not None:
-            # A replay that raced past the check above: not charged twice.
+        if quota is not None and (not created or record.deduplicated) and self.enforcer:
+            # A replay that raced past the check above is not charged twice; a request
+            # answered by an identical one runs nothing.
             await self.enforcer.limiter.settle(key.id, quota.reserved, 0, day=quota.day)
         return record, created
 
@@ -123,9 +186,62 @@ class RequestService:
             await self.bus.publish(request_id, record.last_seq)
         return record
 
+    # --- dead letters (the admin API) -------------------------------------------------------
+
+    async def dead_letters(
+        self,
+        statuses: list[RequestStatus],
+        model: str | None,
+        cursor: str | None,
+        limit: int,
+    ) -> Page:
+        """Every user's requests in ``statuses`` (dead ones by default), newest first."""
+        return await self.store.dead_letters(statuses, model, cursor, limit)
+
+    async def requeue(self, request_id: str, attempts: int | None = None) -> RequestRecord:
+        """Queue a dead, failed or expired request again, with ``attempts`` more attempts
+        (default: the server's ``max_attempts``)."""
+        done = await self.store.requeue(request_id, attempts or self.max_attempts)
+        if done is None:
+            raise NotFound(f"request {request_id!r} does not exist")
+        record, event = done
+        await self.bus.publish(request_id, event.seq)
+        if self.on_submit is not None:
+            self.on_submit()
+        return record
+
     async def follow(self, user: str, request_id: str, after: int) -> AsyncIterator[Event | None]:
         """The events of a request after seq ``after``, then live ones until its terminal
         event; ``None`` after ``keepalive`` seconds without one (see
         :func:`~inferd.jobs.follow.follow_events`)."""
         await self.get(user, request_id)  # 404 for another user's request, before streaming
         return follow_events(self.store, self.bus, request_id, after, keepalive=self.keepalive)
+
+
+def _deadline(body: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(ttl_seconds, expires_at as epoch seconds) of a submit body; 422 when malformed."""
+    ttl, expires = body.get("ttl_seconds"), body.get("expires_at")
+    if ttl is not None and expires is not None:
+        raise ValidationFailed("give 'ttl_seconds' or 'expires_at', not both")
+    if ttl is not None:
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl):
+            raise ValidationFailed("'ttl_seconds' must be a number of seconds")
+        if not 0 < ttl <= _MAX_TTL:
+            raise ValidationFailed(f"'ttl_seconds' must be between 0 and {_MAX_TTL}, not {ttl}")
+        return float(ttl), None
+    if expires is not None:
+        if not isinstance(expires, str):
+            raise ValidationFailed("'expires_at' must be an ISO-8601 time with a time zone")
+        try:
+            when = datetime.fromisoformat(expires)
+        except ValueError:
+            raise ValidationFailed(
+                f"'expires_at' is not an ISO-8601 time: {expires!r} (e.g. 2026-01-31T12:00:00Z)"
+            ) from None
+        if when.tzinfo is None:
+            raise ValidationFailed(
+                "'expires_at' needs a time zone (a Z or +00:00 suffix): a time without one "
+                "means different instants on client and server"
+            )
+        return None, when.timestamp()
+    return None, None

@@ -22,6 +22,10 @@ racing a reaper or a new claim cannot slip through.
 A request whose cancel was asked for is never requeued: where a retry, a reaped lease or a
 release would put it back in the queue, it becomes ``cancelled`` instead.
 
+Queue controls (the bounded queue, expiry, deduplication, dead letters, retention) are their
+own statements, below the workers' side: a claim only skips jobs past their ``expires_at``
+(:func:`_startable`), and a sweep (:meth:`SqlStore.expire_due`) ends them.
+
 The schema is created by the migrations (:func:`inferd.db.migrate.migrate`), not here.
 """
 
@@ -35,18 +39,35 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeAlias
 
-from sqlalchemy import URL, Row, func, select, tuple_, update
+from sqlalchemy import URL, ColumnElement, Row, delete, func, literal, or_, select, tuple_, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from inferd.db.engine import UNAVAILABLE_ERRORS, create_engine
 from inferd.db.schema import charges, events, jobs, requests
-from inferd.errors import BadRequest, ConfigError, IdempotencyConflict, StoreUnavailable
+from inferd.errors import (
+    BadRequest,
+    ConfigError,
+    IdempotencyConflict,
+    InvalidState,
+    QueueFull,
+    StoreUnavailable,
+    TooManyQueued,
+)
 from inferd.jobs.ids import decode_cursor, encode_cursor, new_request_id
 from inferd.jobs.rows import body_hash, iso, to_datetime, to_event, to_record
-from inferd.jobs.types import Event, EventKind, Lease, Page, RequestRecord, RequestStatus
+from inferd.jobs.types import (
+    TERMINAL,
+    Event,
+    EventKind,
+    Lease,
+    Page,
+    QueueLimits,
+    RequestRecord,
+    RequestStatus,
+)
 
-__all__ = ["CANCELLED_BY_USER", "SqlStore"]
+__all__ = ["CANCELLED_BY_USER", "REQUEUEABLE", "SqlStore"]
 
 CANCELLED_BY_USER = "cancelled by the user"
 """The error of a request cancelled by its user."""
@@ -56,6 +77,10 @@ _MAX_PAGE = 100
 _REAP_BATCH = 100  # expired leases taken back per claim; the rest wait for the next one
 _QUEUED = RequestStatus.QUEUED.value
 _RUNNING = RequestStatus.RUNNING.value
+_SUCCEEDED = RequestStatus.SUCCEEDED.value
+_TERMINAL = sorted(status.value for status in TERMINAL)
+REQUEUEABLE = frozenset({RequestStatus.DEAD, RequestStatus.FAILED, RequestStatus.EXPIRED})
+"""The statuses an admin may put back in the queue (``POST /v1/admin/requests/{id}/requeue``)."""
 
 _Row: TypeAlias = "Row[*tuple[Any, ...]]"  # any row (a string: Row is variadic on 2.1 only)
 
@@ -167,6 +192,10 @@ class SqlStore:
         version: str | None = None,
         charge: dict[str, Any] | None = None,
         trace_context: dict[str, str] | None = None,
+        expires_at: float | None = None,
+        ttl_seconds: float | None = None,
+        limits: QueueLimits | None = None,
+        dedup_seconds: float | None = None,
     ) -> tuple[RequestRecord, bool]:
         """Store the request, its job and its first event in one transaction.
 
@@ -181,9 +210,16 @@ class SqlStore:
 
         ``version`` (beyond the protocol) records a pinned model version; it is part of the
         body that an idempotent retry must repeat.
+
+        ``expires_at``/``ttl_seconds``, ``limits`` and ``dedup_seconds``: see
+        :meth:`inferd.jobs.types.RequestStore.create`. A deduplicated request stores no job
+        and no ``charge``; its record says ``deduplicated_from``.
         """
         if max_attempts < 1:
             raise BadRequest("max_attempts must be at least 1")
+        dedup_hash = None
+        if dedup_seconds is not None:
+            dedup_hash = body_hash(model, version, input, parameters)
         # The version that will serve is not part of the body: a retry with the same key
         # after a model update is still the same request.
         digest = body_hash(model, None, input, parameters)
@@ -193,6 +229,25 @@ class SqlStore:
                 return existing, False
         try:
             async with self._write() as tx:
+                expires = _expiry(tx.now, expires_at, ttl_seconds)
+                if dedup_hash is not None and dedup_seconds is not None:
+                    found = await tx.duplicate(dedup_hash, tx.now - round(dedup_seconds * _US))
+                    if found is not None:
+                        fields = {
+                            "user_id": user,
+                            "model": model,
+                            "version": version,
+                            "input": input,
+                            "parameters": parameters,
+                            "body_hash": digest,
+                            "idempotency_key": idempotency_key,
+                            "max_attempts": max_attempts,
+                            "expires_at": expires,
+                            "dedup_hash": dedup_hash,
+                        }
+                        return await tx.deduplicated(found, fields), True
+                if limits is not None:
+                    await tx.admit(model, limits)
                 row: dict[str, Any] = {
                     "id": new_request_id(tx.now // 1000),
                     "user_id": user,
@@ -210,10 +265,14 @@ class SqlStore:
                     "created_at": tx.now,
                     "updated_at": tx.now,
                     "trace_context": trace_context,
-                } | dict.fromkeys(("result", "error", "started_at", "finished_at"))
+                    "expires_at": expires,
+                    "dedup_hash": dedup_hash,
+                } | dict.fromkeys(("result", "error", "started_at", "finished_at", "dedup_of"))
                 await tx.conn.execute(requests.insert(), row)
                 job = {"request_id": row["id"], "model": model, "state": _QUEUED}
-                await tx.conn.execute(jobs.insert(), job | {"run_at": tx.now})
+                key_id = limits.key_id if limits is not None else None
+                controls = {"expires_at": expires, "key_id": key_id}
+                await tx.conn.execute(jobs.insert(), job | {"run_at": tx.now} | controls)
                 first = {"status": _QUEUED, "attempt": 0}
                 await tx.insert_event(row["id"], 1, 0, EventKind.STATUS, first)
                 if charge is not None:
@@ -322,6 +381,7 @@ class SqlStore:
             await tx.reap()
             expires = tx.now + round(lease_seconds * _US)
             due = select(jobs.c.request_id).where(jobs.c.state == _QUEUED, jobs.c.run_at <= tx.now)
+            due = due.where(_startable(tx.now))  # past expires_at: left to expire_due
             if models is not None:
                 due = due.where(jobs.c.model.in_(models))
             due = due.order_by(jobs.c.run_at, jobs.c.request_id).limit(1)
@@ -448,6 +508,154 @@ class SqlStore:
         counts = {status.value: 0 for status in RequestStatus}
         counts.update({status: int(n) for status, n in rows})
         return counts
+
+    # --- queue controls: expiry, deduplication, dead letters, retention ----------------------
+
+    async def expire_due(self, limit: int = 100) -> list[tuple[str, Event]]:
+        """End up to ``limit`` queued requests whose ``expires_at`` has passed as ``expired``:
+        their job goes, an ``error`` event is stored. Returns (model, event) of each."""
+        ended: list[tuple[str, Event]] = []
+        async with self._read() as tx:  # most rounds find nothing: no write lock for them
+            due = select(jobs.c.request_id).where(
+                jobs.c.state == _QUEUED, jobs.c.expires_at <= tx.now
+            )
+            if (await tx.conn.execute(due.limit(1))).first() is None:
+                return ended
+        async with self._write() as tx:
+            due = (
+                select(jobs.c.request_id, jobs.c.model, jobs.c.expires_at)
+                .where(jobs.c.state == _QUEUED, jobs.c.expires_at <= tx.now)
+                .order_by(jobs.c.expires_at)
+                .limit(limit)
+            )
+            if self._postgres:
+                due = due.with_for_update(skip_locked=True)  # a claimer holds it: it is taken
+            for request_id, model, expires in (await tx.conn.execute(due)).all():
+                error = f"not started before it expired at {iso(expires)}"
+                data = {"status": RequestStatus.EXPIRED.value, "error": error}
+                event = await tx.finish(request_id, EventKind.ERROR, data, error=error)
+                ended.append((model, event))
+        return ended
+
+    async def settle_joined(self, limit: int = 100) -> list[Event]:
+        """Finish requests that joined one which has ended (see
+        :meth:`inferd.jobs.types.QueueControls.settle_joined`); returns the events stored."""
+        original = requests.alias("original")
+        waiting = (
+            select(requests.c.id, original.c.id.label("original_id"))
+            .select_from(requests.outerjoin(original, original.c.id == requests.c.dedup_of))
+            .where(
+                requests.c.dedup_of.is_not(None),
+                requests.c.status == _QUEUED,
+                or_(original.c.id.is_(None), original.c.status.in_(_TERMINAL)),
+            )
+            .order_by(requests.c.created_at)
+            .limit(limit)
+        )
+        stored: list[Event] = []
+        async with self._read() as tx:  # most rounds find nothing: no write lock for them
+            if (await tx.conn.execute(waiting.limit(1))).first() is None:
+                return stored
+        async with self._write() as tx:
+            for joiner_id, original_id in (await tx.conn.execute(waiting)).all():
+                joined = await tx.locked_request(joiner_id)
+                if joined is None or joined.status != _QUEUED or joined.dedup_of is None:
+                    continue  # cancelled (or settled) in the meantime
+                ran = None if original_id is None else await tx.request_row(original_id)
+                stored.extend(await tx.settle_joiner(joined, ran))
+        return stored
+
+    async def purge(self, older_than_seconds: float, limit: int = 500) -> int:
+        """Delete up to ``limit`` terminal requests that finished more than
+        ``older_than_seconds`` ago, with their events (one short transaction)."""
+        if older_than_seconds < 0 or limit < 1:
+            raise ValueError("older_than_seconds must be >= 0 and limit >= 1")
+        async with self._write() as tx:
+            cutoff = tx.now - round(older_than_seconds * _US)
+            old = (
+                select(requests.c.id)
+                .where(requests.c.finished_at < cutoff, requests.c.status.in_(_TERMINAL))
+                .order_by(requests.c.finished_at)
+                .limit(limit)
+            )
+            if self._postgres:
+                old = old.with_for_update(skip_locked=True)  # another purger has those
+            ids = list((await tx.conn.execute(old)).scalars())
+            if not ids:
+                return 0
+            await tx.conn.execute(delete(charges).where(charges.c.request_id.in_(ids)))
+            gone = await tx.conn.execute(
+                delete(requests).where(
+                    requests.c.id.in_(ids), requests.c.status.in_(_TERMINAL)
+                )  # the events go with them (ON DELETE CASCADE)
+            )
+            return int(gone.rowcount)
+
+    async def dead_letters(
+        self,
+        statuses: list[RequestStatus],
+        model: str | None = None,
+        cursor: str | None = None,
+        limit: int = 20,
+    ) -> Page:
+        """Every user's requests in ``statuses`` (of ``model`` if given), newest first,
+        keyset-paginated like :meth:`page`."""
+        if not 1 <= limit <= _MAX_PAGE:
+            raise BadRequest(f"limit must be between 1 and {_MAX_PAGE}, not {limit}")
+        query = select(requests).where(requests.c.status.in_([s.value for s in statuses]))
+        if model is not None:
+            query = query.where(requests.c.model == model)
+        return await self._page_of(query, cursor, limit)
+
+    async def requeue(self, request_id: str, attempts: int) -> tuple[RequestRecord, Event] | None:
+        """Queue a dead, failed or expired request again, with ``attempts`` more attempts
+        (its expiry cleared); None if there is no such request."""
+        if attempts < 1:
+            raise BadRequest("attempts must be at least 1")
+        async with self._write() as tx:
+            row = await tx.locked_request(request_id)
+            if row is None:
+                return None
+            if RequestStatus(row.status) not in REQUEUEABLE:
+                allowed = ", ".join(sorted(s.value for s in REQUEUEABLE))
+                raise InvalidState(
+                    f"request {request_id!r} is {row.status}; only {allowed} requests can be "
+                    "queued again"
+                )
+            job = {"request_id": request_id, "model": row.model, "state": _QUEUED}
+            await tx.conn.execute(jobs.insert(), job | {"run_at": tx.now})
+            values = {
+                "status": _QUEUED,
+                "max_attempts": row.attempts + attempts,
+                "finished_at": None,
+                "expires_at": None,
+                "cancel_requested": False,
+                "dedup_of": None,  # a request that had joined another now runs on its own
+            }
+            bumped = await tx.bump(request_id, values)
+            data = {"status": _QUEUED, "attempt": bumped.attempts, "reason": "requeued by an admin"}
+            event = await tx.insert_event(
+                request_id, bumped.last_seq, bumped.attempts, EventKind.STATUS, data
+            )
+            changed = await tx.request_row(request_id)
+            assert changed is not None  # locked and changed in this very transaction
+            return await tx.record(changed), event
+
+    async def _page_of(self, query: Any, cursor: str | None, limit: int) -> Page:
+        if cursor is not None:
+            created_us, last_id = decode_cursor(cursor)
+            position = tuple_(requests.c.created_at, requests.c.id)
+            query = query.where(position < tuple_(created_us, last_id))
+        newest_first = (requests.c.created_at.desc(), requests.c.id.desc())
+        query = query.order_by(*newest_first).limit(limit + 1)
+        async with self._read() as tx:
+            rows = list((await tx.conn.execute(query)).all())
+            more = len(rows) > limit
+            rows = rows[:limit]
+            responses = await tx.responses(rows)
+        items = [to_record(row._mapping, responses.get(row.id, [])) for row in rows]
+        last = rows[-1] if more else None
+        return Page(items, None if last is None else encode_cursor(last.created_at, last.id))
 
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self._backoff_max, self._backoff_base * 2.0 ** min(attempt - 1, 62))
@@ -591,6 +799,155 @@ class _Tx:
         seq, attempt = bumped.last_seq, bumped.attempts
         return await self.insert_event(request_id, seq, attempt, EventKind.STATUS, data)
 
+    # --- queue controls ---------------------------------------------------------------------
+
+    async def admit(self, model: str, limits: QueueLimits) -> None:
+        """Raise QueueFull or TooManyQueued when a new job would be past a bound. On SQLite
+        the write lock makes the count exact; on PostgreSQL concurrent submits may overshoot
+        a bound by the number of them in flight (no lock is taken for it)."""
+        bounds = (
+            (limits.max_queued, jobs.c.model == model, QueueFull, f"model {model!r}"),
+            (limits.max_queued_per_key, jobs.c.key_id == limits.key_id, TooManyQueued, "key"),
+        )
+        for bound, where, error, whose in bounds:
+            if bound is None or (error is TooManyQueued and limits.key_id is None):
+                continue
+            capped = select(literal(1)).where(where, jobs.c.state == _QUEUED).limit(bound)
+            queued = await self.conn.execute(select(func.count()).select_from(capped.subquery()))
+            if queued.scalar_one() >= bound:
+                if error is QueueFull:
+                    message = (
+                        f"the queue of {whose} is full ({bound} requests waiting); nothing "
+                        "was stored: retry after Retry-After seconds"
+                    )
+                else:
+                    message = (
+                        f"this API key has {bound} requests waiting already (the most it may "
+                        "have); nothing was stored: retry once some have started"
+                    )
+                raise error(message, retry_after=limits.retry_after)
+
+    async def locked_request(self, request_id: str) -> _Row | None:
+        """The request's row, locked until the end of the transaction (PostgreSQL; SQLite's
+        write lock covers it). Its job row, if any, is locked first (the lock order)."""
+        await self.lock_job(request_id)
+        query = select(requests).where(requests.c.id == request_id)
+        if self.postgres:
+            query = query.with_for_update()
+        return (await self.conn.execute(query)).first()
+
+    async def duplicate(self, dedup_hash: str, since: int) -> _Row | None:
+        """The request that a new one with ``dedup_hash`` can reuse: the newest that ran and
+        succeeded at or after ``since``, else the oldest queued or running one that runs
+        itself (not one that joined another)."""
+        done = (
+            select(requests)
+            .where(
+                requests.c.dedup_hash == dedup_hash,
+                requests.c.status == _SUCCEEDED,
+                requests.c.finished_at >= since,
+                requests.c.dedup_of.is_(None),  # a result is as old as the run that made it
+            )
+            .order_by(requests.c.finished_at.desc())
+            .limit(1)
+        )
+        found = (await self.conn.execute(done)).first()
+        if found is not None:
+            return found
+        running = (
+            select(requests)
+            .where(
+                requests.c.dedup_hash == dedup_hash,
+                requests.c.status.in_((_QUEUED, _RUNNING)),
+                requests.c.dedup_of.is_(None),
+            )
+            .order_by(requests.c.created_at)
+            .limit(1)
+        )
+        return (await self.conn.execute(running)).first()
+
+    async def deduplicated(self, original: _Row, fields: dict[str, Any]) -> RequestRecord:
+        """Store a request answered by ``original``: finished with its result and responses
+        when it succeeded, else queued behind it without a job (it joins the run)."""
+        row: dict[str, Any] = fields | {
+            "id": new_request_id(self.now // 1000),
+            "attempts": 0,
+            "cancel_requested": False,
+            "error": None,
+            "created_at": self.now,
+            "updated_at": self.now,
+            "dedup_of": original.id,
+        }
+        if original.status != _SUCCEEDED:
+            row |= {"status": _QUEUED, "result": None, "last_seq": 1}
+            row |= {"started_at": None, "finished_at": None}
+            await self.conn.execute(requests.insert(), row)
+            data = {"status": _QUEUED, "attempt": 0, "deduplicated_from": original.id}
+            await self.insert_event(row["id"], 1, 0, EventKind.STATUS, data)
+            return to_record(row, [])
+        copied = await self.reused_events(original)
+        row |= {"status": _SUCCEEDED, "result": original.result, "last_seq": len(copied)}
+        row |= {"started_at": self.now, "finished_at": self.now}
+        await self.conn.execute(requests.insert(), row)
+        for seq, (kind, data) in enumerate(copied, 1):
+            await self.insert_event(row["id"], seq, 0, kind, data)
+        responses = [d for k, d in copied if k is EventKind.RESPONSE]
+        return to_record(
+            row, [{"response": d.get("response"), "sent_at": d.get("sent_at")} for d in responses]
+        )
+
+    async def reused_events(self, original: _Row) -> list[tuple[EventKind, dict[str, Any]]]:
+        """What a request answered by ``original`` (succeeded) stores: the responses of its
+        last attempt, then its ``done`` event marked with where it came from."""
+        query = (
+            select(events.c.data, events.c.created_at)
+            .where(
+                events.c.request_id == original.id,
+                events.c.attempt == original.attempts,
+                events.c.kind == EventKind.RESPONSE.value,
+            )
+            .order_by(events.c.seq)
+        )
+        copied: list[tuple[EventKind, dict[str, Any]]] = []
+        for data, created_at in (await self.conn.execute(query)).all():
+            copied.append((EventKind.RESPONSE, {"sent_at": iso(created_at)} | data))
+        done = {"status": _SUCCEEDED, "result": original.result, "deduplicated_from": original.id}
+        copied.append((EventKind.DONE, done))
+        return copied
+
+    async def settle_joiner(self, joined: _Row, original: _Row | None) -> list[Event]:
+        """End (or start) a request that joined ``original``, which has ended (or is gone)."""
+        status = None if original is None else RequestStatus(original.status)
+        if original is not None and status is RequestStatus.SUCCEEDED:
+            stored = []
+            for kind, data in await self.reused_events(original):
+                values: dict[str, Any] = {}
+                if kind is EventKind.DONE:
+                    values = {
+                        "status": _SUCCEEDED,
+                        "result": original.result,
+                        "finished_at": self.now,
+                    }
+                    values["started_at"] = func.coalesce(requests.c.started_at, self.now)
+                stored.append(await self.emit(joined.id, kind, data, **values))
+            return stored
+        if original is not None and status in (RequestStatus.FAILED, RequestStatus.DEAD):
+            data = {
+                "status": original.status,
+                "error": original.error,
+                "deduplicated_from": original.id,
+            }
+            return [await self.finish(joined.id, EventKind.ERROR, data, error=original.error)]
+        # Cancelled, expired or deleted: it runs on its own after all.
+        job = {"request_id": joined.id, "model": joined.model, "state": _QUEUED}
+        await self.conn.execute(
+            jobs.insert(), job | {"run_at": self.now, "expires_at": joined.expires_at}
+        )
+        ended = status.value if status is not None else "deleted"
+        reason = f"the request it joined was {ended}; it runs on its own"
+        data = {"status": _QUEUED, "attempt": joined.attempts, "reason": reason}
+        return [await self.emit(joined.id, EventKind.STATUS, data, dedup_of=None)]
+
     async def reap(self) -> int:
         """Take back expired leases: requeue, or end the request if it cannot run again."""
         expired = (
@@ -614,3 +971,21 @@ class _Tx:
             else:
                 await self.requeue(request_id, self.now, "lease expired")
         return len(request_ids)
+
+
+def _startable(now: int) -> ColumnElement[bool]:
+    """A queued job that may still start at ``now``: no ``expires_at``, or a later one."""
+    return or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > now)
+
+
+def _expiry(now: int, expires_at: float | None, ttl_seconds: float | None) -> int | None:
+    """The stored ``expires_at`` (microseconds) of a request created at ``now``."""
+    if expires_at is not None and ttl_seconds is not None:
+        raise BadRequest("give expires_at or ttl_seconds, not both")
+    if ttl_seconds is not None:
+        if not ttl_seconds > 0:
+            raise BadRequest("ttl_seconds must be a positive number of seconds")
+        return now + round(ttl_seconds * _US)
+    if expires_at is not None:
+        return round(expires_at * _US)
+    return None

@@ -22,6 +22,8 @@ __all__ = [
     "JobQueue",
     "Lease",
     "Page",
+    "QueueControls",
+    "QueueLimits",
     "RequestRecord",
     "RequestStatus",
     "RequestStore",
@@ -35,10 +37,17 @@ class RequestStatus(enum.StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     DEAD = "dead"
+    EXPIRED = "expired"  # not started before its ``expires_at``
 
 
 TERMINAL = frozenset(
-    {RequestStatus.SUCCEEDED, RequestStatus.FAILED, RequestStatus.CANCELLED, RequestStatus.DEAD}
+    {
+        RequestStatus.SUCCEEDED,
+        RequestStatus.FAILED,
+        RequestStatus.CANCELLED,
+        RequestStatus.DEAD,
+        RequestStatus.EXPIRED,
+    }
 )
 
 
@@ -46,7 +55,8 @@ class EventKind(enum.StrEnum):
     RESPONSE = "response"  # a chunk the model produced: data = {"response": ..., "sent_at": ...}
     STATUS = "status"  # a status change: data = {"status": ..., "attempt": ..., "reason"?: ...}
     DONE = "done"  # terminal success: data = {"status": "succeeded", "result": ...}
-    ERROR = "error"  # terminal failure: data = {"status": "failed"|"dead"|"cancelled", "error"}
+    ERROR = "error"  # terminal failure: data = {"status": "failed"|"dead"|"cancelled"|"expired",
+    # "error"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +75,11 @@ class Event:
 @dataclass(frozen=True, slots=True)
 class RequestRecord:
     """A request as stored. ``responses`` are the ``response`` events of the latest attempt,
-    as ``{"response": ..., "sent_at": ISO-8601}``, oldest first."""
+    as ``{"response": ..., "sent_at": ISO-8601}``, oldest first.
+
+    ``expires_at``: the last instant an attempt may start (None: never expires).
+    ``deduplicated_from``: the request whose run this one joined, or whose stored result
+    answered it (models with ``[jobs] dedup``); None for a request that ran itself."""
 
     id: str
     user: str
@@ -86,10 +100,16 @@ class RequestRecord:
     idempotency_key: str | None
     last_seq: int
     responses: list[dict[str, Any]] = field(default_factory=list)
+    expires_at: datetime | None = None
+    deduplicated_from: str | None = None
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def deduplicated(self) -> bool:
+        return self.deduplicated_from is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +137,19 @@ class Lease:
     """The submit's W3C trace context (``traceparent``, ``tracestate``), if it was traced."""
 
 
+@dataclass(frozen=True, slots=True)
+class QueueLimits:
+    """What a submit may add to the queue: at most ``max_queued`` queued requests per model
+    (past it: :class:`~inferd.errors.QueueFull`, 503) and ``max_queued_per_key`` per API key
+    ``key_id`` (:class:`~inferd.errors.TooManyQueued`, 429); None: no bound. Both refusals
+    carry ``Retry-After: retry_after``."""
+
+    max_queued: int | None = None
+    max_queued_per_key: int | None = None
+    key_id: str | None = None
+    retry_after: float = 1.0
+
+
 class RequestStore(Protocol):
     """The API's side: create, read, list, cancel, replay events."""
 
@@ -132,13 +165,23 @@ class RequestStore(Protocol):
         version: str | None = None,
         charge: dict[str, Any] | None = None,
         trace_context: dict[str, str] | None = None,
+        expires_at: float | None = None,
+        ttl_seconds: float | None = None,
+        limits: QueueLimits | None = None,
+        dedup_seconds: float | None = None,
     ) -> tuple[RequestRecord, bool]:
         """Store the request and its job in one transaction. Returns (record, created).
         ``trace_context``: the submit's trace, handed to the worker with the lease.
 
         With an ``idempotency_key`` already used by ``user``: the same model, input and
         parameters return the existing record with ``created`` False; different ones raise
-        :class:`inferd.errors.IdempotencyConflict` (409)."""
+        :class:`inferd.errors.IdempotencyConflict` (409).
+
+        ``expires_at`` (epoch seconds) or ``ttl_seconds`` (from now): the last instant an
+        attempt may start. ``limits``: the bounds of the queue, checked in the transaction.
+        ``dedup_seconds``: deduplicate against identical requests (same model, version,
+        input and parameters): one that succeeded within that many seconds answers at once,
+        one queued or running is joined (no job is added)."""
 
     async def replayed(
         self, user: str, key: str, model: str, input: Any, parameters: dict[str, Any]
@@ -160,6 +203,38 @@ class RequestStore(Protocol):
         """Cancel: a queued request becomes ``cancelled`` at once (its job never runs); a
         running one gets ``cancel_requested`` and its worker stops at its next heartbeat or
         chunk. Terminal requests are returned unchanged. None if not found."""
+
+
+class QueueControls(Protocol):
+    """Expiry, deduplicated requests, dead letters and retention: what the maintenance loop
+    and the admin API call."""
+
+    async def expire_due(self, limit: int = 100) -> list[tuple[str, Event]]:
+        """End queued requests whose ``expires_at`` has passed as ``expired`` (an ``error``
+        event each); returns (model, event) of each, at most ``limit``."""
+
+    async def settle_joined(self, limit: int = 100) -> list[Event]:
+        """Finish the requests that joined a request which has ended: with its result and
+        responses when it succeeded, its error when it failed; as requests of their own
+        (queued) when it was cancelled or expired. Returns the events stored."""
+
+    async def purge(self, older_than_seconds: float, limit: int = 500) -> int:
+        """Delete up to ``limit`` terminal requests (their events with them) that finished
+        more than ``older_than_seconds`` ago; returns how many."""
+
+    async def dead_letters(
+        self,
+        statuses: list[RequestStatus],
+        model: str | None = None,
+        cursor: str | None = None,
+        limit: int = 20,
+    ) -> Page:
+        """Every user's requests in ``statuses`` (of ``model``), newest first."""
+
+    async def requeue(self, request_id: str, attempts: int) -> tuple[RequestRecord, Event] | None:
+        """Queue a ``dead``, ``failed`` or ``expired`` request again with ``attempts`` more
+        attempts (a ``status`` event); None if it does not exist,
+        :class:`~inferd.errors.InvalidState` (409) in any other status."""
 
 
 class JobQueue(Protocol):

@@ -14,7 +14,7 @@ from inferd.jobs.runner import ModelExecutor
 from inferd.jobs.types import Event, EventKind, Lease
 from inferd.tenancy.enforce import Enforcer
 
-__all__ = ["settle_usage"]
+__all__ = ["settle_usage", "tokens_processed"]
 
 
 async def settle_usage(
@@ -27,6 +27,15 @@ async def settle_usage(
     await enforcer.settle_request(
         lease.request_id, lease.model, actual, _reserved_rows(lease) if served else 0
     )
+
+
+def tokens_processed(executor: ModelExecutor, lease: Lease, event: Event, chunks: list[Any]) -> int:
+    """The work a worker did on ``lease``'s request, which ended with ``event``, in tokens:
+    the chunks a streaming model produced (a text model's tokens), the rows of a tabular
+    request that was served, nothing for one that failed before its answer."""
+    if executor.streams(lease.model):
+        return len(chunks)
+    return _reserved_rows(lease) if event.kind is EventKind.DONE and chunks else 0
 
 
 def _reserved_rows(lease: Lease) -> int:

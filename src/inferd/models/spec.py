@@ -47,6 +47,7 @@ __all__ = [
     "GenerationSpec",
     "ImageSpec",
     "InputSpec",
+    "JobsSpec",
     "ModelSpec",
     "OutputSpec",
     "VersionsSpec",
@@ -210,6 +211,31 @@ class BatchingSpec(BaseModel):
     concurrency: int | None = Field(default=None, ge=1, le=64)
 
 
+class JobsSpec(BaseModel):
+    """``[jobs]``: the model's long-running requests (``POST /v1/requests``).
+
+    ``dedup = true`` answers a request whose model version, input and parameters match one
+    that succeeded within ``dedup_ttl_seconds`` from that one's stored result, and joins a
+    queued or running identical request instead of running it twice. Only for models whose
+    answer depends on nothing but the request (no sampling with a temperature, no clock):
+    requests of every user share the results.
+    """
+
+    model_config = _STRICT
+
+    max_queued_requests: int | None = Field(default=None, ge=1)
+    """Queued requests of this model past which a submit gets 503; unset: the server's
+    ``max_queued_requests``."""
+    ttl_seconds: float | None = Field(default=None, gt=0)
+    """Default time a request may wait for its first attempt before it ends ``expired``;
+    unset: the server's ``request_ttl_seconds``. A request's ``ttl_seconds`` or
+    ``expires_at`` wins."""
+    dedup: bool = False
+    """Deduplicate identical requests (see above)."""
+    dedup_ttl_seconds: float = Field(default=3600.0, gt=0)
+    """How long a succeeded request's result answers identical ones."""
+
+
 class VersionsSpec(BaseModel):
     """``[versions]``: which version folders are served, and which one answers by default.
 
@@ -328,6 +354,8 @@ class ModelSpec(BaseModel):
     """Which versions are served and which is the default (``[versions]``)."""
     generation: GenerationSpec = GenerationSpec()
     """Text generation only."""
+    jobs: JobsSpec = JobsSpec()
+    """Long-running requests of this model (``[jobs]``): queue bound, TTL, deduplication."""
     image: ImageSpec = ImageSpec()
     """Image input only."""
     architecture: str | None = None

@@ -49,9 +49,13 @@ def run_migrations(connection: Connection) -> None:
 async def run_migrations_from_url(url: str) -> None:
     """Open the store's engine on ``url`` and migrate (the ``alembic`` command's path)."""
     from inferd.db.engine import create_engine
+    from inferd.db.migrate import foreign_keys_off
 
-    engine = create_engine(url)
+    engine = create_engine(url, pool_size=1)
     try:
+        if engine.dialect.name == "sqlite":  # as inferd's own migrate(): see inferd.db.migrate
+            async with engine.connect() as connection:
+                await connection.run_sync(foreign_keys_off)
         async with engine.begin() as connection:
             await connection.run_sync(run_migrations)
     finally:
