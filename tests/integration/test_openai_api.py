@@ -238,7 +238,8 @@ async def test_models_in_openais_shape(serve: Callable[..., Any]) -> None:
     assert [m["id"] for m in listed.json()["data"]] == ["tiny", "tiny:1"]
     assert all(m["object"] == "model" and m["owned_by"] == "inferd" for m in listed.json()["data"])
     assert one.json()["id"] == "tiny:1"
-    assert tabular.status_code == 400
+    assert tabular.status_code == 404
+    assert tabular.json()["error"]["code"] == "model_not_found"
     assert "not a text-generation model" in tabular.json()["error"]["message"]
     assert unknown.status_code == 404
     assert unknown.json()["error"] == {
@@ -257,7 +258,7 @@ async def test_models_in_openais_shape(serve: Callable[..., Any]) -> None:
     [
         (COMPLETIONS, {"model": "tiny", "prompt": "x", "n": 2}, 400, "n", "n must be 1"),
         (COMPLETIONS, {"model": "nope", "prompt": "x"}, 404, "model", "'nope' is not served"),
-        (COMPLETIONS, {"model": "iris", "prompt": "x"}, 400, "model", "not a text-generation"),
+        (COMPLETIONS, {"model": "iris", "prompt": "x"}, 404, "model", "not a text-generation"),
         (COMPLETIONS, {"model": "tiny:7", "prompt": "x"}, 404, "model", "no version 7"),
         (COMPLETIONS, {"prompt": "x"}, 400, "model", "model is required"),
         (COMPLETIONS, {"model": "tiny"}, 400, "prompt", "prompt is required"),

@@ -76,10 +76,10 @@ class OpenAIService:
         except ModelNotFound as exc:
             raise codec.UnknownModel(exc.message) from None
         if loaded.scheduler is None:
-            raise codec.InvalidParameter(
+            # Not in this API's list of models: a 404, as OpenAI answers for a model it lacks.
+            raise codec.UnknownModel(
                 f"model {name!r} is not a text-generation model of the transformers runtime; "
-                "the OpenAI-compatible API serves those only (GET /openai/v1/models lists them)",
-                "model",
+                "the OpenAI-compatible API serves those only (GET /openai/v1/models lists them)"
             )
         return loaded
 

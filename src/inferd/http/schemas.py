@@ -117,7 +117,9 @@ class SubmitBody(BaseModel):
     """How long the request may wait for a worker; not started by then, it ends ``expired``
     (with an ``error`` event). Default: the model's ``[jobs] ttl_seconds``, else the server's
     ``request_ttl_seconds`` (none by default)."""
-    expires_at: str | None = Field(default=None, examples=["2026-12-31T12:00:00Z"])
+    expires_at: str | None = Field(
+        default=None, examples=["2026-12-31T12:00:00Z"], json_schema_extra={"format": "date-time"}
+    )
     """The same as an instant (ISO-8601 with a time zone); give this or ``ttl_seconds``."""
 
 

@@ -233,7 +233,8 @@ def _deadline(body: dict[str, Any]) -> tuple[float | None, float | None]:
         if not isinstance(expires, str):
             raise ValidationFailed("'expires_at' must be an ISO-8601 time with a time zone")
         try:
-            when = datetime.fromisoformat(expires)
+            # RFC 3339 lets the T and the Z be lower case; Python's parser wants them upper.
+            when = datetime.fromisoformat(expires.upper())
         except ValueError:
             raise ValidationFailed(
                 f"'expires_at' is not an ISO-8601 time: {expires!r} (e.g. 2026-01-31T12:00:00Z)"
