@@ -610,3 +610,35 @@ async def test_image_models_take_prepared_pictures(
     assert wrong.status_code == 400
     assert "takes [-1, 1, 8, 8]" in wrong.json()["error"]
     assert "/v1/models/shade/classify" in wrong.json()["error"]
+
+
+async def test_infer_is_on_the_lean_path_and_documented(serve: Callable[..., Any]) -> None:
+    async with serve() as s:
+        ok = await s.client.post(
+            "/v2/models/iris/versions/1/infer",
+            json=infer_doc([SETOSA]),
+            headers={"X-Request-ID": "lean-1"},
+        )
+        not_a_version = await s.client.post(
+            "/v2/models/iris/versions/one/infer", json=infer_doc([SETOSA])
+        )
+        schema = (await s.client.get("/openapi.json")).json()
+    assert ok.status_code == 200
+    assert ok.headers["x-request-id"] == "lean-1"
+    assert ok.headers["content-length"] == str(len(ok.content))
+    assert not_a_version.status_code == 404
+    assert "versions are positive integers" in not_a_version.json()["error"]
+    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+        operation = schema["paths"][path]["post"]
+        body = operation["requestBody"]["content"]
+        assert set(body) == {"application/json", "application/octet-stream"}
+        assert "$ref" not in str(body)  # inlined: nothing points outside the document
+        assert body["application/json"]["schema"]["properties"]["inputs"]["minItems"] == 1
+        responses = operation["responses"]
+        assert {"200", "400", "404", "413", "415", "429", "503", "504"} <= set(responses)
+        assert "application/octet-stream" in responses["200"]["content"]
+        error = responses["400"]["content"]["application/json"]["schema"]["$ref"]
+        assert error == "#/components/schemas/V2ErrorBody"
+    assert schema["components"]["schemas"]["V2ErrorBody"]["properties"]["error"]["type"] == (
+        "string"
+    )
