@@ -4,6 +4,10 @@
                         [--duration 10] [--warmup 2] [--rounds 1] [--models-dir DIR] [--out DIR]
                         [--no-pin]
 
+``--targets inferd-v1,inferd-v2,inferd-v2-binary`` sets the protocols against each other on
+one server build: ``POST /v1/models/iris/predict``, the Open Inference Protocol's
+``POST /v2/models/iris/infer`` with a JSON tensor, and the same with a binary tensor (Triton's
+binary extension); the report gives V2's req/s as a share of /v1's.
 ``--targets inferd,inferd-nodrift`` sets inferd against itself with drift monitoring off
 (``INFERD_DRIFT_ENABLED=false``); ``--rounds N`` runs the targets N times in turn.
 ``--baseline-src DIR`` adds the target ``inferd-baseline``: inferd served from another checkout
@@ -27,6 +31,7 @@ import resource
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -42,7 +47,17 @@ HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: python, inferd
 BODY = '{"features": [5.1, 3.5, 1.4, 0.2]}'
-TARGETS = ("inferd", "raw-asgi", "naive-fastapi", "inferd-nodrift", "inferd-baseline")
+TARGETS = (
+    "inferd",
+    "raw-asgi",
+    "naive-fastapi",
+    "inferd-nodrift",
+    "inferd-baseline",
+    "inferd-v1",
+    "inferd-v2",
+    "inferd-v2-binary",
+)
+PROTOCOLS = ("inferd-v2", "inferd-v2-binary")  # compared with inferd-v1
 DEFAULT_TARGETS = ("inferd", "raw-asgi", "naive-fastapi")
 BASELINES = ("raw-asgi", "naive-fastapi")
 READY_TIMEOUT_S, STOP_TIMEOUT_S, WRK_SLACK_S = 90.0, 15.0, 30
@@ -54,6 +69,46 @@ LUA = f"""wrk.method = "POST"
 wrk.body = '{BODY}'
 wrk.headers["Content-Type"] = "application/json"
 """
+_ROW = [5.1, 3.5, 1.4, 0.2]
+_V2_JSON = json.dumps(
+    {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP64", "data": _ROW}]}
+)
+_V2_HEADER = json.dumps(
+    {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [1, 4],
+                "datatype": "FP64",
+                "parameters": {"binary_data_size": 32},
+            }
+        ],
+        "parameters": {"binary_data_output": True},
+    }
+)
+_V2_RAW = "".join(f"\\{b:03d}" for b in struct.pack("<4d", *_ROW))  # Lua's decimal escapes
+
+
+def _lua(path: str, body: str, headers: dict[str, str]) -> str:
+    lines = ['wrk.method = "POST"', f'wrk.path = "{path}"', f"wrk.body = {body}"]
+    lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+    return "\n".join(lines) + "\n"
+
+
+REQUESTS = {  # the targets that do not post BODY to /predict: their wrk script
+    "inferd-v1": _lua("/v1/models/iris/predict", f"'{BODY}'", {"Content-Type": "application/json"}),
+    "inferd-v2": _lua(
+        "/v2/models/iris/infer", f"'{_V2_JSON}'", {"Content-Type": "application/json"}
+    ),
+    "inferd-v2-binary": _lua(
+        "/v2/models/iris/infer",
+        f"'{_V2_HEADER}' .. \"{_V2_RAW}\"",
+        {
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(len(_V2_HEADER)),
+        },
+    ),
+}
 # Counts responses by status (wrk itself only counts "Non-2xx or 3xx responses").
 LUA_TALLY = """local threads = {}
 function setup(thread) table.insert(threads, thread) end
@@ -246,11 +301,14 @@ def server_counters(port: int) -> dict[str, int]:
 # --------------------------------------------------------------------------- wrk
 
 
-def wrk(port: int, connections: int, seconds: int, opts: Options) -> tuple[str, float]:
+def wrk(
+    port: int, connections: int, seconds: int, opts: Options, target: str = "inferd"
+) -> tuple[str, float]:
     """Run wrk; return its output and the CPU it used (100 = one core)."""
-    script = opts.out / ("tally.lua" if opts.tally else "post.lua")
+    name = target if target in REQUESTS else "post"
+    script = opts.out / (f"{name}-tally.lua" if opts.tally else f"{name}.lua")
     cmd = f"wrk -t1 -c{connections} -d{seconds}s --latency --timeout 2s".split()
-    cmd += ["-s", str(script), f"http://{HOST}:{port}/predict"]
+    cmd += ["-s", str(script), f"http://{HOST}:{port}/predict"]  # the script sets the path
     cmd = pinned(opts.cpus[1] if opts.cpus else None, cmd)
     before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
     limit = seconds + WRK_SLACK_S
@@ -289,11 +347,11 @@ def bench_target(target: str, models_dir: Path, opts: Options, round: int = 1) -
     with server(target, models_dir, opts) as (pid, port):
         for conns in opts.connections:
             if opts.warmup:
-                wrk(port, conns, opts.warmup, opts)
+                wrk(port, conns, opts.warmup, opts, target)
             before = server_counters(port) if inferd else {}
             busy_before = monitor_seconds(port) if inferd else None
             cpu_before, start = cpu_seconds(pid), time.monotonic()
-            text, wrk_cpu = wrk(port, conns, opts.duration, opts)
+            text, wrk_cpu = wrk(port, conns, opts.duration, opts, target)
             server_cpu = 100 * (cpu_seconds(pid) - cpu_before) / (time.monotonic() - start)
             run = Run(target, conns, **parse_wrk(text), rss_mib=rss_mib(pid), round=round)
             run.server_cpu_pct, run.wrk_cpu_pct = server_cpu, wrk_cpu
@@ -360,6 +418,25 @@ def ratios(runs: dict[tuple[str, int], Run], connections: list[int]) -> list[dic
                 rps = mine.rps / other.rps if other.rps else None
                 p99 = mine.p99_ms / other.p99_ms if other.p99_ms else None
                 out.append({"connections": conns, "baseline": base, "rps": rps, "p99": p99})
+    return out
+
+
+def protocols(runs: dict[tuple[str, int], Run], connections: list[int]) -> list[dict[str, Any]]:
+    """The Open Inference Protocol's req/s and p99 over /v1's, at each connection count."""
+    out = []
+    for conns in connections:
+        v1 = runs.get(("inferd-v1", conns))
+        for target in PROTOCOLS:
+            other = runs.get((target, conns))
+            if v1 and other and v1.rps and v1.p99_ms:
+                out.append(
+                    {
+                        "connections": conns,
+                        "target": target,
+                        "rps": other.rps / v1.rps,
+                        "p99": other.p99_ms / v1.p99_ms,
+                    }
+                )
     return out
 
 
@@ -496,6 +573,17 @@ def markdown(report: dict[str, Any]) -> str:
                 f"with drift on; server CPU {on or 0:.1f} µs/request on, {off or 0:.1f} off; "
                 f"the monitor's own time {own or 0:.2f} µs/request."
             )
+    if report.get("protocols"):
+        lines.append(
+            "\n## The Open Inference Protocol against /v1\n\n"
+            "V2 infer's req/s and p99 over `POST /v1/models/iris/predict`'s (inferd-v1), the "
+            "same one row.\n\n| conns | target | req/s ratio | p99 ratio |\n|--:|---|--:|--:|"
+        )
+        for x in report["protocols"]:
+            lines.append(
+                f"| {x['connections']} | {x['target']} | {percent(x['rps'] - 1)} "
+                f"({x['rps']:.0%}) | {times(x['p99'])} |"
+            )
     if report["checks"]:
         lines += ["", "## Goals", ""]
         for c in report["checks"]:
@@ -576,7 +664,10 @@ def main(argv: list[str] | None = None) -> int:
     opts.out = opts.out.resolve()
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / "post.lua").write_text(LUA)
-    (opts.out / "tally.lua").write_text(LUA + LUA_TALLY)
+    (opts.out / "post-tally.lua").write_text(LUA + LUA_TALLY)
+    for name, lua in REQUESTS.items():
+        (opts.out / f"{name}.lua").write_text(lua)
+        (opts.out / f"{name}-tally.lua").write_text(lua + LUA_TALLY)
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     host = machine()
     runs: list[Run] = []
@@ -596,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios(by_key, opts.connections),
         "checks": checks(by_key),
         "drift": drift_costs(runs),
+        "protocols": protocols(by_key, opts.connections),
     }
     (opts.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     """TCP port the HTTP server listens on (0 picks a free port)."""
 
+    grpc_port: int | None = Field(default=None, ge=1, le=65535)
+    """TCP port of the Open Inference Protocol over gRPC (KServe's ``grpc_predict_v2.proto``),
+    served on ``host`` by the same process and event loop as HTTP, with the same models, keys
+    and limits; unset: no gRPC server."""
+
     # --- models -------------------------------------------------------------------------------
     models_dir: Path = Path("models")
     """Model repository folder: ``<models_dir>/<name>/model.toml`` and ``<name>/<version>/``.

@@ -55,6 +55,7 @@ __all__ = [
     "build_v2_router",
     "decode_infer",
     "render_outputs",
+    "require_tensors",
 ]
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
@@ -210,7 +211,7 @@ class V2Inbound:
         self._parsed: InferRequest | None = None
 
     def accept(self, loaded: LoadedModel) -> None:
-        _batcher(loaded)
+        require_tensors(loaded)
 
     async def read(self, loaded: LoadedModel) -> None:
         header_length: int | None = None
@@ -296,7 +297,8 @@ def _version(name: str, version: str) -> int:
     return int(version)
 
 
-def _batcher(loaded: LoadedModel) -> Batcher[FloatArray, FloatArray]:
+def require_tensors(loaded: LoadedModel) -> Batcher[FloatArray, FloatArray]:
+    """The model's batcher; a 400 for a model that has no tensors (text generation)."""
     if loaded.batcher is None or loaded.spec.generates_text:
         raise BadRequest(
             f"model {loaded.name!r} generates text, which has no tensors here; submit it with "
