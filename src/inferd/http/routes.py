@@ -134,6 +134,11 @@ LEAN_ROUTES: tuple[LeanRoute, ...] = (
 _EXACT: dict[tuple[str, str], LeanRoute] = {
     (r.method, r.path): r for r in LEAN_ROUTES if not r.params
 }
+_HEAD = 4  # "/v1/", "/v2/": the routes with parameters, by the start of their path
+_BY_HEAD: dict[str, tuple[LeanRoute, ...]] = {}
+for _route in LEAN_ROUTES:
+    if _route.params:
+        _BY_HEAD[_route.path[:_HEAD]] = (*_BY_HEAD.get(_route.path[:_HEAD], ()), _route)
 
 
 def match_lean(
@@ -144,6 +149,7 @@ def match_lean(
         exact = _EXACT.get((method, path))
         if exact is not None:
             return exact, {}
+        routes = _BY_HEAD.get(path[:_HEAD], ())
     for route in routes:
         if route.method == method:
             params = route.match(path)
