@@ -4,6 +4,8 @@ VENV ?= .venv
 MODELS_DIR ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# The Open Inference Protocol over gRPC, beside HTTP; `make run GRPC_PORT=` turns it off.
+GRPC_PORT ?= 8001
 BIN := $(VENV)/bin
 
 .PHONY: lock run test lint unit integration e2e deploy promtool chromium bench models clean
@@ -35,7 +37,8 @@ $(MODELS_DIR)/iris/1/model.joblib: | $(VENV)/.installed-run
 models: $(MODELS_DIR)/iris/1/model.joblib
 
 run: $(VENV)/.installed-run models
-	$(BIN)/inferd serve --models-dir $(MODELS_DIR) --host $(HOST) --port $(PORT)
+	$(BIN)/inferd serve --models-dir $(MODELS_DIR) --host $(HOST) --port $(PORT) \
+	  $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT))
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/python tools/lock.py check
