@@ -123,13 +123,13 @@ async def http_calls(
         async def call() -> None:
             writer.write(request)
             status_and_headers = await reader.readuntil(b"\r\n\r\n")
-            if not status_and_headers.startswith(b"HTTP/1.1 200"):
-                raise RuntimeError(status_and_headers.split(b"\r\n", 1)[0].decode())
             length = 0
             for line in status_and_headers.split(b"\r\n"):
                 if line[:15].lower() == b"content-length:":
                     length = int(line[15:])
-            await reader.readexactly(length)
+            await reader.readexactly(length)  # the body, read even for an error
+            if not status_and_headers.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(status_and_headers.split(b"\r\n", 1)[0].decode())
 
         return call
 
