@@ -421,20 +421,38 @@ def ratios(runs: dict[tuple[str, int], Run], connections: list[int]) -> list[dic
     return out
 
 
-def protocols(runs: dict[tuple[str, int], Run], connections: list[int]) -> list[dict[str, Any]]:
-    """The Open Inference Protocol's req/s and p99 over /v1's, at each connection count."""
+def protocols(runs: list[Run], connections: list[int]) -> list[dict[str, Any]]:
+    """The Open Inference Protocol's req/s, p99 and server CPU per request over /v1's, at
+    each connection count: the ratio of each round, and their median."""
     out = []
     for conns in connections:
-        v1 = runs.get(("inferd-v1", conns))
         for target in PROTOCOLS:
-            other = runs.get((target, conns))
-            if v1 and other and v1.rps and v1.p99_ms:
+            rps, p99, cpu = [], [], []
+            for v1 in (r for r in runs if r.target == "inferd-v1" and r.connections == conns):
+                other = next(
+                    (
+                        r
+                        for r in runs
+                        if r.target == target and r.connections == conns and r.round == v1.round
+                    ),
+                    None,
+                )
+                if other is None or not (v1.rps and v1.p99_ms):
+                    continue
+                rps.append(other.rps / v1.rps)
+                p99.append(other.p99_ms / v1.p99_ms)
+                mine, base = cpu_us(other), cpu_us(v1)
+                cpu.append(mine / base if mine and base else None)
+            if rps:
                 out.append(
                     {
                         "connections": conns,
                         "target": target,
-                        "rps": other.rps / v1.rps,
-                        "p99": other.p99_ms / v1.p99_ms,
+                        "rounds": len(rps),
+                        "rps": median(list(rps)),
+                        "rps_by_round": rps,
+                        "p99": median(list(p99)),
+                        "cpu_per_request": median(cpu),
                     }
                 )
     return out
@@ -576,13 +594,17 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("protocols"):
         lines.append(
             "\n## The Open Inference Protocol against /v1\n\n"
-            "V2 infer's req/s and p99 over `POST /v1/models/iris/predict`'s (inferd-v1), the "
-            "same one row.\n\n| conns | target | req/s ratio | p99 ratio |\n|--:|---|--:|--:|"
+            "V2 infer's req/s, p99 and server CPU per request over "
+            "`POST /v1/models/iris/predict`'s (inferd-v1), the same one row; medians of the "
+            "rounds' ratios (each round's in brackets).\n\n"
+            "| conns | target | req/s ratio | p99 ratio | CPU/request ratio |\n"
+            "|--:|---|--:|--:|--:|"
         )
         for x in report["protocols"]:
+            each = ", ".join(f"{v:.0%}" for v in x["rps_by_round"])
             lines.append(
-                f"| {x['connections']} | {x['target']} | {percent(x['rps'] - 1)} "
-                f"({x['rps']:.0%}) | {times(x['p99'])} |"
+                f"| {x['connections']} | {x['target']} | {x['rps']:.0%} ({each}) "
+                f"| {times(x['p99'])} | {times(x['cpu_per_request'])} |"
             )
     if report["checks"]:
         lines += ["", "## Goals", ""]
@@ -687,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios(by_key, opts.connections),
         "checks": checks(by_key),
         "drift": drift_costs(runs),
-        "protocols": protocols(by_key, opts.connections),
+        "protocols": protocols(runs, opts.connections),
     }
     (opts.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
