@@ -8,7 +8,7 @@ PORT ?= 8000
 GRPC_PORT ?= 8001
 BIN := $(VENV)/bin
 
-.PHONY: lock run test lint unit integration e2e deploy promtool chromium bench models clean
+.PHONY: lock run test lint unit integration e2e deploy promtool chromium bench models clean grpc
 
 # Both installs come from the locks (requirements/*.txt: every package pinned, with hashes), so
 # a fresh machine gets what CI tested; `make lock` refreshes them after pyproject.toml changes.
@@ -42,9 +42,14 @@ run: $(VENV)/.installed-run models
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/python tools/lock.py check
+	$(BIN)/python tools/gen_grpc.py --check
 	$(BIN)/ruff check src tests bench tools
 	$(BIN)/ruff format --check src tests bench tools
 	$(BIN)/mypy
+
+# The checked-in gRPC modules, generated again from src/inferd/grpc/grpc_predict_v2.proto.
+grpc: $(VENV)/.installed-dev
+	$(BIN)/python tools/gen_grpc.py
 
 test: lint promtool chromium
 	$(BIN)/pytest
