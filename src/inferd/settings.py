@@ -320,6 +320,14 @@ class Settings(BaseSettings):
         return data
 
     @model_validator(mode="after")
+    def _grpc_port_is_its_own(self) -> Settings:
+        if self.grpc_port is not None and self.grpc_port == self.port:
+            raise ValueError(
+                f"grpc_port and port are both {self.port}; gRPC needs a port of its own"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _remote_repository_is_cached(self) -> Settings:
         if self.model_repository is None:
             return self
