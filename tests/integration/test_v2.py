@@ -388,7 +388,11 @@ async def test_regression_model(serve: Callable[..., Any], models_dir: Path) -> 
         meta = (await s.client.get("/v2/models/petal")).json()
         v1 = await s.client.post("/v1/models/petal/predict", json={"instances": rows})
         v2 = await s.client.post("/v2/models/petal/infer", json=infer_doc(rows))
+        named = await s.client.post(
+            "/v2/models/petal/infer", json=infer_doc(rows, outputs=[{"name": "predictions"}])
+        )
     assert meta["outputs"] == [{"name": "predictions", "datatype": "FP64", "shape": [-1]}]
+    assert v2.content == named.content  # the common answer's writer and the general one agree
     (out,) = v2.json()["outputs"]
     assert out["name"] == "predictions"
     assert out["shape"] == [12]
@@ -610,6 +614,35 @@ async def test_image_models_take_prepared_pictures(
     assert wrong.status_code == 400
     assert "takes [-1, 1, 8, 8]" in wrong.json()["error"]
     assert "/v1/models/shade/classify" in wrong.json()["error"]
+
+
+async def test_the_common_answer_is_the_general_one(serve: Callable[..., Any]) -> None:
+    """A request naming no outputs gets its answer from a shorter writer: the same bytes."""
+    doc = infer_doc([SETOSA, VIRGINICA], id="same-1")
+    async with serve() as s:
+        common = await s.client.post("/v2/models/iris/infer", json=doc)
+        named = await s.client.post(
+            "/v2/models/iris/infer",
+            json={**doc, "outputs": [{"name": "probabilities"}, {"name": "label"}]},
+        )
+        flat = await s.client.post(  # flat data: the common request's reader too
+            "/v2/models/iris/infer",
+            json={
+                "id": "same-1",
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [2, 4],
+                        "datatype": "FP64",
+                        "data": SETOSA + VIRGINICA,
+                    }
+                ],
+                "parameters": {"binary_data_output": False},
+            },
+        )
+    assert common.status_code == 200
+    assert common.content == named.content == flat.content
+    assert outputs_of(common.json())["label"]["data"] == ["setosa", "virginica"]
 
 
 async def test_infer_is_on_the_lean_path_and_documented(serve: Callable[..., Any]) -> None:

@@ -37,6 +37,7 @@ from inferd.http.v2_codec import (
     parse_request,
 )
 from inferd.http.v2_models import (
+    json_answer,
     model_input,
     model_metadata,
     model_outputs,
@@ -256,11 +257,11 @@ class V2Inbound:
         decoded: Decoded[tuple[InferRequest, list[RequestedOutput]]],
         output: FloatArray,
     ) -> tuple[bytes, int | None]:
+        parsed = decoded.meta[0]
+        if parsed.outputs is None and not parsed.binary_output:  # what most requests ask
+            return json_answer(loaded, parsed.id, output), None
         return encode_response(
-            loaded.name,
-            loaded.version_str,
-            decoded.meta[0].id,
-            render_outputs(loaded, decoded, output),
+            loaded.name, loaded.version_str, parsed.id, render_outputs(loaded, decoded, output)
         )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from inferd.errors import BadRequest, PayloadTooLarge
 from inferd.http.v2_codec import DATATYPES, InferRequest, RequestedOutput, Tensor
@@ -26,6 +27,7 @@ from inferd.models.registry import LoadedModel
 __all__ = [
     "INPUT_NAME",
     "input_signature",
+    "json_answer",
     "model_input",
     "model_metadata",
     "model_outputs",
@@ -90,6 +92,8 @@ class _Layout:
     names: frozenset[str]
     labels: npt.NDArray[Any] | None
     """A classifier's class names (``bytes``) by column; None for values."""
+    label_text: list[str]
+    """The same names as text."""
 
 
 _LAYOUTS: weakref.WeakKeyDictionary[LoadedModel, _Layout] = weakref.WeakKeyDictionary()
@@ -101,9 +105,10 @@ def _layout(loaded: LoadedModel) -> _Layout:
         return layout
     datatype, shape = input_signature(loaded)
     names = [o["name"] for o in output_metadata(loaded)]
-    labels = None
+    labels, text = None, []
     if _is_classifier(loaded):
-        labels = np.array([s.encode() for s in _labels(loaded)], dtype=object)
+        text = _labels(loaded)
+        labels = np.array([s.encode() for s in text], dtype=object)
     layout = _Layout(
         datatype,
         shape,
@@ -111,6 +116,7 @@ def _layout(loaded: LoadedModel) -> _Layout:
         [RequestedOutput(name, None) for name in names],
         frozenset(names),
         labels,
+        text,
     )
     if loaded.ready:  # a version's classes are only known once it has loaded
         _LAYOUTS[loaded] = layout
@@ -213,6 +219,39 @@ def model_outputs(loaded: LoadedModel, output: FloatArray) -> dict[str, Tensor]:
         "probabilities": Tensor("probabilities", "FP64", probs.shape, probs),
         "label": Tensor("label", "BYTES", labels.shape, labels),
     }
+
+
+def json_answer(loaded: LoadedModel, request_id: str | None, output: FloatArray) -> bytes:
+    """The answer to a request that names no outputs and asks for no binary data: every
+    output as JSON, written straight from the model's rows (the same bytes
+    :func:`~inferd.http.v2_codec.encode_response` writes for them, without the tensors)."""
+    doc: dict[str, Any] = {"model_name": loaded.name, "model_version": loaded.version_str}
+    if request_id is not None:
+        doc["id"] = request_id
+    layout = _layout(loaded)
+    values = np.ascontiguousarray(output, dtype=np.float64)
+    if layout.labels is None:
+        flat = values.reshape(-1)
+        doc["outputs"] = [
+            {"name": "predictions", "datatype": "FP64", "shape": [flat.shape[0]], "data": flat}
+        ]
+    else:
+        text = layout.label_text
+        doc["outputs"] = [
+            {
+                "name": "probabilities",
+                "datatype": "FP64",
+                "shape": list(values.shape),
+                "data": values.reshape(-1),
+            },
+            {
+                "name": "label",
+                "datatype": "BYTES",
+                "shape": [values.shape[0]],
+                "data": [text[i] for i in values.argmax(axis=1).tolist()],
+            },
+        ]
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def selected_outputs(parsed: InferRequest, loaded: LoadedModel) -> list[RequestedOutput]:
