@@ -1,7 +1,7 @@
 """Composition root: builds the ASGI app from settings.
 
 request ─▶ RequestContextMiddleware (id, access log, request metrics)
-         ─▶ HotPath (POST /predict, /v1/models/{name}/predict)
+         ─▶ HotPath (POST /predict, /v1/models/{name}/predict, /v2/models/{name}/infer)
          ─▶ FastAPI (health, metrics, metadata, docs, /v1/requests)
 gRPC call ─▶ GrpcServer (the Open Inference Protocol, same loop; with grpc_port set)
 
