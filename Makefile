@@ -4,9 +4,11 @@ VENV ?= .venv
 MODELS_DIR ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# The Open Inference Protocol over gRPC, beside HTTP; `make run GRPC_PORT=` turns it off.
+GRPC_PORT ?= 8001
 BIN := $(VENV)/bin
 
-.PHONY: lock run test lint unit integration e2e deploy promtool chromium bench models clean
+.PHONY: lock run test lint unit integration e2e deploy promtool chromium bench models clean grpc
 
 # Both installs come from the locks (requirements/*.txt: every package pinned, with hashes), so
 # a fresh machine gets what CI tested; `make lock` refreshes them after pyproject.toml changes.
@@ -35,13 +37,19 @@ $(MODELS_DIR)/iris/1/model.joblib: | $(VENV)/.installed-run
 models: $(MODELS_DIR)/iris/1/model.joblib
 
 run: $(VENV)/.installed-run models
-	$(BIN)/inferd serve --models-dir $(MODELS_DIR) --host $(HOST) --port $(PORT)
+	$(BIN)/inferd serve --models-dir $(MODELS_DIR) --host $(HOST) --port $(PORT) \
+	  $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT))
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/python tools/lock.py check
+	$(BIN)/python tools/gen_grpc.py --check
 	$(BIN)/ruff check src tests bench tools
 	$(BIN)/ruff format --check src tests bench tools
 	$(BIN)/mypy
+
+# The checked-in gRPC modules, generated again from src/inferd/grpc/grpc_predict_v2.proto.
+grpc: $(VENV)/.installed-dev
+	$(BIN)/python tools/gen_grpc.py
 
 test: lint promtool chromium
 	$(BIN)/pytest

@@ -4,6 +4,10 @@
                         [--duration 10] [--warmup 2] [--rounds 1] [--models-dir DIR] [--out DIR]
                         [--no-pin]
 
+``--targets inferd-v1,inferd-v2,inferd-v2-binary`` sets the protocols against each other on
+one server build: ``POST /v1/models/iris/predict``, the Open Inference Protocol's
+``POST /v2/models/iris/infer`` with a JSON tensor, and the same with a binary tensor (Triton's
+binary extension); the report gives V2's req/s as a share of /v1's.
 ``--targets inferd,inferd-nodrift`` sets inferd against itself with drift monitoring off
 (``INFERD_DRIFT_ENABLED=false``); ``inferd-tracing`` is inferd with tracing on, exporting
 OTLP/HTTP to a sink on loopback (bench/baselines/otlp_sink.py, on wrk's CPU); ``--rounds N``
@@ -29,6 +33,7 @@ import resource
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -51,7 +56,11 @@ TARGETS = (
     "inferd-nodrift",
     "inferd-tracing",
     "inferd-baseline",
+    "inferd-v1",
+    "inferd-v2",
+    "inferd-v2-binary",
 )
+PROTOCOLS = ("inferd-v2", "inferd-v2-binary")  # compared with inferd-v1
 DEFAULT_TARGETS = ("inferd", "raw-asgi", "naive-fastapi")
 BASELINES = ("raw-asgi", "naive-fastapi")
 READY_TIMEOUT_S, STOP_TIMEOUT_S, WRK_SLACK_S = 90.0, 15.0, 30
@@ -63,6 +72,46 @@ LUA = f"""wrk.method = "POST"
 wrk.body = '{BODY}'
 wrk.headers["Content-Type"] = "application/json"
 """
+_ROW = [5.1, 3.5, 1.4, 0.2]
+_V2_JSON = json.dumps(
+    {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP64", "data": _ROW}]}
+)
+_V2_HEADER = json.dumps(
+    {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [1, 4],
+                "datatype": "FP64",
+                "parameters": {"binary_data_size": 32},
+            }
+        ],
+        "parameters": {"binary_data_output": True},
+    }
+)
+_V2_RAW = "".join(f"\\{b:03d}" for b in struct.pack("<4d", *_ROW))  # Lua's decimal escapes
+
+
+def _lua(path: str, body: str, headers: dict[str, str]) -> str:
+    lines = ['wrk.method = "POST"', f'wrk.path = "{path}"', f"wrk.body = {body}"]
+    lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+    return "\n".join(lines) + "\n"
+
+
+REQUESTS = {  # the targets that do not post BODY to /predict: their wrk script
+    "inferd-v1": _lua("/v1/models/iris/predict", f"'{BODY}'", {"Content-Type": "application/json"}),
+    "inferd-v2": _lua(
+        "/v2/models/iris/infer", f"'{_V2_JSON}'", {"Content-Type": "application/json"}
+    ),
+    "inferd-v2-binary": _lua(
+        "/v2/models/iris/infer",
+        f"'{_V2_HEADER}' .. \"{_V2_RAW}\"",
+        {
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(len(_V2_HEADER)),
+        },
+    ),
+}
 # Counts responses by status (wrk itself only counts "Non-2xx or 3xx responses").
 LUA_TALLY = """local threads = {}
 function setup(thread) table.insert(threads, thread) end
@@ -292,11 +341,14 @@ def server_counters(port: int) -> dict[str, int]:
 # --------------------------------------------------------------------------- wrk
 
 
-def wrk(port: int, connections: int, seconds: int, opts: Options) -> tuple[str, float]:
+def wrk(
+    port: int, connections: int, seconds: int, opts: Options, target: str = "inferd"
+) -> tuple[str, float]:
     """Run wrk; return its output and the CPU it used (100 = one core)."""
-    script = opts.out / ("tally.lua" if opts.tally else "post.lua")
+    name = target if target in REQUESTS else "post"
+    script = opts.out / (f"{name}-tally.lua" if opts.tally else f"{name}.lua")
     cmd = f"wrk -t1 -c{connections} -d{seconds}s --latency --timeout 2s".split()
-    cmd += ["-s", str(script), f"http://{HOST}:{port}/predict"]
+    cmd += ["-s", str(script), f"http://{HOST}:{port}/predict"]  # the script sets the path
     cmd = pinned(opts.cpus[1] if opts.cpus else None, cmd)
     before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
     limit = seconds + WRK_SLACK_S
@@ -335,11 +387,11 @@ def bench_target(target: str, models_dir: Path, opts: Options, round: int = 1) -
     with server(target, models_dir, opts) as (pid, port):
         for conns in opts.connections:
             if opts.warmup:
-                wrk(port, conns, opts.warmup, opts)
+                wrk(port, conns, opts.warmup, opts, target)
             before = server_counters(port) if inferd else {}
             busy_before = monitor_seconds(port) if inferd else None
             cpu_before, start = cpu_seconds(pid), time.monotonic()
-            text, wrk_cpu = wrk(port, conns, opts.duration, opts)
+            text, wrk_cpu = wrk(port, conns, opts.duration, opts, target)
             server_cpu = 100 * (cpu_seconds(pid) - cpu_before) / (time.monotonic() - start)
             run = Run(target, conns, **parse_wrk(text), rss_mib=rss_mib(pid), round=round)
             run.server_cpu_pct, run.wrk_cpu_pct = server_cpu, wrk_cpu
@@ -406,6 +458,43 @@ def ratios(runs: dict[tuple[str, int], Run], connections: list[int]) -> list[dic
                 rps = mine.rps / other.rps if other.rps else None
                 p99 = mine.p99_ms / other.p99_ms if other.p99_ms else None
                 out.append({"connections": conns, "baseline": base, "rps": rps, "p99": p99})
+    return out
+
+
+def protocols(runs: list[Run], connections: list[int]) -> list[dict[str, Any]]:
+    """The Open Inference Protocol's req/s, p99 and server CPU per request over /v1's, at
+    each connection count: the ratio of each round, and their median."""
+    out = []
+    for conns in connections:
+        for target in PROTOCOLS:
+            rps, p99, cpu = [], [], []
+            for v1 in (r for r in runs if r.target == "inferd-v1" and r.connections == conns):
+                other = next(
+                    (
+                        r
+                        for r in runs
+                        if r.target == target and r.connections == conns and r.round == v1.round
+                    ),
+                    None,
+                )
+                if other is None or not (v1.rps and v1.p99_ms):
+                    continue
+                rps.append(other.rps / v1.rps)
+                p99.append(other.p99_ms / v1.p99_ms)
+                mine, base = cpu_us(other), cpu_us(v1)
+                cpu.append(mine / base if mine and base else None)
+            if rps:
+                out.append(
+                    {
+                        "connections": conns,
+                        "target": target,
+                        "rounds": len(rps),
+                        "rps": median(list(rps)),
+                        "rps_by_round": rps,
+                        "p99": median(list(p99)),
+                        "cpu_per_request": median(cpu),
+                    }
+                )
     return out
 
 
@@ -618,6 +707,21 @@ def markdown(report: dict[str, Any]) -> str:
             "inferd (this checkout, tracing off) against inferd-baseline (--baseline-src).",
             report["tracing_off"],
         )
+    if report.get("protocols"):
+        lines.append(
+            "\n## The Open Inference Protocol against /v1\n\n"
+            "V2 infer's req/s, p99 and server CPU per request over "
+            "`POST /v1/models/iris/predict`'s (inferd-v1), the same one row; medians of the "
+            "rounds' ratios (each round's in brackets).\n\n"
+            "| conns | target | req/s ratio | p99 ratio | CPU/request ratio |\n"
+            "|--:|---|--:|--:|--:|"
+        )
+        for x in report["protocols"]:
+            each = ", ".join(f"{v:.0%}" for v in x["rps_by_round"])
+            lines.append(
+                f"| {x['connections']} | {x['target']} | {x['rps']:.0%} ({each}) "
+                f"| {times(x['p99'])} | {times(x['cpu_per_request'])} |"
+            )
     if report["checks"]:
         lines += ["", "## Goals", ""]
         for c in report["checks"]:
@@ -698,7 +802,10 @@ def main(argv: list[str] | None = None) -> int:
     opts.out = opts.out.resolve()
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / "post.lua").write_text(LUA)
-    (opts.out / "tally.lua").write_text(LUA + LUA_TALLY)
+    (opts.out / "post-tally.lua").write_text(LUA + LUA_TALLY)
+    for name, lua in REQUESTS.items():
+        (opts.out / f"{name}.lua").write_text(lua)
+        (opts.out / f"{name}-tally.lua").write_text(lua + LUA_TALLY)
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     host = machine()
     runs: list[Run] = []
@@ -720,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
         "drift": drift_costs(runs),
         "tracing": pair_costs(runs, "inferd-tracing", "inferd"),
         "tracing_off": pair_costs(runs, "inferd", "inferd-baseline"),
+        "protocols": protocols(runs, opts.connections),
     }
     (opts.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)

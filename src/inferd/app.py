@@ -1,8 +1,9 @@
 """Composition root: builds the ASGI app from settings.
 
 request ─▶ RequestContextMiddleware (id, access log, request metrics)
-         ─▶ HotPath (POST /predict, /v1/models/{name}/predict)
+         ─▶ HotPath (POST /predict, /v1/models/{name}/predict, /v2/models/{name}/infer)
          ─▶ FastAPI (health, metrics, metadata, docs, /v1/requests, its WebSockets)
+gRPC call ─▶ GrpcServer (the Open Inference Protocol, same loop; with grpc_port set)
 
 Long-running requests: RequestService (API side) and in-process Workers over one SqlStore
 (SQLite by default, PostgreSQL to scale out) and an EventBus (in-process, or Redis).
@@ -23,6 +24,7 @@ from inferd.backends import Backends, prepare_database
 from inferd.concurrency import run_blocking
 from inferd.console import Stats, build_console_router
 from inferd.errors import InferdError
+from inferd.grpc.server import GrpcServer
 from inferd.http.admin_api import build_admin_router
 from inferd.http.api import build_api
 from inferd.http.context import RequestContextMiddleware
@@ -160,6 +162,18 @@ class InferdApp:
                 enforcer=self.enforcer,
             )
         )
+        # The Open Inference Protocol over gRPC, started with the app in the same event loop.
+        self.grpc: GrpcServer | None = None
+        if settings.grpc_port is not None:
+            self.grpc = GrpcServer(
+                self.hot.v2,
+                settings.host,
+                settings.grpc_port,
+                self.metrics,
+                self.access_log,
+                auth=self.auth,
+                enforcer=self.enforcer,
+            )
         self._flusher: asyncio.Task[None] | None = None
         self._counter: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None
@@ -201,14 +215,23 @@ class InferdApp:
         if self.monitor is not None:
             self._monitor_task = loop.create_task(self.monitor.run(), name="drift-monitor")
             self._monitor_task.add_done_callback(_watch("drift monitor"))
+        if self.grpc is not None:
+            try:
+                await self.grpc.start()
+            except Exception:
+                await self._shutdown()
+                raise
         try:
             yield
         finally:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
-        """Stop in stages: background tasks, then workers (finish or hand back), then the
-        batchers (drain), and only then the connections they all use."""
+        """Stop in stages: the gRPC server (calls in flight finish), background tasks, then
+        workers (finish or hand back), then the batchers (drain), and only then the
+        connections they all use."""
+        if self.grpc is not None:
+            await self.grpc.stop(grace=self.settings.shutdown_grace_seconds)
         for task in (self._stats_task, self._monitor_task):  # they keep nothing to finish
             if task is not None:
                 task.cancel()

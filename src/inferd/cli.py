@@ -86,6 +86,12 @@ def _root(
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address [INFERD_HOST].")] = None,
     port: Annotated[int | None, typer.Option(help="Port [INFERD_PORT].")] = None,
+    grpc_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Also serve the Open Inference Protocol over gRPC on this port [INFERD_GRPC_PORT]."
+        ),
+    ] = None,
     models_dir: ModelsDirOpt = None,
     config: ConfigOpt = None,
     default_model: Annotated[
@@ -110,11 +116,12 @@ def serve(
         str | None, typer.Option(help="Redis for events across processes [INFERD_REDIS_URL].")
     ] = None,
 ) -> None:
-    """Serve the models of the repository over HTTP."""
+    """Serve the models of the repository over HTTP (and gRPC with --grpc-port)."""
     settings = _settings(
         config,
         host=host,
         port=port,
+        grpc_port=grpc_port,
         models_dir=models_dir,
         default_model=default_model,
         log_level=log_level,

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     """TCP port the HTTP server listens on (0 picks a free port)."""
 
+    grpc_port: int | None = Field(default=None, ge=1, le=65535)
+    """TCP port of the Open Inference Protocol over gRPC (KServe's ``grpc_predict_v2.proto``),
+    served on ``host`` by the same process and event loop as HTTP, with the same models, keys
+    and limits; unset: no gRPC server."""
+
     # --- models -------------------------------------------------------------------------------
     models_dir: Path = Path("models")
     """Model repository folder: ``<models_dir>/<name>/model.toml`` and ``<name>/<version>/``.
@@ -370,6 +375,14 @@ class Settings(BaseSettings):
                 )
             data["model_repository"] = url
         return data
+
+    @model_validator(mode="after")
+    def _grpc_port_is_its_own(self) -> Settings:
+        if self.grpc_port is not None and self.grpc_port == self.port:
+            raise ValueError(
+                f"grpc_port and port are both {self.port}; gRPC needs a port of its own"
+            )
+        return self
 
     @model_validator(mode="after")
     def _remote_repository_is_cached(self) -> Settings:

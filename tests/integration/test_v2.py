@@ -388,7 +388,11 @@ async def test_regression_model(serve: Callable[..., Any], models_dir: Path) -> 
         meta = (await s.client.get("/v2/models/petal")).json()
         v1 = await s.client.post("/v1/models/petal/predict", json={"instances": rows})
         v2 = await s.client.post("/v2/models/petal/infer", json=infer_doc(rows))
+        named = await s.client.post(
+            "/v2/models/petal/infer", json=infer_doc(rows, outputs=[{"name": "predictions"}])
+        )
     assert meta["outputs"] == [{"name": "predictions", "datatype": "FP64", "shape": [-1]}]
+    assert v2.content == named.content  # the common answer's writer and the general one agree
     (out,) = v2.json()["outputs"]
     assert out["name"] == "predictions"
     assert out["shape"] == [12]
@@ -610,3 +614,65 @@ async def test_image_models_take_prepared_pictures(
     assert wrong.status_code == 400
     assert "takes [-1, 1, 8, 8]" in wrong.json()["error"]
     assert "/v1/models/shade/classify" in wrong.json()["error"]
+
+
+async def test_the_common_answer_is_the_general_one(serve: Callable[..., Any]) -> None:
+    """A request naming no outputs gets its answer from a shorter writer: the same bytes."""
+    doc = infer_doc([SETOSA, VIRGINICA], id="same-1")
+    async with serve() as s:
+        common = await s.client.post("/v2/models/iris/infer", json=doc)
+        named = await s.client.post(
+            "/v2/models/iris/infer",
+            json={**doc, "outputs": [{"name": "probabilities"}, {"name": "label"}]},
+        )
+        flat = await s.client.post(  # flat data: the common request's reader too
+            "/v2/models/iris/infer",
+            json={
+                "id": "same-1",
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [2, 4],
+                        "datatype": "FP64",
+                        "data": SETOSA + VIRGINICA,
+                    }
+                ],
+                "parameters": {"binary_data_output": False},
+            },
+        )
+    assert common.status_code == 200
+    assert common.content == named.content == flat.content
+    assert outputs_of(common.json())["label"]["data"] == ["setosa", "virginica"]
+
+
+async def test_infer_is_on_the_lean_path_and_documented(serve: Callable[..., Any]) -> None:
+    async with serve() as s:
+        ok = await s.client.post(
+            "/v2/models/iris/versions/1/infer",
+            json=infer_doc([SETOSA]),
+            headers={"X-Request-ID": "lean-1"},
+        )
+        not_a_version = await s.client.post(
+            "/v2/models/iris/versions/one/infer", json=infer_doc([SETOSA])
+        )
+        schema = (await s.client.get("/openapi.json")).json()
+    assert ok.status_code == 200
+    assert ok.headers["x-request-id"] == "lean-1"
+    assert ok.headers["content-length"] == str(len(ok.content))
+    assert not_a_version.status_code == 404
+    assert "versions are positive integers" in not_a_version.json()["error"]
+    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+        operation = schema["paths"][path]["post"]
+        body = operation["requestBody"]["content"]
+        assert set(body) == {"application/json", "application/octet-stream"}
+        assert "$ref" not in str(body)  # inlined: nothing points outside the document
+        assert body["application/json"]["schema"]["properties"]["inputs"]["minItems"] == 1
+        responses = operation["responses"]
+        # (429 only where keys are on: its limits are a key's)
+        assert {"200", "400", "404", "413", "415", "503", "504"} <= set(responses)
+        assert "application/octet-stream" in responses["200"]["content"]
+        error = responses["400"]["content"]["application/json"]["schema"]["$ref"]
+        assert error == "#/components/schemas/V2ErrorBody"
+    assert schema["components"]["schemas"]["V2ErrorBody"]["properties"]["error"]["type"] == (
+        "string"
+    )

@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("inferd.codec", "inferd.tenancy"),  # prediction bodies; keys and limits
     ("inferd.serving",),  # the one prediction procedure (the data plane)
     ("inferd.jobs",),  # long-running requests: store, queue, bus, workers
-    ("inferd.http", "inferd.console"),  # protocols: parse, call the core, render
+    ("inferd.http", "inferd.grpc", "inferd.console"),  # protocols: parse, call the core, render
     ("inferd.backends",),  # picks the embedded or the scale-out backend of each seam
     ("inferd.app", "inferd.worker_process"),  # composition roots of the two processes
     ("inferd.cli", "inferd.cli_admin", "inferd.cli_client", "inferd.cli_monitoring"),

@@ -166,6 +166,8 @@ def test_invalid_toml_file_is_a_config_error(tmp_path: Path) -> None:
         ("max_batch_size", 0),
         ("request_timeout_ms", 0),
         ("log_level", "loud"),
+        ("grpc_port", 0),
+        ("grpc_port", 70000),
     ],
 )
 def test_invalid_values_are_config_errors(field: str, value: Any) -> None:
@@ -173,6 +175,14 @@ def test_invalid_values_are_config_errors(field: str, value: Any) -> None:
         Settings.load(**{field: value})
 
     assert info.value.message.startswith("invalid settings")
+
+
+def test_grpc_is_off_unless_given_a_port_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings.load().grpc_port is None
+    monkeypatch.setenv("INFERD_GRPC_PORT", "8001")
+    assert Settings.load().grpc_port == 8001
+    with pytest.raises(ConfigError, match="gRPC needs a port of its own"):
+        Settings.load(port=8001)
 
 
 def test_invalid_environment_value_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:

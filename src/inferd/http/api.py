@@ -16,7 +16,7 @@ from inferd import __version__
 from inferd.errors import InferdError, ModelNotFound, ModelNotReady
 from inferd.http.responses import documented_methods, error_body
 from inferd.http.routes import LEAN_ROUTES, LeanRoute
-from inferd.http.schemas import ERROR_RESPONSES
+from inferd.http.schemas import ERROR_RESPONSES, V2_ERROR_RESPONSES
 from inferd.metrics import Metrics
 from inferd.models.registry import ModelRegistry
 from inferd.serving import ClientGone
@@ -228,6 +228,7 @@ def build_api(registry: ModelRegistry, metrics: Metrics, lifespan: Any) -> FastA
     # ------------------------------------------------------------------ predictions
     # Answered on the lean path before FastAPI sees them; documented from the same table.
     for route in LEAN_ROUTES:
+        v2 = route.protocol == "v2"
         api.add_api_route(
             route.path,
             _documented(route),
@@ -235,8 +236,8 @@ def build_api(registry: ModelRegistry, metrics: Metrics, lifespan: Any) -> FastA
             tags=list(route.tags),
             summary=route.summary,
             response_model=route.response,
-            responses=ERROR_RESPONSES,
-            openapi_extra={"requestBody": _body(route.request)},
+            responses={**V2_ERROR_RESPONSES, 200: _V2_BINARY} if v2 else ERROR_RESPONSES,
+            openapi_extra={"requestBody": _body(route.request, binary=v2)},
         )
 
     return api
@@ -274,8 +275,42 @@ def _documented(route: LeanRoute) -> Callable[..., Any]:
     return endpoint
 
 
-def _body(model: type[Any]) -> dict[str, Any]:
-    return {
-        "required": True,
-        "content": {"application/json": {"schema": model.model_json_schema()}},
+_BINARY_TENSORS = {
+    "schema": {
+        "type": "string",
+        "format": "binary",
+        "description": "The JSON document, then the binary tensors; the "
+        "Inference-Header-Content-Length header gives the length of the JSON",
     }
+}
+_V2_BINARY = {
+    "description": "The outputs; as the JSON document followed by binary tensors when any "
+    "output is binary (Inference-Header-Content-Length says where the JSON ends)",
+    "content": {"application/octet-stream": _BINARY_TENSORS},
+}
+
+
+def _body(model: type[Any], binary: bool = False) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": _inlined(model.model_json_schema())}}
+    if binary:
+        content["application/octet-stream"] = _BINARY_TENSORS
+    return {"required": True, "content": content}
+
+
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with its ``$defs`` written in place of their ``$ref``s: a request body given
+    as ``openapi_extra`` is not one FastAPI moves into ``components``."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved

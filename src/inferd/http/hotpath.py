@@ -4,7 +4,9 @@
 ``POST /v1/models/{name}/versions/{version}/predict`` (the table in :mod:`inferd.http.routes`)
 are answered here without the framework: routes matched by string checks, hand-written JSON
 validation (:mod:`inferd.codec`), orjson, and the data plane for everything else (admission,
-deadline, budget, batcher). FastAPI only documents them.
+deadline, budget, batcher). The Open Inference Protocol's ``infer`` routes are in the same
+table, answered by :meth:`inferd.http.v2.OpenInference.serve_infer`. FastAPI only documents
+them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from inferd.http.body import check_length, read_body
 from inferd.http.context import disconnect_probe, request_timeout, watch_disconnect
 from inferd.http.responses import error_body
 from inferd.http.routes import LEAN_ROUTES, LeanRoute, match_lean
+from inferd.http.v2 import OpenInference
 from inferd.models.registry import LoadedModel
 from inferd.serving import ClientGone, DataPlane, Decoded, RequestContext
 from inferd.settings import Settings
@@ -38,6 +41,7 @@ class HotPath:
         self.max_body = settings.max_body_bytes
         self.max_instances = settings.max_instances
         self.timeout = settings.request_timeout_ms / 1000.0
+        self.v2 = OpenInference(plane, settings)
 
     def match(self, scope: dict[str, Any]) -> tuple[LeanRoute, dict[str, Any]] | None:
         if scope["method"] != "POST":
@@ -55,6 +59,9 @@ class HotPath:
         """Answer one prediction request."""
         lean, params = route
         ctx.endpoint = lean.path
+        if lean.protocol == "v2":
+            await self.v2.serve_infer(scope, receive, send, params, ctx)
+            return
         inbound = PredictInbound(self, ctx, scope, receive, params, lean.path == _DEFAULT_ENDPOINT)
         extra: list[tuple[bytes, bytes]] = []
         try:

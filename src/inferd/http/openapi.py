@@ -191,13 +191,13 @@ def contract(doc: dict[str, Any], *, auth: bool) -> dict[str, Any]:
     error_schema = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
     error_schema.pop("$defs", None)
     schemas["ErrorBody"] = error_schema
-    schemas["V2Error"] = _V2_ERROR
+    schemas["V2ErrorBody"] = _V2_ERROR  # what inferd.http.schemas.V2ErrorBody says
     schemas["OpenAIError"] = _OPENAI_ERROR
     for gone in ("HTTPValidationError", "ValidationError"):
         schemas.pop(gone, None)
     refs = {
         "inferd": {"$ref": "#/components/schemas/ErrorBody"},
-        "v2": {"$ref": "#/components/schemas/V2Error"},
+        "v2": {"$ref": "#/components/schemas/V2ErrorBody"},
         "openai": {"$ref": "#/components/schemas/OpenAIError"},
     }
     missing = []
@@ -261,7 +261,7 @@ def _own_body(answer: dict[str, Any]) -> bool:
     if not schema:
         return False
     ref = str(schema.get("$ref", ""))
-    return ref.rsplit("/", 1)[-1] not in ("ErrorBody", "HTTPValidationError")
+    return ref.rsplit("/", 1)[-1] not in ("ErrorBody", "V2ErrorBody", "HTTPValidationError")
 
 
 def _error_shapes(

@@ -1,12 +1,16 @@
 """The routes answered on the lean ASGI path: one table that the path matches requests against
 and that the OpenAPI document is built from, so neither can have a route the other lacks.
+
+Two protocols are served there: inferd's own prediction routes (``protocol="inferd"``) and the
+Open Inference Protocol's ``infer`` (``protocol="v2"``: JSON or binary tensors, and errors in
+that protocol's ``{"error": "<message>"}`` shape).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -15,9 +19,13 @@ from inferd.http.schemas import (
     ModelPredictResponse,
     PredictRequest,
     PredictResponse,
+    V2InferRequest,
+    V2InferResponse,
 )
 
-__all__ = ["LEAN_ROUTES", "LeanRoute", "match_lean"]
+__all__ = ["LEAN_ROUTES", "V2_TAG", "LeanRoute", "match_lean"]
+
+V2_TAG = "open inference protocol (v2)"
 
 _PARAM = re.compile(r"\{(\w+)\}")
 
@@ -35,6 +43,8 @@ class LeanRoute:
     response: type[BaseModel]
     params: dict[str, type] = field(default_factory=dict)
     """Path parameters and their types (``int`` ones must be decimal digits)."""
+    protocol: Literal["inferd", "v2"] = "inferd"
+    """Whose request and error bodies the route speaks."""
     _parts: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
@@ -98,12 +108,37 @@ LEAN_ROUTES: tuple[LeanRoute, ...] = (
         ModelPredictResponse,
         {"name": str, "version": int},
     ),
+    LeanRoute(
+        "POST",
+        "/v2/models/{name}/infer",
+        "Inference with the default version (JSON or binary tensors)",
+        (V2_TAG,),
+        V2InferRequest,
+        V2InferResponse,
+        {"name": str},
+        "v2",
+    ),
+    LeanRoute(
+        "POST",
+        "/v2/models/{name}/versions/{version}/infer",
+        "Inference with one version (JSON or binary tensors)",
+        (V2_TAG,),
+        V2InferRequest,
+        V2InferResponse,
+        {"name": str, "version": str},  # a version that is not a number is the protocol's 404
+        "v2",
+    ),
 )
 
 
 _EXACT: dict[tuple[str, str], LeanRoute] = {
     (r.method, r.path): r for r in LEAN_ROUTES if not r.params
 }
+_HEAD = 4  # "/v1/", "/v2/": the routes with parameters, by the start of their path
+_BY_HEAD: dict[str, tuple[LeanRoute, ...]] = {}
+for _route in LEAN_ROUTES:
+    if _route.params:
+        _BY_HEAD[_route.path[:_HEAD]] = (*_BY_HEAD.get(_route.path[:_HEAD], ()), _route)
 
 
 def match_lean(
@@ -114,6 +149,7 @@ def match_lean(
         exact = _EXACT.get((method, path))
         if exact is not None:
             return exact, {}
+        routes = _BY_HEAD.get(path[:_HEAD], ())
     for route in routes:
         if route.method == method:
             params = route.match(path)

@@ -20,6 +20,9 @@ __all__ = [
     "RequestDoc",
     "RequeueBody",
     "SubmitBody",
+    "V2ErrorBody",
+    "V2InferRequest",
+    "V2InferResponse",
 ]
 
 
@@ -183,3 +186,60 @@ class RequeueBody(BaseModel):
 
     attempts: int | None = Field(default=None, ge=1, le=100)
     """Attempts it gets from now on; default: the server's ``max_attempts``."""
+
+
+# ---------------------------------------------------------------- Open Inference Protocol (V2)
+class V2Tensor(BaseModel):
+    """One tensor: its elements in ``data`` (flat or nested, row-major), or, with the binary
+    tensor extension, ``parameters.binary_data_size`` bytes after the JSON."""
+
+    name: str = Field(examples=["input"])
+    shape: list[int] = Field(examples=[[1, 4]])
+    datatype: str = Field(examples=["FP64"])
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = Field(default=None, examples=[[5.1, 3.5, 1.4, 0.2]])
+
+
+class V2RequestedOutput(BaseModel):
+    name: str = Field(examples=["probabilities"])
+    parameters: dict[str, Any] | None = None
+    """``binary_data`` (bool), ``classification`` (top-k classes)."""
+
+
+class V2InferRequest(BaseModel):
+    """``POST /v2/models/{name}/infer``: the model's one input, ``input``."""
+
+    id: str | None = Field(default=None, max_length=128)
+    parameters: dict[str, Any] | None = None
+    """``binary_data_output`` (bool), ``timeout`` (microseconds)."""
+    inputs: list[V2Tensor] = Field(min_length=1)
+    outputs: list[V2RequestedOutput] | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[V2Tensor]
+
+
+class V2ErrorBody(BaseModel):
+    """The protocol's error body: what was wrong, in a sentence."""
+
+    error: str
+
+
+V2_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": V2ErrorBody, "description": text}
+    for code, text in {
+        400: "Malformed JSON, tensors that do not fit the model, a bad header",
+        404: "Unknown model or version",
+        413: "Body or row count over the limit",
+        415: "Content-Encoding other than gzip, deflate or identity",
+        429: "Rate limit or daily token budget exhausted; see Retry-After",
+        500: "The model failed on the batch this request was in",
+        503: "Overloaded (shed) or model not ready; see Retry-After",
+        504: "Deadline passed before the model answered",
+    }.items()
+}
+"""The statuses of V2 ``infer``; a body that is read but invalid is the protocol's 400."""

@@ -2,7 +2,9 @@
 
 Server and model metadata, health, ``infer`` with JSON and binary tensors, and the model
 repository extension, so that clients written for those servers work unchanged (the tests
-use ``tritonclient.http``). Inference takes the same road as
+use ``tritonclient.http``). ``infer`` is answered on the lean ASGI path
+(:meth:`OpenInference.serve_infer`, routed by :mod:`inferd.http.hotpath`); the rest is a
+FastAPI router. Inference takes the same road as
 ``/v1/models/{name}/predict``: the model's batcher (admission before the body is read, the
 deadline, the queue), the caller's daily token budget (one token per row), the same metrics.
 
@@ -28,9 +30,15 @@ from inferd.errors import BadRequest, InferdError, ModelNotFound
 from inferd.http.body import check_length, decompress, read_body
 from inferd.http.context import disconnect_probe, request_timeout, watch_disconnect
 from inferd.http.responses import method_not_allowed
-from inferd.http.v2_codec import InferRequest, RequestedOutput, encode_response, parse_request
+from inferd.http.v2_codec import (
+    InferRequest,
+    RequestedOutput,
+    Tensor,
+    encode_response,
+    parse_request,
+)
 from inferd.http.v2_models import (
-    INPUT_NAME,
+    json_answer,
     model_input,
     model_metadata,
     model_outputs,
@@ -39,52 +47,25 @@ from inferd.http.v2_models import (
 )
 from inferd.models.base import FloatArray
 from inferd.models.registry import LoadedModel
-from inferd.serving import DataPlane, Decoded, RequestContext
+from inferd.serving import ClientGone, DataPlane, Decoded, RequestContext
 from inferd.settings import Settings
 
-__all__ = ["EXTENSIONS", "OpenInference", "build_v2_router"]
+__all__ = [
+    "EXTENSIONS",
+    "OpenInference",
+    "V2Inbound",
+    "build_v2_router",
+    "decode_infer",
+    "render_outputs",
+    "require_tensors",
+]
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
 """Protocol extensions served here, as ``GET /v2`` lists them."""
 
 _JSON = "application/json"
-_BINARY = "application/octet-stream"
-_TENSOR = {
-    "type": "object",
-    "required": ["name", "shape", "datatype"],
-    "properties": {
-        "name": {"type": "string", "examples": [INPUT_NAME]},
-        "shape": {"type": "array", "items": {"type": "integer"}, "examples": [[1, 4]]},
-        "datatype": {"type": "string", "examples": ["FP64"]},
-        "parameters": {"type": "object"},
-        "data": {"type": "array", "examples": [[5.1, 3.5, 1.4, 0.2]]},
-    },
-}
-_INFER_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "required": ["inputs"],
-                "properties": {
-                    "id": {"type": "string"},
-                    "parameters": {"type": "object"},
-                    "inputs": {"type": "array", "items": _TENSOR},
-                    "outputs": {"type": "array", "items": {"type": "object"}},
-                },
-            }
-        },
-        "application/octet-stream": {
-            "schema": {
-                "type": "string",
-                "format": "binary",
-                "description": "The JSON request, then the binary tensors; "
-                "Inference-Header-Content-Length gives the length of the JSON",
-            }
-        },
-    },
-}
+_JSON_TYPE = (b"content-type", b"application/json")
+_BINARY_TYPE = (b"content-type", b"application/octet-stream")
 
 
 class OpenInference:
@@ -136,23 +117,44 @@ class OpenInference:
         return (200 if ready else 400), body
 
     # ------------------------------------------------------------------ infer
-    async def infer(
-        self, request: Request, name: str, version: str | None, ctx: RequestContext
-    ) -> Response:
-        inbound = V2Inbound(self, ctx, request, name, version)
-        content, json_length = await self.plane.infer(inbound)
-        if json_length is None:
-            return Response(content, 200, media_type=_JSON)
-        return Response(
-            content,
-            200,
-            headers={"inference-header-content-length": str(json_length)},
-            media_type=_BINARY,
-        )
+    async def serve_infer(
+        self,
+        scope: dict[str, Any],
+        receive: Any,
+        send: Any,
+        params: dict[str, Any],
+        ctx: RequestContext,
+    ) -> None:
+        """Answer ``POST /v2/models/{name}[/versions/{version}]/infer`` on the lean path
+        (:mod:`inferd.http.hotpath` routes it here): the data plane, then the answer in JSON
+        or with binary tensors; errors in the protocol's shape."""
+        headers: list[tuple[bytes, bytes]]
+        try:
+            inbound = V2Inbound(self, ctx, scope, receive, params["name"], params.get("version"))
+            content, json_length = await self.plane.infer(inbound)
+            status = 200
+            if json_length is None:
+                headers = [_JSON_TYPE]
+            else:
+                headers = [_BINARY_TYPE, (b"inference-header-content-length", b"%d" % json_length)]
+        except ClientGone:
+            ctx.detail = "client disconnected; dropped before the model ran"
+            return
+        except InferdError as error:
+            ctx.detail = error.message
+            status, content = _error_status(error), orjson.dumps({"error": error.message})
+            headers = [_JSON_TYPE, *((k.encode(), v.encode()) for k, v in error.headers().items())]
+        headers.append((b"content-length", b"%d" % len(content)))
+        if status != 429 and (ctx.rate is not None or ctx.quota is not None):
+            headers.extend(ctx.rate_limit_headers())
+        headers.append((b"x-request-id", ctx.request_id.encode()))
+        ctx.status = status
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
 
     async def read_body(self, request: Request) -> bytes:
-        """The body, counted against ``max_body_bytes``, decompressed if the client sent it
-        compressed (``tritonclient`` can: gzip or deflate)."""
+        """The body of a FastAPI route, counted against ``max_body_bytes``, decompressed if
+        the client sent it compressed (``tritonclient`` can: gzip or deflate)."""
         headers = request.headers
         check_length(headers.get("content-length"), self.max_body)
         body = await read_body(request.receive, self.max_body)
@@ -190,41 +192,51 @@ class OpenInference:
 
 
 class V2Inbound:
-    """One V2 ``infer`` request, as the data plane sees it."""
+    """One V2 ``infer`` request of the lean path, as the data plane sees it."""
+
+    __slots__ = ("_parsed", "ctx", "model", "receive", "scope", "timeout", "v2", "version")
 
     def __init__(
         self,
         v2: OpenInference,
         ctx: RequestContext,
-        request: Request,
+        scope: dict[str, Any],
+        receive: Any,
         name: str,
         version: str | None,
     ) -> None:
         self.v2 = v2
         self.ctx = ctx
-        self.request = request
+        self.scope = scope
+        self.receive = receive
         self.model: str | None = name
         self.version = None if version is None else _version(name, version)
         self.timeout = v2.timeout
         self._parsed: InferRequest | None = None
 
     def accept(self, loaded: LoadedModel) -> None:
-        _batcher(loaded)
+        require_tensors(loaded)
 
     async def read(self, loaded: LoadedModel) -> None:
-        headers = self.request.headers
         header_length: int | None = None
-        raw = headers.get("inference-header-content-length")
-        if raw is not None:
-            if not raw.strip().isdigit():
-                raise BadRequest(
-                    f"Inference-Header-Content-Length must be a number of bytes, got {raw!r}"
-                )
-            header_length = int(raw)
-        given = headers.get("x-request-timeout-ms")
-        if given is not None:
-            self.timeout = min(self.timeout, request_timeout(given))
-        body = await self.v2.read_body(self.request)
+        length = encoding = None
+        for key, value in self.scope["headers"]:
+            if key == b"content-length":
+                length = value
+            elif key == b"inference-header-content-length":
+                if not value.strip().isdigit():
+                    raise BadRequest(
+                        "Inference-Header-Content-Length must be a number of bytes, got "
+                        f"{value.decode('latin-1')!r}"
+                    )
+                header_length = int(value)
+            elif key == b"x-request-timeout-ms":
+                self.timeout = min(self.timeout, request_timeout(value))
+            elif key == b"content-encoding":
+                encoding = value.decode("latin-1")
+        max_body = self.v2.max_body
+        check_length(length, max_body)
+        body = decompress(await read_body(self.receive, max_body), encoding, max_body)
         parsed = self._parsed = parse_request(body, header_length)
         if parsed.id and parsed.id.isascii() and parsed.id.isprintable():
             self.ctx.request_id = parsed.id
@@ -234,17 +246,13 @@ class V2Inbound:
     ) -> Decoded[tuple[InferRequest, list[RequestedOutput]]]:
         parsed = self._parsed
         assert parsed is not None
-        rows = model_input(parsed, loaded, self.v2.max_instances)
-        selected = selected_outputs(parsed, loaded)
-        wanted_us = parsed.parameters.get("timeout")  # tritonclient's, in microseconds
-        timeout = wanted_us / 1e6 if type(wanted_us) is int and wanted_us > 0 else None
-        return Decoded(rows, rows.shape[0], (parsed, selected), timeout)
+        return decode_infer(parsed, loaded, self.v2.max_instances)
 
     def disconnect_probe(self) -> Callable[[], bool] | None:
-        return disconnect_probe(self.request.receive)
+        return disconnect_probe(self.receive)
 
     def watch(self, future: asyncio.Future[Any]) -> asyncio.Task[None] | None:
-        return watch_disconnect(self.request.receive, future)
+        return watch_disconnect(self.receive, future)
 
     def encode(
         self,
@@ -252,14 +260,36 @@ class V2Inbound:
         decoded: Decoded[tuple[InferRequest, list[RequestedOutput]]],
         output: FloatArray,
     ) -> tuple[bytes, int | None]:
-        parsed, selected = decoded.meta
-        tensors = model_outputs(loaded, output)
+        parsed = decoded.meta[0]
+        if parsed.outputs is None and not parsed.binary_output:  # what most requests ask
+            return json_answer(loaded, parsed.id, output), None
         return encode_response(
-            loaded.name,
-            loaded.version_str,
-            parsed.id,
-            [render_output(tensors, wanted, loaded, parsed.binary_output) for wanted in selected],
+            loaded.name, loaded.version_str, parsed.id, render_outputs(loaded, decoded, output)
         )
+
+
+def decode_infer(
+    parsed: InferRequest, loaded: LoadedModel, max_instances: int
+) -> Decoded[tuple[InferRequest, list[RequestedOutput]]]:
+    """A parsed request decoded for ``loaded``: its rows, the outputs it asks for, and the
+    shorter deadline it may ask for (``parameters.timeout``, in microseconds, as tritonclient
+    sends it). The gRPC servicer decodes the same way."""
+    rows = model_input(parsed, loaded, max_instances)
+    selected = selected_outputs(parsed, loaded)
+    wanted_us = parsed.parameters.get("timeout")
+    timeout = wanted_us / 1e6 if type(wanted_us) is int and wanted_us > 0 else None
+    return Decoded(rows, rows.shape[0], (parsed, selected), timeout)
+
+
+def render_outputs(
+    loaded: LoadedModel,
+    decoded: Decoded[tuple[InferRequest, list[RequestedOutput]]],
+    output: FloatArray,
+) -> list[tuple[Tensor, bool]]:
+    """The outputs asked for, each with whether to send it binary."""
+    parsed, selected = decoded.meta
+    tensors = model_outputs(loaded, output)
+    return [render_output(tensors, wanted, loaded, parsed.binary_output) for wanted in selected]
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -271,7 +301,8 @@ def _version(name: str, version: str) -> int:
     return int(version)
 
 
-def _batcher(loaded: LoadedModel) -> Batcher[FloatArray, FloatArray]:
+def require_tensors(loaded: LoadedModel) -> Batcher[FloatArray, FloatArray]:
+    """The model's batcher; a 400 for a model that has no tensors (text generation)."""
     if loaded.batcher is None or loaded.spec.generates_text:
         raise BadRequest(
             f"model {loaded.name!r} generates text, which has no tensors here; submit it with "
@@ -300,9 +331,14 @@ def _json_object(body: bytes, what: str) -> dict[str, Any]:
     return doc
 
 
+def _error_status(error: InferdError) -> int:
+    """A 422 (read but invalid) is the protocol's 400."""
+    return 400 if error.status_code == 422 else error.status_code
+
+
 def _error(error: InferdError) -> Response:
-    """The protocol's error body. A 422 (read but invalid) is the protocol's 400 here."""
-    status = 400 if error.status_code == 422 else error.status_code
+    """The protocol's error body."""
+    status = _error_status(error)
     return Response(
         orjson.dumps({"error": error.message}),
         status,
@@ -368,12 +404,6 @@ def build_v2_router(plane: DataPlane, settings: Settings) -> APIRouter:
 
         return await guarded(request, call)
 
-    async def infer(request: Request, name: str, version: str | None) -> Response:
-        async def call(ctx: RequestContext) -> Response:
-            return await v2.infer(request, name, version, ctx)
-
-        return await guarded(request, call)
-
     @router.get("/models/{name}", summary="Model metadata: versions, inputs, outputs")
     async def get_metadata(request: Request, name: str) -> Response:
         return await metadata(request, name, None)
@@ -389,22 +419,6 @@ def build_v2_router(plane: DataPlane, settings: Settings) -> APIRouter:
     @router.get("/models/{name}/versions/{version}/ready", summary="Readiness of one version")
     async def get_version_ready(request: Request, name: str, version: str) -> Response:
         return await model_ready(request, name, version)
-
-    @router.post(
-        "/models/{name}/infer",
-        summary="Inference with the default version",
-        openapi_extra={"requestBody": _INFER_BODY},
-    )
-    async def post_infer(request: Request, name: str) -> Response:
-        return await infer(request, name, None)
-
-    @router.post(
-        "/models/{name}/versions/{version}/infer",
-        summary="Inference with one version",
-        openapi_extra={"requestBody": _INFER_BODY},
-    )
-    async def post_version_infer(request: Request, name: str, version: str) -> Response:
-        return await infer(request, name, version)
 
     @router.post(
         "/repository/index",

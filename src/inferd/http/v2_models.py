@@ -10,9 +10,14 @@ The classification extension turns ``probabilities`` into the top classes, as Tr
 
 from __future__ import annotations
 
+import math
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+import orjson
 
 from inferd.errors import BadRequest, PayloadTooLarge
 from inferd.http.v2_codec import DATATYPES, InferRequest, RequestedOutput, Tensor
@@ -22,6 +27,7 @@ from inferd.models.registry import LoadedModel
 __all__ = [
     "INPUT_NAME",
     "input_signature",
+    "json_answer",
     "model_input",
     "model_metadata",
     "model_outputs",
@@ -74,37 +80,88 @@ def model_metadata(loaded: LoadedModel, versions: list[str]) -> dict[str, Any]:
     return doc
 
 
+@dataclass(slots=True)
+class _Layout:
+    """What every request to one loaded version needs, worked out once per version."""
+
+    datatype: str
+    shape: list[int]
+    dtype: np.dtype[Any]
+    outputs: list[RequestedOutput]
+    """Every output, in order: what a request that names none gets."""
+    names: frozenset[str]
+    labels: npt.NDArray[Any] | None
+    """A classifier's class names (``bytes``) by column; None for values."""
+    label_text: list[str]
+    """The same names as text."""
+
+
+_LAYOUTS: weakref.WeakKeyDictionary[LoadedModel, _Layout] = weakref.WeakKeyDictionary()
+
+
+def _layout(loaded: LoadedModel) -> _Layout:
+    layout = _LAYOUTS.get(loaded)
+    if layout is not None:
+        return layout
+    datatype, shape = input_signature(loaded)
+    names = [o["name"] for o in output_metadata(loaded)]
+    labels, text = None, []
+    if _is_classifier(loaded):
+        text = _labels(loaded)
+        labels = np.array([s.encode() for s in text], dtype=object)
+    layout = _Layout(
+        datatype,
+        shape,
+        DATATYPES[datatype],
+        [RequestedOutput(name, None) for name in names],
+        frozenset(names),
+        labels,
+        text,
+    )
+    if loaded.ready:  # a version's classes are only known once it has loaded
+        _LAYOUTS[loaded] = layout
+    return layout
+
+
 def model_input(parsed: InferRequest, loaded: LoadedModel, max_instances: int) -> FloatArray:
     """The request's one input as the array the model takes: float64 rows of features,
     or float32 prepared pictures."""
-    datatype, shape = input_signature(loaded)
-    expected = f"{shape} ({_what_rows_are(loaded)})"
-    if len(parsed.inputs) != 1 or parsed.inputs[0].name != INPUT_NAME:
-        given = ", ".join(repr(t.name) for t in parsed.inputs)
+    layout = _layout(loaded)
+    shape = layout.shape
+    inputs = parsed.inputs
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+        given = ", ".join(repr(t.name) for t in inputs)
         raise BadRequest(
-            f"model {loaded.name!r} takes one input, {INPUT_NAME!r} with shape {expected}; "
-            f"got {given}"
+            f"model {loaded.name!r} takes one input, {INPUT_NAME!r} with shape "
+            f"{_expected(loaded, shape)}; got {given}"
         )
-    tensor = parsed.inputs[0]
+    tensor = inputs[0]
     if tensor.datatype not in _NUMERIC:
         raise BadRequest(
             f"input {INPUT_NAME!r} must be numeric (FP64, FP32, FP16, INT*, UINT*); "
             f"got {tensor.datatype}"
         )
-    if len(tensor.shape) != len(shape) or tensor.shape[1:] != tuple(shape[1:]):
+    given_shape = tensor.shape
+    if len(given_shape) != len(shape) or list(given_shape[1:]) != shape[1:]:
         raise BadRequest(
-            f"input {INPUT_NAME!r} has shape {list(tensor.shape)}; model {loaded.name!r} "
-            f"takes {expected}"
+            f"input {INPUT_NAME!r} has shape {list(given_shape)}; model {loaded.name!r} "
+            f"takes {_expected(loaded, shape)}"
         )
-    n = tensor.shape[0]
+    n = given_shape[0]
     if n == 0:
         raise BadRequest(f"input {INPUT_NAME!r} has no rows")
     if n > max_instances:
         raise PayloadTooLarge(f"{n} rows in one request; the limit is {max_instances}")
-    array: FloatArray = tensor.data.astype(DATATYPES[datatype])
-    if not np.isfinite(array).all():
+    array: FloatArray = tensor.data.astype(layout.dtype)
+    # A finite sum means finite elements (NaN and infinities carry through a sum); only an
+    # overflowing sum needs the element-wise look.
+    if not math.isfinite(array.sum()) and not np.isfinite(array).all():
         raise BadRequest(f"input {INPUT_NAME!r} must hold finite numbers (no NaN or Infinity)")
     return array
+
+
+def _expected(loaded: LoadedModel, shape: list[int]) -> str:
+    return f"{shape} ({_what_rows_are(loaded)})"
 
 
 def input_signature(loaded: LoadedModel) -> tuple[str, list[int]]:
@@ -152,11 +209,11 @@ def _labels(loaded: LoadedModel) -> list[str]:
 
 def model_outputs(loaded: LoadedModel, output: FloatArray) -> dict[str, Tensor]:
     """The model's answer as named tensors (the same numbers ``/v1`` answers with)."""
-    if not _is_classifier(loaded):
+    names = _layout(loaded).labels
+    if names is None:
         values = np.asarray(output, dtype=np.float64).reshape(-1)
         return {"predictions": Tensor("predictions", "FP64", values.shape, values)}
     probs = np.asarray(output, dtype=np.float64)
-    names = np.array([s.encode() for s in _labels(loaded)], dtype=object)
     labels = names[probs.argmax(axis=1)]
     return {
         "probabilities": Tensor("probabilities", "FP64", probs.shape, probs),
@@ -164,16 +221,49 @@ def model_outputs(loaded: LoadedModel, output: FloatArray) -> dict[str, Tensor]:
     }
 
 
+def json_answer(loaded: LoadedModel, request_id: str | None, output: FloatArray) -> bytes:
+    """The answer to a request that names no outputs and asks for no binary data: every
+    output as JSON, written straight from the model's rows (the same bytes
+    :func:`~inferd.http.v2_codec.encode_response` writes for them, without the tensors)."""
+    doc: dict[str, Any] = {"model_name": loaded.name, "model_version": loaded.version_str}
+    if request_id is not None:
+        doc["id"] = request_id
+    layout = _layout(loaded)
+    values = np.ascontiguousarray(output, dtype=np.float64)
+    if layout.labels is None:
+        flat = values.reshape(-1)
+        doc["outputs"] = [
+            {"name": "predictions", "datatype": "FP64", "shape": [flat.shape[0]], "data": flat}
+        ]
+    else:
+        text = layout.label_text
+        doc["outputs"] = [
+            {
+                "name": "probabilities",
+                "datatype": "FP64",
+                "shape": list(values.shape),
+                "data": values.reshape(-1),
+            },
+            {
+                "name": "label",
+                "datatype": "BYTES",
+                "shape": [values.shape[0]],
+                "data": [text[i] for i in values.argmax(axis=1).tolist()],
+            },
+        ]
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 def selected_outputs(parsed: InferRequest, loaded: LoadedModel) -> list[RequestedOutput]:
     """The outputs to send, in order; refuses unknown names before the model runs."""
-    names = [o["name"] for o in output_metadata(loaded)]
+    layout = _layout(loaded)
     if parsed.outputs is None:
-        return [RequestedOutput(name, None) for name in names]
+        return layout.outputs
     for wanted in parsed.outputs:
-        if wanted.name not in names:
+        if wanted.name not in layout.names:
             raise BadRequest(
                 f"model {loaded.name!r} has no output {wanted.name!r}; its outputs are "
-                f"{', '.join(names)}"
+                f"{', '.join(o.name for o in layout.outputs)}"
             )
         if wanted.classification and wanted.name != "probabilities":
             raise BadRequest(
