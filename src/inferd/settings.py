@@ -46,6 +46,13 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     """TCP port the HTTP server listens on (0 picks a free port)."""
 
+    processes: int = Field(default=1, ge=0, le=512)
+    """Server processes sharing the listening socket, each with its own event loop, models and
+    batchers (``inferd serve --processes``); 0: one per CPU this process may run on. With more
+    than one, ``/metrics``, ``/health/ready`` and the admin API speak for all of them, and
+    per-key limits are kept in one place (Redis when ``redis_url`` is set, else a limiter
+    process of the server's own); see docs/deploy.md. ``workers`` is per process."""
+
     # --- models -------------------------------------------------------------------------------
     models_dir: Path = Path("models")
     """Model repository folder: ``<models_dir>/<name>/model.toml`` and ``<name>/<version>/``.
