@@ -256,9 +256,13 @@ async def _serve_connection(
 
 
 async def serve_limits(
-    path: str, stop: asyncio.Event, limiter: MemoryLimiter | None = None
+    path: str,
+    stop: asyncio.Event,
+    limiter: MemoryLimiter | None = None,
+    listening: asyncio.Event | None = None,
 ) -> None:
-    """Answer :class:`SocketLimiter` calls on the Unix socket ``path`` until ``stop`` is set."""
+    """Answer :class:`SocketLimiter` calls on the Unix socket ``path`` until ``stop`` is set;
+    ``listening`` is set once calls can connect."""
     held = limiter if limiter is not None else MemoryLimiter()
 
     async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -266,4 +270,6 @@ async def serve_limits(
 
     server = await asyncio.start_unix_server(connected, path=path, limit=_LIMIT)
     async with server:
+        if listening is not None:
+            listening.set()
         await stop.wait()
