@@ -53,9 +53,8 @@ def start(start_server: Any, tmp_path: Path, config: str, *args: str) -> Any:
 def test_metrics_readiness_and_model_swaps_speak_for_both_processes(
     start_server: Any, models_dir: Path, tmp_path: Path
 ) -> None:
-    server = start(
-        start_server, tmp_path, f'models_dir = "{models_dir}"\nworkers = 0\nmodels = ["iris"]\n'
-    )
+    # The embedded SQLite store and in-process workers (2 per process) by default.
+    server = start(start_server, tmp_path, f'models_dir = "{models_dir}"\nmodels = ["iris"]\n')
     ready = fresh("GET", server.url + "/health/ready").json()
     assert ready["status"] == "ready"
     assert [p["status"] for p in ready["processes"]] == ["ready", "ready"]
@@ -73,6 +72,22 @@ def test_metrics_readiness_and_model_swaps_speak_for_both_processes(
         assert sample(text, "inference_server_processes") == 2
         assert sample(text, "inference_server_processes_reporting") == 2
         assert sample(text, 'inference_model_ready{model="iris",version="1"}') == 1
+
+    # Long-running requests: both processes submit to and run from the one SQLite file.
+    job = {"model": "iris", "input": SETOSA}
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(
+            pool.map(lambda _: fresh("POST", server.url + "/v1/requests", json=job).json()["id"],
+                     range(20))
+        )  # fmt: skip
+    end = time.monotonic() + 30
+    statuses: list[str] = []
+    while time.monotonic() < end:
+        statuses = [fresh("GET", f"{server.url}/v1/requests/{i}").json()["status"] for i in ids]
+        if set(statuses) <= {"succeeded", "failed", "dead"}:
+            break
+        time.sleep(0.2)
+    assert statuses == ["succeeded"] * 20
 
     # A corrupt version is refused by both; the old one serves on.
     v2 = models_dir / "iris" / "2"
