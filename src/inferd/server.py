@@ -38,6 +38,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from inferd.logs import get_logger
@@ -53,11 +54,19 @@ RESPAWN_WINDOW = 60.0
 
 
 def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    """CPUs this process may use: its affinity mask (not the machine's count), bounded by a
+    cgroup v2 CPU quota (a container's CPU limit), rounded up."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    return max(1, min(cpus, -(-int(quota) // int(period))))
 
 
 def server_class(child: bool = False) -> Any:
