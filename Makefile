@@ -4,6 +4,9 @@ VENV ?= .venv
 MODELS_DIR ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Server processes for `make run`: 1 (a development server: one log, quick start, one copy of
+# the models); `make run PROCESSES=0` runs one per available CPU, as production does.
+PROCESSES ?= 1
 BIN := $(VENV)/bin
 
 .PHONY: lock run test lint unit integration e2e deploy promtool chromium bench models clean
@@ -35,7 +38,8 @@ $(MODELS_DIR)/iris/1/model.joblib: | $(VENV)/.installed-run
 models: $(MODELS_DIR)/iris/1/model.joblib
 
 run: $(VENV)/.installed-run models
-	$(BIN)/inferd serve --models-dir $(MODELS_DIR) --host $(HOST) --port $(PORT)
+	$(BIN)/inferd serve --models-dir $(MODELS_DIR) --host $(HOST) --port $(PORT) \
+	  --processes $(PROCESSES)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/python tools/lock.py check
