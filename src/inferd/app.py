@@ -131,7 +131,9 @@ class InferdApp:
             Authenticator(self.keys, settings.key_cache_seconds) if settings.auth_required else None
         )
         # With several processes, /metrics, readiness, /v1/stats and the admin API speak for all.
-        routes: Any = self.api if peers is None else PeerRoutes(self.api, peers)
+        routes: Any = self.api
+        if peers is not None:
+            routes = PeerRoutes(self.api, peers, self.metrics.registry)
         self._asgi = OpenAIErrorShape(  # /openai/ errors in OpenAI's shape, even a 401
             RequestContextMiddleware(
                 routes,

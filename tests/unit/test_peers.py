@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from inferd.http.peers import merge_expositions, merge_stats
+from inferd.http.peers import (
+    Family,
+    collect,
+    decode_families,
+    encode_families,
+    merge_families,
+    merge_stats,
+)
 
 
-def exposition(requests: int, latencies: list[float], depth: int, ready: int) -> str:
+def families(requests: int, latencies: list[float], depth: int, ready: int) -> list[Family]:
     registry = CollectorRegistry()
     counter = Counter("inference_requests", "r", ("status",), registry=registry)
     counter.labels("200").inc(requests)
@@ -18,7 +25,7 @@ def exposition(requests: int, latencies: list[float], depth: int, ready: int) ->
         histogram.observe(seconds)
     Gauge("inference_queue_depth", "q", registry=registry).set(depth)
     Gauge("inference_model_ready", "r", registry=registry).set(ready)
-    return generate_latest(registry).decode()
+    return collect(registry)
 
 
 def samples(text: bytes) -> dict[str, float]:
@@ -31,11 +38,8 @@ def samples(text: bytes) -> dict[str, float]:
 
 
 def test_counters_histograms_and_gauges_add_up_as_one_server() -> None:
-    merged = samples(
-        merge_expositions(
-            [exposition(3, [0.05, 0.5], 2, 1), exposition(4, [0.05, 5.0], 1, 0)], expected=3
-        )
-    )
+    sibling = decode_families(encode_families(families(4, [0.05, 5.0], 1, 0)))  # as sent
+    merged = samples(merge_families([families(3, [0.05, 0.5], 2, 1), sibling], expected=3))
     assert merged["inference_requests_total{status=200}"] == 7
     assert merged["inference_request_latency_seconds_bucket{le=0.1}"] == 2
     assert merged["inference_request_latency_seconds_bucket{le=1.0}"] == 3

@@ -9,7 +9,8 @@ such a request asks its siblings over theirs, marking the call with the server's
 ``x-inferd-peer`` token so that the sibling answers for itself only.
 
 ``GET /metrics``
-    Every process's exposition, merged (:func:`merge_expositions`): counters and histograms
+    Every process's metric families (siblings send theirs as JSON), merged
+    (:func:`merge_families`) and rendered as one exposition: counters and histograms
     are summed, gauges summed or reduced as :data:`GAUGE_MODES` says, plus
     ``inference_server_processes`` and ``inference_server_processes_reporting``. Nothing is
     shared on the request path, so the hot path observes in-process values as with one process.
@@ -27,26 +28,28 @@ such a request asks its siblings over theirs, marking the call with the server's
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from prometheus_client.exposition import generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from inferd.logs import get_logger
 
-__all__ = ["GAUGE_MODES", "PEER_HEADER", "PeerRoutes", "Peers", "merge_expositions"]
+__all__ = ["GAUGE_MODES", "PEER_HEADER", "PeerRoutes", "Peers", "merge_families", "merge_stats"]
 
 log = get_logger("inferd.http.peers")
 
 PEER_HEADER = "x-inferd-peer"
 _PEER_HEADER = PEER_HEADER.encode()
 
+CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 GAUGE_MODES: dict[str, str] = {
@@ -161,39 +164,61 @@ class Peers:
 # --------------------------------------------------------------------------- metrics
 
 
-def merge_expositions(texts: Iterable[str], expected: int) -> bytes:
-    """Several processes' Prometheus text expositions as one (see the module docstring)."""
+Family = tuple[str, str, str, str, list[tuple[str, dict[str, str], float]]]
+"""A metric family as it crosses between processes: name, help, type, unit, samples."""
+
+
+def collect(registry: CollectorRegistry) -> list[Family]:
+    """A registry's families, ready for :func:`merge_families` or for JSON."""
+    return [
+        (m.name, m.documentation, m.type, m.unit, [(s.name, s.labels, s.value) for s in m.samples])
+        for m in registry.collect()
+    ]
+
+
+def encode_families(families: list[Family]) -> bytes:
+    return orjson.dumps(families, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def decode_families(body: bytes) -> list[Family]:
+    return [
+        (name, doc, kind, unit, [(n, labels, math.nan if v is None else v) for n, labels, v in ss])
+        for name, doc, kind, unit, ss in orjson.loads(body)
+    ]
+
+
+def merge_families(processes: Iterable[list[Family]], expected: int) -> bytes:
+    """Several processes' metric families as one Prometheus text exposition (see the module
+    docstring)."""
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     reporting = 0
-    for text in texts:
+    for one in processes:
         reporting += 1
-        for family in text_string_to_metric_families(text):
-            known = families.get(family.name)
+        for name, documentation, kind, unit, samples in one:
+            known = families.get(name)
             if known is None:
-                known = families[family.name] = Metric(
-                    family.name, family.documentation, family.type, family.unit
-                )
-                values[family.name] = {}
-            reduce = _reducer(family)
-            merged = values[family.name]
-            for sample in family.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
+                known = families[name] = Metric(name, documentation, kind, unit)
+                values[name] = {}
+            reduce = _reducer(known)
+            merged = values[name]
+            for sample, labels, value in samples:
+                key = (sample, tuple(sorted(labels.items())))
                 before = merged.get(key)
                 if before is None:
-                    merged[key] = sample.value
-                elif sample.name.endswith("_created"):
-                    merged[key] = min(before, sample.value)
+                    merged[key] = value
+                elif sample.endswith("_created"):
+                    merged[key] = min(before, value)
                 else:
-                    merged[key] = reduce(before, sample.value)
+                    merged[key] = reduce(before, value)
     for name, family in families.items():
         family.samples = [
             Sample(sample, dict(labels), value) for (sample, labels), value in values[name].items()
         ]
-    processes = Metric(
+    processes_metric = Metric(
         "inference_server_processes", "Processes of this server (--processes).", "gauge"
     )
-    processes.add_sample("inference_server_processes", {}, float(expected))
+    processes_metric.add_sample("inference_server_processes", {}, float(expected))
     answered = Metric(
         "inference_server_processes_reporting",
         "Processes whose metrics are in this scrape; fewer than inference_server_processes "
@@ -201,7 +226,7 @@ def merge_expositions(texts: Iterable[str], expected: int) -> bytes:
         "gauge",
     )
     answered.add_sample("inference_server_processes_reporting", {}, float(reporting))
-    ordered = [*families.values(), processes, answered]
+    ordered = [*families.values(), processes_metric, answered]
 
     class _Collected:
         def collect(self) -> list[Metric]:
@@ -270,9 +295,10 @@ class PeerRoutes:
     """ASGI middleware answering the server-wide routes for every process (module docstring);
     every other request goes straight to ``app``."""
 
-    def __init__(self, app: ASGIApp, peers: Peers) -> None:
+    def __init__(self, app: ASGIApp, peers: Peers, registry: CollectorRegistry) -> None:
         self.app = app
         self.peers = peers
+        self.registry = registry  # this process's metrics
         self._token = peers.token.encode()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -295,6 +321,8 @@ class PeerRoutes:
         if self._from_peer(scope):  # a sibling asks for this process alone
             if handler == self._ready:
                 await _respond(send, await self._local_ready(scope))
+            elif handler == self._metrics:  # its families as JSON: no text to parse
+                await _respond(send, _json(200, None, encode_families(collect(self.registry))))
             else:
                 await self.app(scope, receive, send)
             return
@@ -350,19 +378,15 @@ class PeerRoutes:
         return local, others
 
     async def _metrics(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        local, others = await self._gather(scope)
-        if local.status != 200:
-            await _respond(send, local)
-            return
-        texts = [local.body.decode()]
+        others = await self.peers.ask_all("GET", "/metrics", {})
+        processes = [collect(self.registry)]
         for index, answer in others.items():
             if isinstance(answer, Answer) and answer.status == 200:
-                texts.append(answer.body.decode())
+                processes.append(decode_families(answer.body))
             else:
                 log.warning("metrics: a process did not answer", process=index, why=_why(answer))
-        merged = await asyncio.to_thread(merge_expositions, texts, self.peers.count)
-        headers = [h for h in local.headers if h[0].lower() != b"content-length"]
-        await _respond(send, Answer(200, headers, merged))
+        merged = await asyncio.to_thread(merge_families, processes, self.peers.count)
+        await _respond(send, Answer(200, [(b"content-type", CONTENT_TYPE)], merged))
 
     async def _local_ready(self, scope: dict[str, Any]) -> Answer:
         """This process's readiness, with its process id."""
@@ -463,8 +487,9 @@ def _why(answer: Answer | BaseException) -> str:
     return repr(answer)
 
 
-def _json(status: int, payload: Any) -> Answer:
-    return Answer(status, [(b"content-type", b"application/json")], orjson.dumps(payload))
+def _json(status: int, payload: Any, body: bytes | None = None) -> Answer:
+    content = body if body is not None else orjson.dumps(payload)
+    return Answer(status, [(b"content-type", b"application/json")], content)
 
 
 async def _read_body(receive: Any) -> bytes:
