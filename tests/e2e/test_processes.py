@@ -195,3 +195,16 @@ def test_sigterm_drains_every_process(start_server: Any, models_dir: Path, tmp_p
     else:
         raise AssertionError("the port still answers after the drain")
     assert "stopping: draining every process" in server.output()
+
+
+def test_a_model_that_fails_to_load_stops_every_process(
+    start_server: Any, models_dir: Path, tmp_path: Path
+) -> None:
+    (models_dir / "iris" / "1" / "model.joblib").write_bytes(b"\x80\x04 not a model")
+    path = tmp_path / "inferd.toml"
+    path.write_text(f'models_dir = "{models_dir}"\nmodels = ["iris"]\nworkers = 0\n')
+    server = start_server(["--config", str(path), "--processes", "2"])
+    assert server.proc.wait(60) == 1
+    output = server.output()
+    assert "iris/1/model.joblib" in output
+    assert "a server process failed; stopping" in output

@@ -100,8 +100,8 @@ class Peers:
     index: int
     paths: list[str]
     token: str
-    timeout: float = 5.0
-    admin_timeout: float = 600.0
+    timeout: float = 2.0  # readiness, metrics, stats: a sibling slower than this is down
+    admin_timeout: float = 600.0  # a load may take minutes
 
     @property
     def count(self) -> int:
