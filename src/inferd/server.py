@@ -160,6 +160,8 @@ class _Supervisor:
             if self.limits_path is not None:
                 self._start_limiter()
             for index in range(self.count):
+                if self.stopping:  # a signal during start-up
+                    break
                 self._start_server(index)
             host, port = self.sock.getsockname()[:2]
             log.info("serving", processes=self.count, url=f"http://{host}:{port}")
