@@ -73,6 +73,10 @@ def test_metrics_readiness_and_model_swaps_speak_for_both_processes(
         assert sample(text, "inference_server_processes_reporting") == 2
         assert sample(text, 'inference_model_ready{model="iris",version="1"}') == 1
 
+    stats = fresh("GET", server.url + "/v1/stats?window=60").json()  # the console's numbers
+    assert stats["processes"] == {"total": 2, "reporting": 2}
+    assert stats["models"]["iris"]["requests_total"] == 40
+
     # Long-running requests: both processes submit to and run from the one SQLite file.
     job = {"model": "iris", "input": SETOSA}
     with ThreadPoolExecutor(8) as pool:
