@@ -6,6 +6,9 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 # The Open Inference Protocol over gRPC, beside HTTP; `make run GRPC_PORT=` turns it off.
 GRPC_PORT ?= 8001
+# Server processes for `make run`: 1 (a development server: one log, quick start, one copy of
+# the models); `make run PROCESSES=0` runs one per available CPU, as production does.
+PROCESSES ?= 1
 BIN := $(VENV)/bin
 
 .PHONY: lock run test lint unit integration e2e deploy promtool chromium bench models clean grpc
@@ -38,7 +41,8 @@ models: $(MODELS_DIR)/iris/1/model.joblib
 
 run: $(VENV)/.installed-run models
 	$(BIN)/inferd serve --models-dir $(MODELS_DIR) --host $(HOST) --port $(PORT) \
-	  $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT))
+	  $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) \
+	  --processes $(PROCESSES)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/python tools/lock.py check

@@ -32,6 +32,7 @@ from inferd.http.drift_api import build_drift_router
 from inferd.http.hotpath import HotPath
 from inferd.http.openai_api import OpenAIErrorShape, build_openai_router
 from inferd.http.openapi import install_contract
+from inferd.http.peers import PeerRoutes, Peers
 from inferd.http.requests_api import build_dead_letter_router, build_requests_router
 from inferd.http.v2 import build_v2_router
 from inferd.http.vision_api import VisionService, build_vision_router
@@ -64,8 +65,11 @@ class InferdApp:
         settings: Settings,
         on_fatal: Callable[[BaseException], None] | None = None,
         syncer: RemoteRepository | None = None,
+        peers: Peers | None = None,
+        limits_socket: str | None = None,
     ) -> None:
         self.settings = settings
+        self.peers = peers  # the other processes of this server, if it has several
         self.metrics = Metrics()
         configure_runtimes(RuntimeOptions.from_settings(settings))  # device, threads
         self.registry = ModelRegistry(settings, self.metrics)
@@ -80,7 +84,7 @@ class InferdApp:
         if self.monitor is not None:
             self.registry.observe = self.monitor.observe
         self._loader: asyncio.Task[None] | None = None
-        self.backends = Backends.from_settings(settings, self.metrics)
+        self.backends = Backends.from_settings(settings, self.metrics, limits_socket)
         self.store, self.bus = self.backends.store, self.backends.bus
         self.limiter, self.ledger = self.backends.limiter, self.backends.ledger
         self.enforcer = self.backends.enforcer
@@ -152,9 +156,13 @@ class InferdApp:
             auth=self.auth is not None,
             max_instances=settings.max_instances,
         )
+        # With several processes, /metrics, readiness, /v1/stats and the admin API speak for all.
+        routes: Any = self.api
+        if peers is not None:
+            routes = PeerRoutes(self.api, peers, self.metrics.registry)
         self._asgi = OpenAIErrorShape(  # /openai/ errors in OpenAI's shape, even a 401
             RequestContextMiddleware(
-                self.api,
+                routes,
                 self.metrics,
                 self.access_log,
                 fast=self.hot,
@@ -374,7 +382,17 @@ def create_app(
     settings: Settings | None = None,
     on_fatal: Callable[[BaseException], None] | None = None,
     syncer: RemoteRepository | None = None,
+    peers: Peers | None = None,
+    limits_socket: str | None = None,
 ) -> InferdApp:
     """Build the app; ``settings`` default to :meth:`Settings.load` (env, .env, TOML).
-    ``syncer``: the remote repository's syncer when the caller has synced it already."""
-    return InferdApp(settings if settings is not None else Settings.load(), on_fatal, syncer)
+    ``syncer``: the remote repository's syncer when the caller has synced it already.
+    ``peers`` and ``limits_socket``: this process's siblings and the limiter process, in a
+    server of several processes (:mod:`inferd.server`)."""
+    return InferdApp(
+        settings if settings is not None else Settings.load(),
+        on_fatal,
+        syncer,
+        peers,
+        limits_socket,
+    )

@@ -30,15 +30,25 @@ __all__ = ["Backends", "create_limiter", "prepare_database"]
 
 
 def create_limiter(
-    redis_url: str | None, fail_open: bool, clock: Clock = time.time, timeout: float = 1.0
+    redis_url: str | None,
+    fail_open: bool,
+    clock: Clock = time.time,
+    timeout: float = 1.0,
+    limits_socket: str | None = None,
 ) -> Limiter:
     """A :class:`~inferd.tenancy.limits_redis.RedisLimiter` on ``redis_url`` when it is set
-    (shared by every API process), else a :class:`MemoryLimiter` (``fail_open`` is moot).
-    ``timeout`` bounds each Redis call; past it the call counts as an outage."""
+    (shared by every API process); else, in a server of several processes, a
+    :class:`~inferd.tenancy.limits_socket.SocketLimiter` asking the server's limiter process at
+    ``limits_socket``; else a :class:`MemoryLimiter` (``fail_open`` is moot). ``timeout``
+    bounds each remote call; past it the call counts as an outage."""
     if redis_url:
         from inferd.tenancy.limits_redis import RedisLimiter
 
         return RedisLimiter(redis_url, fail_open=fail_open, clock=clock, timeout=timeout)
+    if limits_socket:
+        from inferd.tenancy.limits_socket import SocketLimiter
+
+        return SocketLimiter(limits_socket, fail_open=fail_open, timeout=timeout, clock=clock)
     return MemoryLimiter(clock=clock)
 
 
@@ -63,14 +73,20 @@ class Backends:
     enforcer: Enforcer
 
     @classmethod
-    def from_settings(cls, settings: Settings, metrics: Metrics) -> Backends:
+    def from_settings(
+        cls, settings: Settings, metrics: Metrics, limits_socket: str | None = None
+    ) -> Backends:
+        """``limits_socket``: the limiter process of a server of several processes."""
         store = SqlStore(
             settings.effective_database_url,
             backoff_base=settings.retry_base_seconds,
             backoff_max=settings.retry_max_seconds,
         )
         limiter = create_limiter(
-            settings.redis_url, settings.limits_fail_open, timeout=settings.limits_timeout_seconds
+            settings.redis_url,
+            settings.limits_fail_open,
+            timeout=settings.limits_timeout_seconds,
+            limits_socket=limits_socket,
         )
         ledger = UsageLedger(store.engine)
         return cls(

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -115,6 +111,15 @@ def serve(
     redis_url: Annotated[
         str | None, typer.Option(help="Redis for events across processes [INFERD_REDIS_URL].")
     ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes",
+            "-p",
+            help="Server processes on the one port, each with its own models and batchers; "
+            "0: one per available CPU [INFERD_PROCESSES].",
+        ),
+    ] = None,
 ) -> None:
     """Serve the models of the repository over HTTP (and gRPC with --grpc-port)."""
     settings = _settings(
@@ -122,6 +127,7 @@ def serve(
         host=host,
         port=port,
         grpc_port=grpc_port,
+        processes=processes,
         models_dir=models_dir,
         default_model=default_model,
         log_level=log_level,
@@ -133,8 +139,6 @@ def serve(
     from inferd.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
-
-    import uvicorn
 
     from inferd.app import create_app
     from inferd.models.repository import ModelRepository
@@ -149,9 +153,15 @@ def serve(
     except InferdError as exc:  # ModelNotFound too: a name in INFERD_MODELS that is not there
         raise _fail(exc.message, 2) from None
 
+    from inferd.server import available_cpus, server_class, uvicorn_config
+
+    count = settings.processes or available_cpus()
+    if count > 1:
+        _serve_processes(settings, count, syncer)
+        return
     failed: list[BaseException] = []
     server: Any = None
-    _Server = _server_class()
+    _Server = server_class()
 
     def on_fatal(exc: BaseException) -> None:
         failed.append(exc)
@@ -159,24 +169,32 @@ def serve(
             server.should_exit = True
 
     asgi = create_app(settings, on_fatal=on_fatal, syncer=syncer)
-    server = _Server(
-        uvicorn.Config(
-            asgi,
-            host=settings.host,
-            port=settings.port,
-            lifespan="on",
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            proxy_headers=False,
-            timeout_graceful_shutdown=10,
-        )
-    )
+    server = _Server(uvicorn_config(asgi, settings))
     server.run()
     if failed:
         raise _fail(getattr(failed[0], "message", None) or repr(failed[0]), 1)
     if not server.started:
         raise _fail("start-up failed; the log above says why", 1)
+
+
+def _serve_processes(settings: Any, count: int, syncer: Any) -> None:
+    """``serve`` with several processes (:mod:`inferd.server`): the database is migrated here,
+    once, before they start."""
+    import asyncio
+
+    from inferd.backends import prepare_database
+    from inferd.server import run_processes
+
+    try:
+        asyncio.run(prepare_database(settings))
+    except InferdError as exc:
+        raise _fail(f"the request store is not usable: {exc.message}", 1) from None
+    try:
+        code = run_processes(settings, count, syncer)
+    except OSError as exc:
+        raise _fail(f"cannot listen on {settings.host}:{settings.port}: {exc}", 1) from None
+    if code:
+        raise _fail("the server stopped: a process failed; the log above says why", code)
 
 
 @app.command()
@@ -375,34 +393,6 @@ def _sync_remote(settings: Any, summary: bool = False) -> Any:
             highlight=False,
         )
     return syncer
-
-
-def _server_class() -> Any:
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """uvicorn's server, exiting 0 after a graceful stop on SIGTERM or SIGINT.
-
-        The first signal stops taking connections and drains in-flight requests (within
-        ``timeout_graceful_shutdown``); a second one exits at once.
-        """
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in _SIGNALS}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-    return Server
-
-
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @models_app.command("list")

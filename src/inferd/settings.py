@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     """TCP port of the Open Inference Protocol over gRPC (KServe's ``grpc_predict_v2.proto``),
     served on ``host`` by the same process and event loop as HTTP, with the same models, keys
     and limits; unset: no gRPC server."""
+    processes: int = Field(default=1, ge=0, le=512)
+    """Server processes sharing the listening socket, each with its own event loop, models and
+    batchers (``inferd serve --processes``); 0: one per CPU this process may run on. With more
+    than one, ``/metrics``, ``/health/ready`` and the admin API speak for all of them, and
+    per-key limits are kept in one place (Redis when ``redis_url`` is set, else a limiter
+    process of the server's own); see docs/deploy.md. ``workers`` is per process."""
 
     # --- models -------------------------------------------------------------------------------
     models_dir: Path = Path("models")

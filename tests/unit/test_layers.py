@@ -37,6 +37,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("inferd.http", "inferd.grpc", "inferd.console"),  # protocols: parse, call the core, render
     ("inferd.backends",),  # picks the embedded or the scale-out backend of each seam
     ("inferd.app", "inferd.worker_process"),  # composition roots of the two processes
+    # the server process(es) of `inferd serve`, and the commands
+    ("inferd.server",),
     ("inferd.cli", "inferd.cli_admin", "inferd.cli_client", "inferd.cli_monitoring"),
     ("inferd.__main__",),
 ]
