@@ -21,10 +21,11 @@ from fastapi import FastAPI, Request
 from inferd.backends import Backends, prepare_database
 from inferd.concurrency import run_blocking
 from inferd.console import Stats, build_console_router
-from inferd.errors import InferdError
+from inferd.errors import ConfigError, InferdError
 from inferd.http.admin_api import build_admin_router
 from inferd.http.api import build_api
 from inferd.http.context import RequestContextMiddleware
+from inferd.http.cors import cors
 from inferd.http.drift_api import build_drift_router
 from inferd.http.hotpath import HotPath
 from inferd.http.openai_api import OpenAIErrorShape, build_openai_router
@@ -44,6 +45,7 @@ from inferd.monitoring import Monitor
 from inferd.serving import DataPlane
 from inferd.settings import Settings
 from inferd.tenancy.auth import KEYS_CHANNEL, Authenticator
+from inferd.tenancy.clients import AddressLimit
 from inferd.tenancy.keys import KeyStore
 
 __all__ = ["InferdApp", "create_app"]
@@ -126,7 +128,15 @@ class InferdApp:
         self.auth = (
             Authenticator(self.keys, settings.key_cache_seconds) if settings.auth_required else None
         )
-        self._asgi = OpenAIErrorShape(  # /openai/ errors in OpenAI's shape, even a 401
+        by_address = None
+        if settings.anonymous_rate is not None:  # requests without a key, per client address
+            try:
+                by_address = AddressLimit(
+                    self.enforcer, settings.anonymous_rate, settings.trusted_proxies
+                )
+            except ValueError as exc:
+                raise ConfigError(f"invalid settings: anonymous_rate: {exc}") from None
+        self._asgi: Any = OpenAIErrorShape(  # /openai/ errors in OpenAI's shape, even a 401
             RequestContextMiddleware(
                 self.api,
                 self.metrics,
@@ -134,8 +144,11 @@ class InferdApp:
                 fast=self.hot,
                 auth=self.auth,
                 enforcer=self.enforcer,
+                by_address=by_address,
             )
         )
+        if settings.cors_origins:  # outermost: preflights are answered before auth and routes
+            self._asgi = cors(self._asgi, settings.cors_origins)
         self._flusher: asyncio.Task[None] | None = None
         self._counter: asyncio.Task[None] | None = None
         self._revocations: asyncio.Task[None] | None = None
