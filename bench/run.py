@@ -6,9 +6,11 @@
 
 ``--targets inferd,inferd-nodrift`` sets inferd against itself with drift monitoring off
 (``INFERD_DRIFT_ENABLED=false``); ``--rounds N`` runs the targets N times in turn.
-``--baseline-src DIR`` adds the target ``inferd-baseline``: inferd served from another checkout
-(``git worktree add DIR <commit>``), with this venv's packages, to compare two commits in one
-run.
+``--targets inferd,inferd-cache`` sets inferd against itself with the result cache on
+(``[cache]`` in the model.toml of the model served, iris or ``--model``): every request of the
+load is the same row, so all but the first are hits. ``--baseline-src DIR`` adds the target
+``inferd-baseline``: inferd served from another checkout (``git worktree add DIR <commit>``),
+with this venv's packages, to compare two commits in one run.
 
 Each server runs alone on one CPU and wrk (one thread, closed loop) on another; everything is on
 127.0.0.1. bench/README.md explains the targets and how to read the report.
@@ -42,7 +44,14 @@ HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: python, inferd
 BODY = '{"features": [5.1, 3.5, 1.4, 0.2]}'
-TARGETS = ("inferd", "raw-asgi", "naive-fastapi", "inferd-nodrift", "inferd-baseline")
+TARGETS = (
+    "inferd",
+    "raw-asgi",
+    "naive-fastapi",
+    "inferd-nodrift",
+    "inferd-baseline",
+    "inferd-cache",
+)
 DEFAULT_TARGETS = ("inferd", "raw-asgi", "naive-fastapi")
 BASELINES = ("raw-asgi", "naive-fastapi")
 READY_TIMEOUT_S, STOP_TIMEOUT_S, WRK_SLACK_S = 90.0, 15.0, 30
@@ -99,6 +108,7 @@ class Options:
     rounds: int
     cpus: tuple[int, int] | None  # (server, wrk), None when not pinned
     tally: bool
+    model: str | None = None  # what inferd's POST /predict serves (INFERD_DEFAULT_MODEL)
     baseline_src: Path | None = None  # the checkout inferd-baseline is served from
 
 
@@ -172,7 +182,16 @@ def answers(target: str, port: int) -> bool:
 def server(target: str, models_dir: Path, opts: Options) -> Iterator[tuple[int, int]]:
     """Start a target, wait until it answers, yield (pid, port); stop it on the way out."""
     port = free_port()
+    if target == "inferd-cache":  # a copy of the repository whose iris keeps its answers
+        cached = opts.out / "models-cache"
+        shutil.rmtree(cached, ignore_errors=True)
+        shutil.copytree(models_dir, cached)
+        toml = cached / (opts.model or "iris") / "model.toml"
+        toml.write_text(toml.read_text() + "\n[cache]\nmax_entries = 1000\nttl_seconds = 3600\n")
+        models_dir = cached
     cmd, env = server_command(target, port, models_dir, opts.baseline_src)
+    if opts.model and target.startswith("inferd"):
+        env["INFERD_DEFAULT_MODEL"] = opts.model
     cmd = pinned(opts.cpus[0] if opts.cpus else None, cmd)
     log_path = opts.out / f"{target}.log"
     with log_path.open("wb") as log:
@@ -543,6 +562,11 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--no-tally", action="store_true", help="skip wrk's per-status count")
     p.add_argument(
         "--baseline-src", type=Path, help="a checkout to serve as the inferd-baseline target"
+    )
+    p.add_argument(
+        "--model",
+        help="the demo model inferd's /predict serves (default: iris; e.g. iris-forest, whose "
+        "batch costs ~8 ms, for inferd-cache)",
     )
     a = p.parse_args(argv)
     if "inferd-baseline" in a.targets and a.baseline_src is None:

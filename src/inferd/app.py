@@ -43,6 +43,7 @@ from inferd.models.runtimes import configure as configure_runtimes
 from inferd.models.storage import RemoteRepository, create_syncer
 from inferd.monitoring import Monitor
 from inferd.serving import DataPlane
+from inferd.serving.cache import MemoryResults, RedisResults, ResultCache, ResultStore
 from inferd.settings import Settings
 from inferd.tenancy.auth import KEYS_CHANNEL, Authenticator
 from inferd.tenancy.clients import AddressLimit
@@ -81,7 +82,13 @@ class InferdApp:
         self.store, self.bus = self.backends.store, self.backends.bus
         self.limiter, self.ledger = self.backends.limiter, self.backends.ledger
         self.enforcer = self.backends.enforcer
-        self.plane = DataPlane(self.registry, self.enforcer)  # every prediction goes through it
+        results: ResultStore = (
+            RedisResults(settings.redis_url)
+            if settings.result_cache == "redis" and settings.redis_url
+            else MemoryResults(self.metrics)
+        )
+        # Every prediction goes through the data plane; [cache] models through the cache.
+        self.plane = DataPlane(self.registry, self.enforcer, ResultCache(results, self.metrics))
         self.hot = HotPath(self.plane, settings)
         self.executor = ModelExecutor(
             self.registry, settings.max_instances, settings.lease_seconds, self.plane
@@ -211,6 +218,7 @@ class InferdApp:
             self._worker_task.cancel()
             await asyncio.gather(self._worker_task, return_exceptions=True)
         await self.registry.stop(grace=5.0)
+        await self.plane.cache.close()
         self.vision.close()
         if self._ledger_task is not None:
             self._ledger_task.cancel()

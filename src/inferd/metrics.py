@@ -146,6 +146,26 @@ class Metrics:
             mv,
             registry=r,
         )
+        # Traffic management: the result cache.
+        self.cache_requests = Counter(
+            "inference_cache_requests_total",
+            "Predictions of models with a [cache] table, by whether the answer came from the "
+            "cache (hit) or from the model (miss).",
+            ("model", "result"),
+            registry=r,
+        )
+        self.cache_entries = Gauge(
+            "inference_cache_entries",
+            "Answers held in this process's result cache, by model (in-process cache only).",
+            ("model",),
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "inference_cache_bytes",
+            "Bytes of answers held in this process's result cache, by model (in-process only).",
+            ("model",),
+            registry=r,
+        )
         # Tenancy.
         self.limit_rejections = Counter(
             "inference_limit_rejections_total",

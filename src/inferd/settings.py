@@ -225,6 +225,12 @@ class Settings(BaseSettings):
     """Redis for fan-out of request events across API processes (``redis://host:6379/0``).
     Unset: events are fanned out inside this process only."""
 
+    result_cache: Literal["memory", "redis"] = "memory"
+    """Where the answers of models with a ``[cache]`` table in their ``model.toml`` are kept:
+    ``memory``, in each process; ``redis``, in ``redis_url``, shared by every API process (a
+    lookup is one round trip; Redis down means misses, not errors). Models without ``[cache]``
+    are never cached (docs/models.md)."""
+
     auto_migrate: bool = True
     """Bring the database schema up to date at start-up (``inferd db upgrade`` does it alone)."""
 
@@ -410,6 +416,12 @@ class Settings(BaseSettings):
                 f"auth = off is only allowed on a loopback address, not {self.host!r}: create "
                 "keys with `inferd keys create` and set auth to required (or auto)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _redis_cache_has_redis(self) -> Settings:
+        if self.result_cache == "redis" and not self.redis_url:
+            raise ValueError("result_cache = redis needs redis_url")
         return self
 
     @model_validator(mode="after")

@@ -44,6 +44,7 @@ from inferd.errors import ModelLoadError
 
 __all__ = [
     "BatchingSpec",
+    "CacheSpec",
     "GenerationSpec",
     "ImageSpec",
     "InputSpec",
@@ -210,6 +211,25 @@ class BatchingSpec(BaseModel):
     concurrency: int | None = Field(default=None, ge=1, le=64)
 
 
+class CacheSpec(BaseModel):
+    """``[cache]``: answers of the synchronous routes kept for inputs seen again (opt-in).
+
+    An answer is kept under the version that computed it (its number and what was loaded) and
+    the request's rows as decoded, so the same rows in another JSON spelling or another
+    protocol hit too, and an answer is never served by another version than the one that
+    computed it. Only for models whose answer depends on nothing but the input."""
+
+    model_config = _STRICT
+
+    max_entries: int = Field(default=10_000, ge=1, le=10_000_000)
+    """Most answers kept; the least recently used go first."""
+    ttl_seconds: float = Field(default=300.0, gt=0, le=30 * 86_400)
+    """How long an answer is served from the cache after it was computed."""
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Most bytes of answers kept (the outputs' arrays); an answer larger than a tenth of it
+    is not kept."""
+
+
 class VersionsSpec(BaseModel):
     """``[versions]``: which version folders are served, and which one answers by default.
 
@@ -338,6 +358,8 @@ class ModelSpec(BaseModel):
     unset: ``<architecture>-*.pth`` (torchvision's naming, e.g. ``resnet18-f37072fd.pth``)."""
     num_classes: int | None = Field(default=None, ge=1)
     """``runtime = "torch"``: outputs of the last layer; unset: read from the weights."""
+    cache: CacheSpec | None = None
+    """``[cache]``: keep answers for repeated inputs (tabular and image models); unset: off."""
 
     @model_validator(mode="before")
     @classmethod
@@ -365,6 +387,8 @@ class ModelSpec(BaseModel):
                 )
             if self.input.type != "text":
                 raise ValueError('task "text-generation" needs text input (input.type = "text")')
+            if self.cache is not None:
+                raise ValueError("[cache] is for tabular and image models, not text generation")
             return self
         if self.runtime == "transformers":
             raise ValueError(

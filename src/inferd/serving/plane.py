@@ -31,6 +31,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from inferd.errors import DeadlineExceeded
 from inferd.generation import GenerationRequest, Step
 from inferd.models.registry import LoadedModel, ModelRegistry, ModelState
+from inferd.serving.cache import MemoryResults, ResultCache
 from inferd.serving.context import ClientGone, RequestContext
 from inferd.serving.generate import generate
 from inferd.tenancy.enforce import Enforcer
@@ -104,9 +105,16 @@ class Inbound(Protocol[R_co]):
 class DataPlane:
     """Runs :class:`Inbound` requests on the registry's models (see the module's docstring)."""
 
-    def __init__(self, registry: ModelRegistry, enforcer: Enforcer | None = None) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        enforcer: Enforcer | None = None,
+        cache: ResultCache | None = None,
+    ) -> None:
         self.registry = registry
         self.enforcer = enforcer
+        self.cache = cache or ResultCache(MemoryResults(registry.metrics), registry.metrics)
+        """Answers of models with a ``[cache]`` table (:mod:`inferd.serving.cache`)."""
 
     def lookup(self, inbound: Inbound[Any]) -> LoadedModel:
         """The ready version ``inbound`` asks for, once the route accepts it."""
@@ -150,7 +158,10 @@ class DataPlane:
             if loaded.state is not _READY:  # swapped while it was decoded or charged
                 loaded = self._current(loaded, inbound)
                 decoded = await inbound.decode(loaded, deadline, decoded)
-            output = await self._run(loaded, decoded, deadline, inbound, ctx)
+            if loaded.entry.spec.cache is None:
+                output = await self._run(loaded, decoded, deadline, inbound, ctx)
+            else:  # [cache]: a hit skips the batcher (serving/cache.py)
+                output = await self._cached(loaded, decoded, deadline, inbound, ctx)
         except BaseException:
             if quota is not None and enforcer is not None:
                 # Not served, not charged (shielded: a cancelled caller still gives it back).
@@ -181,6 +192,22 @@ class DataPlane:
             inbound.accept(current)
             inbound.ctx.version = current.version_str
         return current
+
+    async def _cached(
+        self,
+        loaded: LoadedModel,
+        decoded: Decoded[Any],
+        deadline: float,
+        inbound: Inbound[Any],
+        ctx: RequestContext,
+    ) -> Any:
+        """:meth:`_run` through the result cache."""
+        output, hit = await self.cache.infer(
+            loaded, decoded.payload, lambda: self._run(loaded, decoded, deadline, inbound, ctx)
+        )
+        if hit:
+            ctx.detail = "cache hit"
+        return output
 
     async def _run(
         self,
