@@ -166,6 +166,19 @@ class Metrics:
             ("model",),
             registry=r,
         )
+        # Traffic management: splits and their rollbacks.
+        self.split_weight = Gauge(
+            "inference_split_share",
+            "Share of a model's requests (naming no version) that its split sends to a version.",
+            mv,
+            registry=r,
+        )
+        self.split_rollbacks = Counter(
+            "inference_split_rollbacks_total",
+            "Canaries taken out of a split automatically, by why (error_rate, latency).",
+            (*mv, "reason"),
+            registry=r,
+        )
         # Tenancy.
         self.limit_rejections = Counter(
             "inference_limit_rejections_total",

@@ -159,6 +159,7 @@ class RequestContextMiddleware:
         request_id = _incoming_id(scope["headers"]) or self._new_id()
         ctx = RequestContext(request_id, started, asyncio.get_running_loop().time())
         scope["inferd"] = ctx
+        ctx.headers = scope["headers"]
         fast = self.fast
         route = fast.match(scope) if fast is not None else None
         try:

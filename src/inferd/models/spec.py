@@ -50,6 +50,8 @@ __all__ = [
     "InputSpec",
     "ModelSpec",
     "OutputSpec",
+    "RollbackSpec",
+    "SplitSpec",
     "VersionsSpec",
     "load_spec",
 ]
@@ -230,6 +232,58 @@ class CacheSpec(BaseModel):
     is not kept."""
 
 
+class RollbackSpec(BaseModel):
+    """``[split.rollback]``: take a canary out of the split when it does worse than the primary
+    (the version with the largest weight) over a sliding window."""
+
+    model_config = _STRICT
+
+    window_seconds: float = Field(default=60.0, gt=0, le=86_400)
+    """The window both versions are compared over."""
+    min_requests: int = Field(default=20, ge=1)
+    """Requests each version must have answered in the window before they are compared."""
+    error_rate_margin: float = Field(default=0.05, ge=0, le=1)
+    """Rolled back when the canary's error rate exceeds the primary's by more than this
+    (0.05: five points)."""
+    latency_margin: float = Field(default=0.5, ge=0)
+    """Rolled back when the canary's p99 latency exceeds the primary's by more than this
+    fraction of it (0.5: 50 % slower)."""
+
+
+class SplitSpec(BaseModel):
+    """``[split]``: weighted routing between served versions of requests that name none."""
+
+    model_config = _STRICT
+
+    weights: dict[int, float] = Field(min_length=1)
+    """Version -> weight (``[split.weights]`` ``"1" = 95``, ``"2" = 5``); the share of a
+    version is its weight over the sum."""
+    sticky_by: str | None = None
+    """``key``: a caller's API key always gets the same version; ``header:<name>``: so does
+    each value of that request header (``header:X-User``); unset: each request is drawn."""
+    rollback: RollbackSpec | None = None
+    """Automatic rollback of the canaries (``[split.rollback]``); unset: off."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SplitSpec:
+        for version, weight in self.weights.items():
+            if version < 1:
+                raise ValueError(f"split.weights: version {version} is not a version number")
+            if not (weight >= 0 and math.isfinite(weight)):
+                raise ValueError(f"split.weights: version {version} has weight {weight}")
+        if sum(self.weights.values()) <= 0:
+            raise ValueError("split.weights: at least one weight must be positive")
+        sticky = self.sticky_by
+        if sticky is not None and sticky != "key":
+            header = sticky.partition(":")[2].strip() if sticky.startswith("header:") else ""
+            if not header or not all(c.isalnum() or c in "-_" for c in header):
+                raise ValueError(
+                    f"split.sticky_by must be 'key' or 'header:<name>' (such as "
+                    f"'header:X-User'), not {sticky!r}"
+                )
+        return self
+
+
 class VersionsSpec(BaseModel):
     """``[versions]``: which version folders are served, and which one answers by default.
 
@@ -360,6 +414,8 @@ class ModelSpec(BaseModel):
     """``runtime = "torch"``: outputs of the last layer; unset: read from the weights."""
     cache: CacheSpec | None = None
     """``[cache]``: keep answers for repeated inputs (tabular and image models); unset: off."""
+    split: SplitSpec | None = None
+    """``[split]``: weighted routing between served versions (tabular and image models)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -389,6 +445,8 @@ class ModelSpec(BaseModel):
                 raise ValueError('task "text-generation" needs text input (input.type = "text")')
             if self.cache is not None:
                 raise ValueError("[cache] is for tabular and image models, not text generation")
+            if self.split is not None:
+                raise ValueError("[split] is for tabular and image models, not text generation")
             return self
         if self.runtime == "transformers":
             raise ValueError(

@@ -34,6 +34,7 @@ from inferd.models.registry import LoadedModel, ModelRegistry, ModelState
 from inferd.serving.cache import MemoryResults, ResultCache
 from inferd.serving.context import ClientGone, RequestContext
 from inferd.serving.generate import generate
+from inferd.serving.traffic import Traffic
 from inferd.tenancy.enforce import Enforcer
 
 __all__ = ["DataPlane", "Decoded", "Inbound"]
@@ -115,6 +116,8 @@ class DataPlane:
         self.enforcer = enforcer
         self.cache = cache or ResultCache(MemoryResults(registry.metrics), registry.metrics)
         """Answers of models with a ``[cache]`` table (:mod:`inferd.serving.cache`)."""
+        self.traffic = Traffic(registry, registry.metrics)
+        """Splits between versions and their rollback (:mod:`inferd.serving.traffic`)."""
 
     def lookup(self, inbound: Inbound[Any]) -> LoadedModel:
         """The ready version ``inbound`` asks for, once the route accepts it."""
@@ -129,12 +132,22 @@ class DataPlane:
     async def infer(self, inbound: Inbound[R]) -> R:
         """Serve one prediction; raises :class:`~inferd.errors.InferdError` (a 4xx or 5xx to
         answer) or :class:`ClientGone` (nobody to answer)."""
-        ctx = inbound.ctx
         name = inbound.model  # (lookup(), inlined: this is every request's path)
         if name is None:
             loaded = self.registry.get_default()
         else:
             loaded = self.registry.get(name, inbound.version)
+        if inbound.version is None and (
+            loaded.entry.spec.split is not None or self.traffic.overrides
+        ):  # a split between versions picks the one that serves (serving/traffic.py)
+            return await self.traffic.serve(
+                loaded, inbound.ctx, lambda chosen: self._infer(chosen, inbound)
+            )
+        return await self._infer(loaded, inbound)
+
+    async def _infer(self, loaded: LoadedModel, inbound: Inbound[R]) -> R:
+        """:meth:`infer` once the version is known."""
+        ctx = inbound.ctx
         inbound.accept(loaded)
         ctx.model, ctx.version = loaded.name, loaded.version_str
         batcher = loaded.batcher
