@@ -8,9 +8,11 @@
 (``INFERD_DRIFT_ENABLED=false``); ``--rounds N`` runs the targets N times in turn.
 ``--targets inferd,inferd-cache`` sets inferd against itself with the result cache on
 (``[cache]`` in the model.toml of the model served, iris or ``--model``): every request of the
-load is the same row, so all but the first are hits. ``--baseline-src DIR`` adds the target
-``inferd-baseline``: inferd served from another checkout (``git worktree add DIR <commit>``),
-with this venv's packages, to compare two commits in one run.
+load is the same row, so all but the first are hits. ``inferd-shadow``: the served model gets a
+version 2 (a copy of 1) that shadows every request (``[shadow] share = 1.0``).
+``--baseline-src DIR`` adds the target ``inferd-baseline``: inferd served from another checkout
+(``git worktree add DIR <commit>``), with this venv's packages, to compare two commits in one
+run.
 
 Each server runs alone on one CPU and wrk (one thread, closed loop) on another; everything is on
 127.0.0.1. bench/README.md explains the targets and how to read the report.
@@ -51,6 +53,7 @@ TARGETS = (
     "inferd-nodrift",
     "inferd-baseline",
     "inferd-cache",
+    "inferd-shadow",
 )
 DEFAULT_TARGETS = ("inferd", "raw-asgi", "naive-fastapi")
 BASELINES = ("raw-asgi", "naive-fastapi")
@@ -182,13 +185,22 @@ def answers(target: str, port: int) -> bool:
 def server(target: str, models_dir: Path, opts: Options) -> Iterator[tuple[int, int]]:
     """Start a target, wait until it answers, yield (pid, port); stop it on the way out."""
     port = free_port()
-    if target == "inferd-cache":  # a copy of the repository whose iris keeps its answers
-        cached = opts.out / "models-cache"
-        shutil.rmtree(cached, ignore_errors=True)
-        shutil.copytree(models_dir, cached)
-        toml = cached / (opts.model or "iris") / "model.toml"
-        toml.write_text(toml.read_text() + "\n[cache]\nmax_entries = 1000\nttl_seconds = 3600\n")
-        models_dir = cached
+    if target in ("inferd-cache", "inferd-shadow"):  # a copy of the repository, changed
+        changed = opts.out / f"models-{target}"
+        shutil.rmtree(changed, ignore_errors=True)
+        shutil.copytree(models_dir, changed)
+        folder = changed / (opts.model or "iris")
+        toml = folder / "model.toml"
+        if target == "inferd-cache":  # the served model keeps its answers
+            extra = "\n[cache]\nmax_entries = 1000\nttl_seconds = 3600\n"
+        else:  # version 2, a copy of 1, gets a copy of every request
+            shutil.copytree(folder / "1", folder / "2")
+            extra = (
+                '\n[versions]\npolicy = "specific"\nversions = [1, 2]\ndefault = 1\n'
+                "\n[shadow]\nversion = 2\nshare = 1.0\n"
+            )
+        toml.write_text(toml.read_text() + extra)
+        models_dir = changed
     cmd, env = server_command(target, port, models_dir, opts.baseline_src)
     if opts.model and target.startswith("inferd"):
         env["INFERD_DEFAULT_MODEL"] = opts.model

@@ -219,6 +219,8 @@ class InferdApp:
         if self._worker_task is not None:
             self._worker_task.cancel()
             await asyncio.gather(self._worker_task, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):  # copies to shadow versions still in flight
+            await asyncio.wait_for(self.plane.shadow.drain(), 2.0)
         await self.registry.stop(grace=5.0)
         await self.plane.cache.close()
         self.vision.close()

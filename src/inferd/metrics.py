@@ -179,6 +179,29 @@ class Metrics:
             (*mv, "reason"),
             registry=r,
         )
+        # Traffic management: shadow traffic.
+        self.shadow_requests = Counter(
+            "inference_shadow_requests_total",
+            "Copies of answered requests sent to a shadow version, by outcome: agree or "
+            "disagree with the answer sent, error (it failed or timed out), dropped (shed "
+            "under load, before any request that is answered).",
+            (*mv, "result"),
+            registry=r,
+        )
+        self.shadow_difference = Histogram(
+            "inference_shadow_score_difference",
+            "Largest absolute difference between the shadow's scores and the answer's.",
+            mv,
+            buckets=(0.0, 1e-6, 1e-4, 0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, float("inf")),
+            registry=r,
+        )
+        self.shadow_latency = Histogram(
+            "inference_shadow_latency_seconds",
+            "Time a shadow version took to answer a copy (queue and model).",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         # Tenancy.
         self.limit_rejections = Counter(
             "inference_limit_rejections_total",

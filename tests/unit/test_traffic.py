@@ -85,3 +85,18 @@ def test_split_tables_are_checked() -> None:
         SplitSpec(weights={1: 1}, sticky_by="cookie:x")
     spec = SplitSpec.model_validate({"weights": {"1": 95, "2": 5}, "sticky_by": "header:X-User"})
     assert spec.weights == {1: 95.0, 2: 5.0}
+
+
+def test_shadow_answers_are_compared_by_label_or_by_score() -> None:
+    import numpy as np
+
+    from inferd.serving.shadow import compare
+
+    sent = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1]])
+    close = np.array([[0.7, 0.2, 0.1], [0.3, 0.6, 0.1]])
+    other = np.array([[0.2, 0.7, 0.1], [0.3, 0.6, 0.1]])
+    assert compare("classification", 0.0, sent, close) == (True, pytest.approx(0.1))
+    assert compare("classification", 0.0, sent, other)[0] is False
+    assert compare("regression", 0.01, np.array([1.0, 2.0]), np.array([1.005, 2.0]))[0]
+    assert not compare("regression", 0.001, np.array([1.0, 2.0]), np.array([1.005, 2.0]))[0]
+    assert compare("regression", 0.1, np.array([1.0]), np.array([1.0, 2.0])) == (False, None)

@@ -51,6 +51,7 @@ __all__ = [
     "ModelSpec",
     "OutputSpec",
     "RollbackSpec",
+    "ShadowSpec",
     "SplitSpec",
     "VersionsSpec",
     "load_spec",
@@ -284,6 +285,24 @@ class SplitSpec(BaseModel):
         return self
 
 
+class ShadowSpec(BaseModel):
+    """``[shadow]``: a candidate version gets a copy of a share of the requests once the
+    version that answers has answered; its answers are compared, never sent."""
+
+    model_config = _STRICT
+
+    version: int = Field(ge=1)
+    """The candidate; it must be served (``[versions]``)."""
+    share: float = Field(default=1.0, ge=0, le=1)
+    """Fraction of the answered requests copied to it."""
+    max_pending: int = Field(default=64, ge=1)
+    """Copies in flight at once; more are dropped."""
+    tolerance: float = Field(default=1e-6, ge=0)
+    """Regression: answers agree when they differ by at most this."""
+    timeout_ms: float = Field(default=1000.0, gt=0)
+    """A copy not answered in this time counts as an error of the candidate."""
+
+
 class VersionsSpec(BaseModel):
     """``[versions]``: which version folders are served, and which one answers by default.
 
@@ -416,6 +435,8 @@ class ModelSpec(BaseModel):
     """``[cache]``: keep answers for repeated inputs (tabular and image models); unset: off."""
     split: SplitSpec | None = None
     """``[split]``: weighted routing between served versions (tabular and image models)."""
+    shadow: ShadowSpec | None = None
+    """``[shadow]``: copies of requests to a candidate version, compared (tabular and image)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -447,6 +468,8 @@ class ModelSpec(BaseModel):
                 raise ValueError("[cache] is for tabular and image models, not text generation")
             if self.split is not None:
                 raise ValueError("[split] is for tabular and image models, not text generation")
+            if self.shadow is not None:
+                raise ValueError("[shadow] is for tabular and image models, not text generation")
             return self
         if self.runtime == "transformers":
             raise ValueError(

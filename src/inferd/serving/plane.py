@@ -34,6 +34,7 @@ from inferd.models.registry import LoadedModel, ModelRegistry, ModelState
 from inferd.serving.cache import MemoryResults, ResultCache
 from inferd.serving.context import ClientGone, RequestContext
 from inferd.serving.generate import generate
+from inferd.serving.shadow import Shadow
 from inferd.serving.traffic import Traffic
 from inferd.tenancy.enforce import Enforcer
 
@@ -118,6 +119,8 @@ class DataPlane:
         """Answers of models with a ``[cache]`` table (:mod:`inferd.serving.cache`)."""
         self.traffic = Traffic(registry, registry.metrics)
         """Splits between versions and their rollback (:mod:`inferd.serving.traffic`)."""
+        self.shadow = Shadow(registry, registry.metrics)
+        """Copies of answered requests to candidate versions (:mod:`inferd.serving.shadow`)."""
 
     def lookup(self, inbound: Inbound[Any]) -> LoadedModel:
         """The ready version ``inbound`` asks for, once the route accepts it."""
@@ -182,6 +185,8 @@ class DataPlane:
             raise
         if quota is not None and enforcer is not None:
             enforcer.record(key, loaded.name, quota.day, decoded.rows)
+        if loaded.entry.spec.shadow is not None:  # a copy to the candidate (serving/shadow.py)
+            self.shadow.mirror(loaded, decoded.payload, decoded.rows, output)
 
         # prediction_value_distribution is observed per batch, by the batcher's output hook.
         loaded.metrics_children["latency"].observe(time.perf_counter() - ctx.started)
