@@ -79,3 +79,9 @@ def test_a_cache_table_is_refused_for_text_models() -> None:
         ModelSpec.model_validate(
             {"name": "i", "input": {"features": ["a"]}, "cache": {"max_entries": 0}}
         )
+
+
+@pytest.mark.parametrize("data", [b"garbage", b"<f8|x|", b"zz|1|abc", b"<f8|3|abc"])
+def test_entries_not_written_by_the_cache_are_refused(data: bytes) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        _unpack(data)

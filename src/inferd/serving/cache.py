@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -244,7 +245,13 @@ class RedisResults:
             self._failed(exc)
             return None
         self._back()
-        return _unpack(data) if isinstance(data, bytes) else None
+        if not isinstance(data, bytes):
+            return None
+        try:
+            return _unpack(data)
+        except (ValueError, TypeError) as exc:  # not written by this cache: a miss
+            log.warning("result cache: unreadable entry in Redis: %r", exc)
+            return None
 
     def put(self, model: str, key: bytes, value: np.ndarray[Any, Any], spec: CacheSpec) -> None:
         if value.nbytes > spec.max_bytes // 10 or len(self._pending) >= self._max_pending:
@@ -285,13 +292,13 @@ class ResultCache:
     def __init__(self, store: ResultStore, metrics: Metrics | None = None) -> None:
         self.store = store
         self.metrics = metrics
-        self._versions: dict[int, tuple[LoadedModel, bytes]] = {}
+        self._versions: dict[int, tuple[weakref.ref[LoadedModel], bytes]] = {}
         self._counters: dict[tuple[str, str], Any] = {}
 
     def version_key(self, loaded: LoadedModel) -> bytes:
         """What identifies the version that computes an answer (see the module's docstring)."""
         known = self._versions.get(id(loaded))
-        if known is not None and known[0] is loaded:
+        if known is not None and known[0]() is loaded:
             return known[1]
         digest = hashlib.blake2b(digest_size=16)
         digest.update(loaded.name.encode())
@@ -302,8 +309,10 @@ class ResultCache:
             digest.update(repr(loaded.loaded_at).encode())
         if len(self._versions) > 256:
             self._versions.clear()
-        self._versions[id(loaded)] = (loaded, digest.digest())
-        return self._versions[id(loaded)][1]
+        key = digest.digest()
+        # A weak reference: a retired version must not be kept alive by the cache.
+        self._versions[id(loaded)] = (weakref.ref(loaded), key)
+        return key
 
     def key(self, loaded: LoadedModel, payload: Any) -> bytes | None:
         """The key of ``payload``'s answer on ``loaded``; None when it cannot be cached."""
