@@ -5,8 +5,9 @@ data plane hands :meth:`Shadow.mirror` each request it has answered, with the ro
 and the output it is about to send. A share of them is queued on the candidate version's
 batcher in the background: the caller's answer never waits for it and never fails because of
 it. The copy is dropped, and counted ``dropped``, when ``max_pending`` copies are in flight or
-either version's queue is filling (a quarter of the answering version's shedding mark, half of
-the candidate's): under load the shadow goes first, long before a request that is answered.
+either version has a full batch waiting in its queue (or half its shedding mark, if less):
+under load the shadow goes first, long
+before a request that is answered (those are shed at the queue's shedding mark).
 
 For each copy the candidate answered: ``agree`` when every row has the same label
 (classification) or differs by at most ``tolerance`` (regression), else ``disagree``; the
@@ -83,8 +84,8 @@ class Shadow:
             theirs is None
             or mine is None
             or len(self._pending) >= spec.max_pending
-            or mine.depth >= max(1, mine.shed_limit // 4)
-            or theirs.depth >= max(1, theirs.shed_limit // 2)
+            or mine.depth >= min(mine.max_batch_size, max(1, mine.shed_limit // 2))
+            or theirs.depth >= min(theirs.max_batch_size, max(1, theirs.shed_limit // 2))
         ):
             self._count(name, label, "dropped")
             return
