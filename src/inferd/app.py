@@ -109,9 +109,8 @@ class InferdApp:
         self.api.include_router(
             build_requests_router(self.requests, settings.max_body_bytes, settings.sse_retry_ms)
         )
-        self.api.include_router(
-            build_admin_router(self.registry, self.plane.traffic)
-        )  # /v1/admin: load, unload
+        # /v1/admin: load, unload, default, split
+        self.api.include_router(build_admin_router(self.registry, self.plane.traffic))
         # Image classification: /v1/models/{name}/classify and /v1/predict.
         self.vision = VisionService(self.plane, settings, self.metrics)
         self.api.include_router(build_vision_router(self.vision))
