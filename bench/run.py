@@ -12,6 +12,10 @@ binary extension); the report gives V2's req/s as a share of /v1's.
 (``INFERD_DRIFT_ENABLED=false``); ``inferd-tracing`` is inferd with tracing on, exporting
 OTLP/HTTP to a sink on loopback (bench/baselines/otlp_sink.py, on wrk's CPU); ``--rounds N``
 runs the targets N times in turn.
+``--targets inferd,inferd-cache`` sets inferd against itself with the result cache on
+(``[cache]`` in the model.toml of the model served, iris or ``--model``): every request of the
+load is the same row, so all but the first are hits. ``inferd-shadow``: the served model gets a
+version 2 (a copy of 1) that shadows every request (``[shadow] share = 1.0``).
 ``--baseline-src DIR`` adds the target ``inferd-baseline``: inferd served from another checkout
 (``git worktree add DIR <commit>``), with this venv's packages, to compare two commits in one
 run.
@@ -59,6 +63,8 @@ TARGETS = (
     "inferd-v1",
     "inferd-v2",
     "inferd-v2-binary",
+    "inferd-cache",
+    "inferd-shadow",
 )
 PROTOCOLS = ("inferd-v2", "inferd-v2-binary")  # compared with inferd-v1
 DEFAULT_TARGETS = ("inferd", "raw-asgi", "naive-fastapi")
@@ -157,6 +163,7 @@ class Options:
     rounds: int
     cpus: tuple[int, int] | None  # (server, wrk), None when not pinned
     tally: bool
+    model: str | None = None  # what inferd's POST /predict serves (INFERD_DEFAULT_MODEL)
     baseline_src: Path | None = None  # the checkout inferd-baseline is served from
 
 
@@ -240,9 +247,27 @@ def answers(target: str, port: int) -> bool:
 def server(target: str, models_dir: Path, opts: Options) -> Iterator[tuple[int, int]]:
     """Start a target, wait until it answers, yield (pid, port); stop it on the way out."""
     port = free_port()
+    if target in ("inferd-cache", "inferd-shadow"):  # a copy of the repository, changed
+        changed = opts.out / f"models-{target}"
+        shutil.rmtree(changed, ignore_errors=True)
+        shutil.copytree(models_dir, changed)
+        folder = changed / (opts.model or "iris")
+        toml = folder / "model.toml"
+        if target == "inferd-cache":  # the served model keeps its answers
+            extra = "\n[cache]\nmax_entries = 1000\nttl_seconds = 3600\n"
+        else:  # version 2, a copy of 1, gets a copy of every request
+            shutil.copytree(folder / "1", folder / "2")
+            extra = (
+                '\n[versions]\npolicy = "specific"\nversions = [1, 2]\ndefault = 1\n'
+                "\n[shadow]\nversion = 2\nshare = 1.0\n"
+            )
+        toml.write_text(toml.read_text() + extra)
+        models_dir = changed
     with contextlib.ExitStack() as stack:
         otlp = stack.enter_context(otlp_sink(opts)) if target == "inferd-tracing" else None
         cmd, env = server_command(target, port, models_dir, opts.baseline_src, otlp)
+        if opts.model and target.startswith("inferd"):
+            env["INFERD_DEFAULT_MODEL"] = opts.model
         cmd = pinned(opts.cpus[0] if opts.cpus else None, cmd)
         yield from _serve(target, port, cmd, env, opts)
 
@@ -769,6 +794,11 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--no-tally", action="store_true", help="skip wrk's per-status count")
     p.add_argument(
         "--baseline-src", type=Path, help="a checkout to serve as the inferd-baseline target"
+    )
+    p.add_argument(
+        "--model",
+        help="the demo model inferd's /predict serves (default: iris; e.g. iris-forest, whose "
+        "batch costs ~8 ms, for inferd-cache)",
     )
     a = p.parse_args(argv)
     if "inferd-baseline" in a.targets and a.baseline_src is None:

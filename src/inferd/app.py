@@ -23,11 +23,12 @@ from inferd import tracing
 from inferd.backends import Backends, prepare_database
 from inferd.concurrency import run_blocking
 from inferd.console import Stats, build_console_router
-from inferd.errors import InferdError
+from inferd.errors import ConfigError, InferdError
 from inferd.grpc.server import GrpcServer
 from inferd.http.admin_api import build_admin_router
 from inferd.http.api import build_api
 from inferd.http.context import RequestContextMiddleware
+from inferd.http.cors import cors
 from inferd.http.drift_api import build_drift_router
 from inferd.http.hotpath import HotPath
 from inferd.http.openai_api import OpenAIErrorShape, build_openai_router
@@ -48,8 +49,10 @@ from inferd.models.runtimes import configure as configure_runtimes
 from inferd.models.storage import RemoteRepository, create_syncer
 from inferd.monitoring import Monitor
 from inferd.serving import DataPlane
+from inferd.serving.cache import MemoryResults, RedisResults, ResultCache, ResultStore
 from inferd.settings import Settings
 from inferd.tenancy.auth import KEYS_CHANNEL, Authenticator
+from inferd.tenancy.clients import AddressLimit
 from inferd.tenancy.keys import KeyStore
 
 __all__ = ["InferdApp", "create_app"]
@@ -88,7 +91,13 @@ class InferdApp:
         self.store, self.bus = self.backends.store, self.backends.bus
         self.limiter, self.ledger = self.backends.limiter, self.backends.ledger
         self.enforcer = self.backends.enforcer
-        self.plane = DataPlane(self.registry, self.enforcer)  # every prediction goes through it
+        results: ResultStore = (
+            RedisResults(settings.redis_url)
+            if settings.result_cache == "redis" and settings.redis_url
+            else MemoryResults(self.metrics)
+        )
+        # Every prediction goes through the data plane; [cache] models through the cache.
+        self.plane = DataPlane(self.registry, self.enforcer, ResultCache(results, self.metrics))
         self.hot = HotPath(self.plane, settings)
         self.executor = ModelExecutor(
             self.registry, settings.max_instances, settings.lease_seconds, self.plane
@@ -115,7 +124,8 @@ class InferdApp:
         self.api.include_router(
             build_requests_router(self.requests, settings.max_body_bytes, settings.sse_retry_ms)
         )
-        self.api.include_router(build_admin_router(self.registry))  # /v1/admin: load, unload
+        # /v1/admin: load, unload, default, split
+        self.api.include_router(build_admin_router(self.registry, self.plane.traffic))
         self.api.include_router(build_dead_letter_router(self.requests))  # /v1/admin/requests
         # Image classification: /v1/models/{name}/classify and /v1/predict.
         self.vision = VisionService(self.plane, settings, self.metrics)
@@ -160,7 +170,15 @@ class InferdApp:
         routes: Any = self.api
         if peers is not None:
             routes = PeerRoutes(self.api, peers, self.metrics.registry)
-        self._asgi = OpenAIErrorShape(  # /openai/ errors in OpenAI's shape, even a 401
+        by_address = None
+        if settings.anonymous_rate is not None:  # requests without a key, per client address
+            try:
+                by_address = AddressLimit(
+                    self.enforcer, settings.anonymous_rate, settings.trusted_proxies
+                )
+            except ValueError as exc:
+                raise ConfigError(f"invalid settings: anonymous_rate: {exc}") from None
+        self._asgi: Any = OpenAIErrorShape(  # /openai/ errors in OpenAI's shape, even a 401
             RequestContextMiddleware(
                 routes,
                 self.metrics,
@@ -168,6 +186,7 @@ class InferdApp:
                 fast=self.hot,
                 auth=self.auth,
                 enforcer=self.enforcer,
+                by_address=by_address,
             )
         )
         # The Open Inference Protocol over gRPC, started with the app in the same event loop.
@@ -182,6 +201,8 @@ class InferdApp:
                 auth=self.auth,
                 enforcer=self.enforcer,
             )
+        if settings.cors_origins:  # outermost: preflights are answered before auth and routes
+            self._asgi = cors(self._asgi, settings.cors_origins)
         self._flusher: asyncio.Task[None] | None = None
         self._counter: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None
@@ -265,7 +286,10 @@ class InferdApp:
         if self._worker_task is not None:
             self._worker_task.cancel()
             await asyncio.gather(self._worker_task, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):  # copies to shadow versions still in flight
+            await asyncio.wait_for(self.plane.shadow.drain(), 2.0)
         await self.registry.stop(grace=5.0)
+        await self.plane.cache.close()
         self.vision.close()
         if self._ledger_task is not None:
             self._ledger_task.cancel()

@@ -1,4 +1,4 @@
-"""``inferd models index|load|unload|rollback``: a running server's admin API from the shell.
+"""``inferd models index|load|unload|rollback|split``: a running server's admin API from the shell.
 
 Each command is one HTTP call to ``/v1/admin/...`` of the server at ``--url`` (INFERD_URL)
 with ``--api-key`` (INFERD_API_KEY; a key with the ``admin`` scope when keys are on).
@@ -45,6 +45,7 @@ def register(models_app: typer.Typer) -> None:
     models_app.command("load")(load)
     models_app.command("unload")(unload)
     models_app.command("rollback")(rollback)
+    models_app.command("split")(split)
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -169,3 +170,66 @@ def rollback(
         highlight=False,
     )
     _out.print(_versions_table(doc))
+
+
+def split(
+    name: NameArg,
+    weights: Annotated[
+        list[str] | None,
+        typer.Argument(help="VERSION=WEIGHT pairs, e.g. 1=95 2=5; none: show the split."),
+    ] = None,
+    sticky_by: Annotated[
+        str | None,
+        typer.Option(
+            "--sticky-by", help="'key' or 'header:<name>': the same caller gets the same version."
+        ),
+    ] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Drop the split set at run time.")] = False,
+    url: UrlOpt = _DEFAULT_URL,
+    api_key: KeyOpt = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Share a model's traffic between served versions by weight (e.g. `split iris 1=95 2=5`)."""
+    path = f"/v1/admin/models/{name}/split"
+    if clear:
+        if weights:
+            raise _fail("--clear takes no weights", 2)
+        doc = _call("DELETE", url, path, api_key)
+    elif weights:
+        parsed: dict[str, float] = {}
+        for pair in weights:
+            version, sep, weight = pair.partition("=")
+            try:
+                if not sep or int(version) < 1:
+                    raise ValueError(pair)
+                parsed[str(int(version))] = float(weight)
+            except ValueError:
+                raise _fail(f"expected VERSION=WEIGHT such as 2=5, got {pair!r}", 2) from None
+        body: dict[str, Any] = {"weights": parsed}
+        if sticky_by is not None:
+            body["sticky_by"] = sticky_by
+        doc = _call("PUT", url, path, api_key, body)
+    else:
+        if sticky_by is not None:
+            raise _fail("--sticky-by needs the weights too (e.g. 1=95 2=5)", 2)
+        doc = _call("GET", url, path, api_key)
+    if as_json:
+        _print_json(doc)
+        return
+    current = doc.get("split")
+    if current is None:
+        _out.print(f"{name}: no split (requests go to the default version)", markup=False)
+        return
+    table = Table(title=f"{name} split ({current['source']})", box=box.SIMPLE)
+    for column in ("version", "weight", "share", "rolled back"):
+        table.add_column(column)
+    for version, weight in current["weights"].items():
+        table.add_row(
+            version,
+            f"{weight:g}",
+            f"{current['shares'][version]:.1%}",
+            Text(current["rolled_back"].get(version, "")),
+        )
+    _out.print(table)
+    if current.get("sticky_by"):
+        _out.print(f"sticky by {current['sticky_by']}", markup=False, highlight=False)

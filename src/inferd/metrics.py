@@ -146,6 +146,62 @@ class Metrics:
             mv,
             registry=r,
         )
+        # Traffic management: the result cache.
+        self.cache_requests = Counter(
+            "inference_cache_requests_total",
+            "Predictions of models with a [cache] table, by whether the answer came from the "
+            "cache (hit) or from the model (miss).",
+            ("model", "result"),
+            registry=r,
+        )
+        self.cache_entries = Gauge(
+            "inference_cache_entries",
+            "Answers held in this process's result cache, by model (in-process cache only).",
+            ("model",),
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "inference_cache_bytes",
+            "Bytes of answers held in this process's result cache, by model (in-process only).",
+            ("model",),
+            registry=r,
+        )
+        # Traffic management: splits and their rollbacks.
+        self.split_weight = Gauge(
+            "inference_split_share",
+            "Share of a model's requests (naming no version) that its split sends to a version.",
+            mv,
+            registry=r,
+        )
+        self.split_rollbacks = Counter(
+            "inference_split_rollbacks_total",
+            "Canaries taken out of a split automatically, by why (error_rate, latency).",
+            (*mv, "reason"),
+            registry=r,
+        )
+        # Traffic management: shadow traffic.
+        self.shadow_requests = Counter(
+            "inference_shadow_requests_total",
+            "Copies of answered requests sent to a shadow version, by outcome: agree or "
+            "disagree with the answer sent, error (it failed or timed out), dropped (shed "
+            "under load, before any request that is answered).",
+            (*mv, "result"),
+            registry=r,
+        )
+        self.shadow_difference = Histogram(
+            "inference_shadow_score_difference",
+            "Largest absolute difference between the shadow's scores and the answer's.",
+            mv,
+            buckets=(0.0, 1e-6, 1e-4, 0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, float("inf")),
+            registry=r,
+        )
+        self.shadow_latency = Histogram(
+            "inference_shadow_latency_seconds",
+            "Time a shadow version took to answer a copy (queue and model).",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         # Tenancy.
         self.limit_rejections = Counter(
             "inference_limit_rejections_total",

@@ -244,6 +244,12 @@ class Settings(BaseSettings):
     """Redis for fan-out of request events across API processes (``redis://host:6379/0``).
     Unset: events are fanned out inside this process only."""
 
+    result_cache: Literal["memory", "redis"] = "memory"
+    """Where the answers of models with a ``[cache]`` table in their ``model.toml`` are kept:
+    ``memory``, in each process; ``redis``, in ``redis_url``, shared by every API process (a
+    lookup is one round trip; Redis down means misses, not errors). Models without ``[cache]``
+    are never cached (docs/models.md)."""
+
     auto_migrate: bool = True
     """Bring the database schema up to date at start-up (``inferd db upgrade`` does it alone)."""
 
@@ -265,6 +271,30 @@ class Settings(BaseSettings):
     """Longest wait for the limits backend (Redis) on one request before it counts as down.
     Too short a value turns a busy server into an outage (and, failing open, lets requests
     through unlimited)."""
+
+    anonymous_rate: str | None = None
+    """Rate allowed to each client address for requests that present no API key, e.g.
+    ``"20/s"`` or ``"600/m"`` (GCRA: the count is also the burst), kept in the limits backend
+    (Redis when ``redis_url`` is set, so shared by every API process). It applies to every
+    route but health, metrics, docs and the console's files, whether auth is off (every
+    request) or required (requests refused for want of a key are counted too); past it, 429
+    with ``Retry-After``. Unset: no per-address limit."""
+
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Addresses or CIDR networks of the reverse proxies in front of this server (e.g.
+    ``10.0.0.0/8,127.0.0.1``). A request whose TCP peer is one of them is counted under the
+    address its ``X-Forwarded-For`` names (the rightmost hop that is not a trusted proxy);
+    from any other peer the header is ignored. Empty (the default): the peer is the client.
+    Comma-separated in the environment."""
+
+    # --- browsers -----------------------------------------------------------------------------
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Origins whose pages may call this server from a browser (Cross-Origin Resource Sharing),
+    e.g. ``https://app.example.com,https://admin.example.com``; ``*`` allows any origin.
+    Preflight requests are answered for every route, the prediction routes included; API keys
+    travel in headers, not cookies, so credentials mode is not allowed. Empty (the default):
+    no CORS headers, and browsers refuse cross-origin calls. Comma-separated in the
+    environment."""
 
     # --- long-running requests ----------------------------------------------------------------
     workers: int = Field(default=2, ge=0, le=256)
@@ -366,6 +396,42 @@ class Settings(BaseSettings):
             return [part.strip().lower() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("trusted_proxies", "cors_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"invalid trusted proxy {entry!r}: expected an IP address or a CIDR "
+                    "network such as 10.0.0.0/8"
+                ) from None
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_are_origins(cls, value: list[str]) -> list[str]:
+        value = [origin.rstrip("/") if origin != "*" else origin for origin in value]
+        for origin in value:
+            if origin != "*" and (
+                not origin.startswith(("http://", "https://")) or origin.count("/") != 2
+            ):
+                raise ValueError(
+                    f"invalid CORS origin {origin!r}: expected '*' or scheme://host[:port] "
+                    "with no path, such as https://app.example.com"
+                )
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _models_dir_may_be_a_bucket(cls, data: Any) -> Any:
@@ -426,6 +492,12 @@ class Settings(BaseSettings):
                 f"auth = off is only allowed on a loopback address, not {self.host!r}: create "
                 "keys with `inferd keys create` and set auth to required (or auto)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _redis_cache_has_redis(self) -> Settings:
+        if self.result_cache == "redis" and not self.redis_url:
+            raise ValueError("result_cache = redis needs redis_url")
         return self
 
     @model_validator(mode="after")

@@ -240,13 +240,19 @@ def test_console_models_predict_stream_live_and_history(
     streamed_id = page.locator("#pg-stream-id").inner_text()
     tab.shot("6-streamed")
 
-    # Live view: the predictions above and these show up, and the figures keep refreshing.
+    # Live view: the predictions above and these show up, and the figures keep refreshing;
+    # a split between iris's versions is shown with the shares in force (all to v1 here, as
+    # the drift view below counts v1's rows).
+    split = {"weights": {"1": 100, "2": 0}}
+    assert httpx.put(server.url + "/v1/admin/models/iris/split", json=split).status_code == 200
     for _ in range(20):
         r = httpx.post(server.url + "/predict", json={"features": IRIS_SETOSA}, timeout=10)
         assert r.status_code == 200
     tab.tab("live")
     total = page.locator('#live-table tr[data-model="iris"] [data-field="requests_total"]')
     expect(total).to_have_text("22")
+    traffic = page.locator('#live-table tr[data-model="iris"] [data-field="traffic"]')
+    expect(traffic).to_have_text("split v1 100%")
     expect(page.locator("#tile-rps")).to_have_text(re.compile(r"^(?!0\.0$)\d+(\.\d+)?$"))
     expect(page.locator("#tile-p99")).to_contain_text("ms")
     updated = page.locator("#live-window").inner_text()

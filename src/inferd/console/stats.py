@@ -124,6 +124,9 @@ class Stats:
         depth = self._queue_depth()
         names = sorted(set(now.latency) | set(now.batches) | set(depth))
         models = {name: self._model(name, now, base, span, depth.get(name, 0.0)) for name in names}
+        for name, figures in self._traffic().items():
+            if name in models:
+                models[name]["traffic"] = figures
         total = self._model("", now, base, span, sum(depth.values()), names)
         return {
             "window_seconds": round(span, 3),
@@ -228,6 +231,34 @@ class Stats:
         doc["rejections_total"] = {reason: int(v) for reason, v in sorted(by_reason.items())}
         doc["timeouts_total"] = int(timeouts)
         return doc
+
+    def _traffic(self) -> dict[str, dict[str, Any]]:
+        """Per model, since the process started: the split's shares, the result cache's hits,
+        and each shadow version's agreement (only what a model has)."""
+        m = self.metrics
+        out: dict[str, dict[str, Any]] = {}
+        for labels, value in _gauges(m.split_weight):
+            if value > 0:
+                split = out.setdefault(labels["model"], {}).setdefault("split", {})
+                split[labels["version"]] = round(value, 6)
+        for labels, value in _counters(m.cache_requests):
+            cache = out.setdefault(labels["model"], {}).setdefault("cache", {"hit": 0, "miss": 0})
+            cache[labels["result"]] = int(value)
+        for labels, value in _counters(m.shadow_requests):
+            shadows = out.setdefault(labels["model"], {}).setdefault("shadow", {})
+            counts = shadows.setdefault(labels["version"], {})
+            counts[labels["result"]] = int(value)
+        for figures in out.values():
+            cache = figures.get("cache")
+            if cache is not None:
+                looked = cache["hit"] + cache["miss"]
+                cache["hit_ratio"] = round(cache["hit"] / looked, 4) if looked else None
+            for counts in figures.get("shadow", {}).values():
+                compared = counts.get("agree", 0) + counts.get("disagree", 0)
+                counts["agreement"] = (
+                    round(counts.get("agree", 0) / compared, 4) if compared else None
+                )
+        return out
 
     def _queue_depth(self) -> dict[str, float]:
         return _sum_by_model(_gauges(self.metrics.queue_depth))

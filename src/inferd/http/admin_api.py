@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from inferd.errors import InferdError, ModelLoadError
 from inferd.http.schemas import ErrorBody
 from inferd.models.registry import ModelRegistry
+from inferd.models.spec import SplitSpec
+from inferd.serving.traffic import Traffic
 
 __all__ = ["LoadFailed", "build_admin_router"]
 
@@ -54,7 +56,7 @@ class DefaultRequest(BaseModel):
     """The version that requests naming none go to from now on."""
 
 
-def build_admin_router(registry: ModelRegistry) -> APIRouter:
+def build_admin_router(registry: ModelRegistry, traffic: Traffic | None = None) -> APIRouter:
     """Routes that change what is served, for operators."""
     router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=_ERRORS)
 
@@ -110,4 +112,39 @@ def build_admin_router(registry: ModelRegistry) -> APIRouter:
             raise LoadFailed(exc.message) from exc
         return {**state(name), "previous_default": str(previous) if previous else None}
 
+    if traffic is not None:
+        _split_routes(router, registry, traffic)
     return router
+
+
+def _split_routes(router: APIRouter, registry: ModelRegistry, traffic: Traffic) -> None:
+    """``/v1/admin/models/{name}/split``: read, set and clear a model's traffic split."""
+
+    def answer(name: str) -> dict[str, Any]:
+        split = traffic.split_of(name)
+        return {"name": name, "split": split.describe() if split is not None else None}
+
+    @router.get("/models/{name}/split", summary="The split in force between a model's versions")
+    async def get_split(name: str) -> dict[str, Any]:
+        if not registry.versions(name):
+            registry.get(name)  # 404 or 503
+        return answer(name)
+
+    @router.put(
+        "/models/{name}/split",
+        summary="Share the requests naming no version between served versions, by weight",
+        responses={404: {"model": ErrorBody, "description": "A version named is not served"}},
+    )
+    async def put_split(name: str, body: SplitSpec) -> dict[str, Any]:
+        traffic.set(name, body)
+        return answer(name)
+
+    @router.delete(
+        "/models/{name}/split",
+        summary="Drop the split set at run time (model.toml's, if any, is in force again)",
+    )
+    async def delete_split(name: str) -> dict[str, Any]:
+        if not registry.versions(name):
+            registry.get(name)
+        traffic.clear(name)
+        return answer(name)

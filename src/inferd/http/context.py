@@ -22,6 +22,7 @@ from inferd.logs import AccessLog, get_logger
 from inferd.metrics import Metrics
 from inferd.serving.context import RequestContext
 from inferd.tenancy.auth import Authenticator, required_scope
+from inferd.tenancy.clients import AddressLimit
 from inferd.tenancy.enforce import Enforcer
 
 __all__ = [
@@ -161,8 +162,10 @@ class RequestContextMiddleware:
         fast: FastPath | None = None,
         auth: Authenticator | None = None,
         enforcer: Enforcer | None = None,
+        by_address: AddressLimit | None = None,
     ) -> None:
         self.app = app
+        self.by_address = by_address
         self.fast = fast
         self.auth = auth
         self.enforcer = enforcer
@@ -180,6 +183,7 @@ class RequestContextMiddleware:
         request_id = _incoming_id(scope["headers"]) or self._new_id()
         ctx = RequestContext(request_id, started, asyncio.get_running_loop().time())
         scope["inferd"] = ctx
+        ctx.headers = scope["headers"]
         fast = self.fast
         route = fast.match(scope) if fast is not None else None
         if tracing.tracer is not None:  # off: nothing more than this check
@@ -190,7 +194,10 @@ class RequestContextMiddleware:
                 trace.attach()
             send = _TraceSender(send, trace)
         try:
-            if self.auth is not None and not await self._admit(scope, send, ctx):
+            if self.auth is not None:
+                if not await self._admit(scope, send, ctx):
+                    return
+            elif self.by_address is not None and not await self._admit_address(scope, send, ctx):
                 return
             if route is not None and fast is not None:
                 # The hot path sets the status and the request-id header itself.
@@ -220,6 +227,12 @@ class RequestContextMiddleware:
             if self.enforcer is not None and needed:  # /v1/usage stays readable when limited
                 ctx.rate = await self.enforcer.admit(key)
         except InferdError as error:
+            if (
+                error.status_code == 401
+                and self.by_address is not None
+                and not await self._admit_address(scope, send, ctx)
+            ):
+                return False  # no key: the address's limit refused it first
             ctx.detail = error.message
             if error.status_code != 429:  # the enforcer counts its own
                 self.metrics.limit_rejections.labels(error.code).inc()
@@ -228,6 +241,20 @@ class RequestContextMiddleware:
         scope["inferd.key"] = key
         scope["inferd.user"] = key.user
         ctx.key = key
+        return True
+
+    async def _admit_address(self, scope: dict[str, Any], send: Any, ctx: RequestContext) -> bool:
+        """The limit of requests without a key, per client address; answer 429 and return
+        False when it is reached (public routes are not counted)."""
+        assert self.by_address is not None
+        if required_scope(scope["method"], scope["path"]) is None:
+            return True
+        try:
+            ctx.rate = await self.by_address.admit(scope)
+        except InferdError as error:
+            ctx.detail = error.message
+            await send_error(_IdSender(send, ctx), error)
+            return False
         return True
 
     def _finish(self, scope: dict[str, Any], ctx: RequestContext) -> None:

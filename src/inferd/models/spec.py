@@ -34,26 +34,32 @@ prepared as the ``[image]`` table says (see docs/vision.md)::
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from inferd.errors import ModelLoadError
 
 __all__ = [
     "BatchingSpec",
+    "CacheSpec",
     "GenerationSpec",
     "ImageSpec",
     "InputSpec",
     "JobsSpec",
     "ModelSpec",
     "OutputSpec",
+    "RollbackSpec",
+    "ShadowSpec",
+    "SplitSpec",
     "VersionsSpec",
     "load_spec",
 ]
 
+_VERSION_KEY = re.compile(r"[1-9][0-9]{0,8}")
 _STRICT = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
@@ -236,6 +242,111 @@ class JobsSpec(BaseModel):
     """How long a succeeded request's result answers identical ones."""
 
 
+class CacheSpec(BaseModel):
+    """``[cache]``: answers of the synchronous routes kept for inputs seen again (opt-in).
+
+    An answer is kept under the version that computed it (its number and what was loaded) and
+    the request's rows as decoded, so the same rows in another JSON spelling or another
+    protocol hit too, and an answer is never served by another version than the one that
+    computed it. Only for models whose answer depends on nothing but the input."""
+
+    model_config = _STRICT
+
+    max_entries: int = Field(default=10_000, ge=1, le=10_000_000)
+    """Most answers kept; the least recently used go first."""
+    ttl_seconds: float = Field(default=300.0, gt=0, le=30 * 86_400)
+    """How long an answer is served from the cache after it was computed."""
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Most bytes of answers kept (the outputs' arrays); an answer larger than a tenth of it
+    is not kept."""
+
+
+class RollbackSpec(BaseModel):
+    """``[split.rollback]``: take a canary out of the split when it does worse than the primary
+    (the version with the largest weight) over a sliding window."""
+
+    model_config = _STRICT
+
+    window_seconds: float = Field(default=60.0, gt=0, le=86_400)
+    """The window both versions are compared over."""
+    min_requests: int = Field(default=20, ge=1)
+    """Requests each version must have answered in the window before they are compared."""
+    error_rate_margin: float = Field(default=0.05, ge=0, le=1)
+    """Rolled back when the canary's error rate exceeds the primary's by more than this
+    (0.05: five points)."""
+    latency_margin: float = Field(default=0.5, ge=0)
+    """Rolled back when the canary's p99 latency exceeds the primary's by more than this
+    fraction of it (0.5: 50 % slower)."""
+
+
+class SplitSpec(BaseModel):
+    """``[split]``: weighted routing between served versions of requests that name none."""
+
+    model_config = _STRICT
+
+    weights: dict[int, float] = Field(
+        min_length=1,
+        json_schema_extra={
+            "propertyNames": {"pattern": "^[1-9][0-9]{0,8}$"},
+            "additionalProperties": {"type": "number", "minimum": 0},
+            "not": {"additionalProperties": {"maximum": 0}},  # one weight above 0
+        },
+    )
+    """Version -> weight (``[split.weights]`` ``"1" = 95``, ``"2" = 5``); the share of a
+    version is its weight over the sum."""
+    sticky_by: str | None = Field(default=None, pattern=r"^(key|header:[A-Za-z0-9_-]{1,128})$")
+    """``key``: a caller's API key always gets the same version; ``header:<name>``: so does
+    each value of that request header (``header:X-User``); unset: each request is drawn."""
+    rollback: RollbackSpec | None = None
+    """Automatic rollback of the canaries (``[split.rollback]``); unset: off."""
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights(cls, value: Any) -> Any:
+        """Versions as decimal numbers (TOML and JSON keys are strings), weights as numbers:
+        exactly what the schema says, nothing converted from other types."""
+        if not isinstance(value, dict):
+            return value  # pydantic says what is wrong
+        weights: dict[int, float] = {}
+        for key, weight in value.items():
+            text = str(key) if isinstance(key, int) and not isinstance(key, bool) else key
+            if not isinstance(text, str) or not _VERSION_KEY.fullmatch(text):
+                raise ValueError(f"split.weights: {key!r} is not a version number")
+            if isinstance(weight, bool) or not isinstance(weight, int | float):
+                raise ValueError(f"split.weights: the weight of version {text} is not a number")
+            weights[int(text)] = float(weight)
+        return weights
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SplitSpec:
+        for version, weight in self.weights.items():
+            if version < 1:
+                raise ValueError(f"split.weights: version {version} is not a version number")
+            if not (weight >= 0 and math.isfinite(weight)):
+                raise ValueError(f"split.weights: version {version} has weight {weight}")
+        if sum(self.weights.values()) <= 0:
+            raise ValueError("split.weights: at least one weight must be positive")
+        return self
+
+
+class ShadowSpec(BaseModel):
+    """``[shadow]``: a candidate version gets a copy of a share of the requests once the
+    version that answers has answered; its answers are compared, never sent."""
+
+    model_config = _STRICT
+
+    version: int = Field(ge=1)
+    """The candidate; it must be served (``[versions]``)."""
+    share: float = Field(default=1.0, ge=0, le=1)
+    """Fraction of the answered requests copied to it."""
+    max_pending: int = Field(default=64, ge=1)
+    """Copies in flight at once; more are dropped."""
+    tolerance: float = Field(default=1e-6, ge=0)
+    """Regression: answers agree when they differ by at most this."""
+    timeout_ms: float = Field(default=1000.0, gt=0)
+    """A copy not answered in this time counts as an error of the candidate."""
+
+
 class VersionsSpec(BaseModel):
     """``[versions]``: which version folders are served, and which one answers by default.
 
@@ -366,6 +477,12 @@ class ModelSpec(BaseModel):
     unset: ``<architecture>-*.pth`` (torchvision's naming, e.g. ``resnet18-f37072fd.pth``)."""
     num_classes: int | None = Field(default=None, ge=1)
     """``runtime = "torch"``: outputs of the last layer; unset: read from the weights."""
+    cache: CacheSpec | None = None
+    """``[cache]``: keep answers for repeated inputs (tabular and image models); unset: off."""
+    split: SplitSpec | None = None
+    """``[split]``: weighted routing between served versions (tabular and image models)."""
+    shadow: ShadowSpec | None = None
+    """``[shadow]``: copies of requests to a candidate version, compared (tabular and image)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -393,6 +510,12 @@ class ModelSpec(BaseModel):
                 )
             if self.input.type != "text":
                 raise ValueError('task "text-generation" needs text input (input.type = "text")')
+            if self.cache is not None:
+                raise ValueError("[cache] is for tabular and image models, not text generation")
+            if self.split is not None:
+                raise ValueError("[split] is for tabular and image models, not text generation")
+            if self.shadow is not None:
+                raise ValueError("[shadow] is for tabular and image models, not text generation")
             return self
         if self.runtime == "transformers":
             raise ValueError(

@@ -27,6 +27,7 @@ class RequestContext:
         "dequeued",
         "detail",
         "endpoint",
+        "headers",
         "key",
         "limit_headers",
         "model",
@@ -65,6 +66,9 @@ class RequestContext:
         self.rate: Any = None  # the rate decision of this request, for the quota's headers
         self.quota: Any = None  # the daily-budget decision, once the request was charged
         self.limit_headers: list[tuple[bytes, bytes]] | None = None
+        self.headers: list[tuple[bytes, bytes]] | None = None
+        """The request's header fields (lower-case names) where the transport has them: what
+        a traffic split reads (``X-Inferd-Variant``, a sticky header)."""
 
     def rate_limit_headers(self) -> list[tuple[bytes, bytes]]:
         """RateLimit-Policy and RateLimit for this request's decisions, built once."""

@@ -33,8 +33,11 @@ from typing import Any, Generic, Protocol, TypeVar
 from inferd.errors import DeadlineExceeded
 from inferd.generation import GenerationRequest, Step
 from inferd.models.registry import LoadedModel, ModelRegistry, ModelState
+from inferd.serving.cache import MemoryResults, ResultCache
 from inferd.serving.context import ClientGone, RequestContext
 from inferd.serving.generate import generate
+from inferd.serving.shadow import Shadow
+from inferd.serving.traffic import Traffic
 from inferd.tenancy.enforce import Enforcer
 
 __all__ = ["DataPlane", "Decoded", "Inbound"]
@@ -106,9 +109,20 @@ class Inbound(Protocol[R_co]):
 class DataPlane:
     """Runs :class:`Inbound` requests on the registry's models (see the module's docstring)."""
 
-    def __init__(self, registry: ModelRegistry, enforcer: Enforcer | None = None) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        enforcer: Enforcer | None = None,
+        cache: ResultCache | None = None,
+    ) -> None:
         self.registry = registry
         self.enforcer = enforcer
+        self.cache = cache or ResultCache(MemoryResults(registry.metrics), registry.metrics)
+        """Answers of models with a ``[cache]`` table (:mod:`inferd.serving.cache`)."""
+        self.traffic = Traffic(registry, registry.metrics)
+        """Splits between versions and their rollback (:mod:`inferd.serving.traffic`)."""
+        self.shadow = Shadow(registry, registry.metrics)
+        """Copies of answered requests to candidate versions (:mod:`inferd.serving.shadow`)."""
 
     def lookup(self, inbound: Inbound[Any]) -> LoadedModel:
         """The ready version ``inbound`` asks for, once the route accepts it."""
@@ -123,12 +137,22 @@ class DataPlane:
     async def infer(self, inbound: Inbound[R]) -> R:
         """Serve one prediction; raises :class:`~inferd.errors.InferdError` (a 4xx or 5xx to
         answer) or :class:`ClientGone` (nobody to answer)."""
-        ctx = inbound.ctx
         name = inbound.model  # (lookup(), inlined: this is every request's path)
         if name is None:
             loaded = self.registry.get_default()
         else:
             loaded = self.registry.get(name, inbound.version)
+        if inbound.version is None and (
+            loaded.entry.spec.split is not None or self.traffic.overrides
+        ):  # a split between versions picks the one that serves (serving/traffic.py)
+            return await self.traffic.serve(
+                loaded, inbound.ctx, lambda chosen: self._infer(chosen, inbound)
+            )
+        return await self._infer(loaded, inbound)
+
+    async def _infer(self, loaded: LoadedModel, inbound: Inbound[R]) -> R:
+        """:meth:`infer` once the version is known."""
+        ctx = inbound.ctx
         inbound.accept(loaded)
         ctx.model, ctx.version = loaded.name, loaded.version_str
         batcher = loaded.batcher
@@ -154,7 +178,10 @@ class DataPlane:
             if loaded.state is not _READY:  # swapped while it was decoded or charged
                 loaded = self._current(loaded, inbound)
                 decoded = await inbound.decode(loaded, deadline, decoded)
-            output = await self._run(loaded, decoded, deadline, inbound, ctx)
+            if loaded.entry.spec.cache is None:
+                output = await self._run(loaded, decoded, deadline, inbound, ctx)
+            else:  # [cache]: a hit skips the batcher (serving/cache.py)
+                output = await self._cached(loaded, decoded, deadline, inbound, ctx)
         except BaseException:
             if quota is not None and enforcer is not None:
                 # Not served, not charged (shielded: a cancelled caller still gives it back).
@@ -162,6 +189,8 @@ class DataPlane:
             raise
         if quota is not None and enforcer is not None:
             enforcer.record(key, loaded.name, quota.day, decoded.rows)
+        if loaded.entry.spec.shadow is not None:  # a copy to the candidate (serving/shadow.py)
+            self.shadow.mirror(loaded, decoded.payload, decoded.rows, output)
 
         # prediction_value_distribution is observed per batch, by the batcher's output hook.
         loaded.metrics_children["latency"].observe(time.perf_counter() - ctx.started)
@@ -185,6 +214,22 @@ class DataPlane:
             inbound.accept(current)
             inbound.ctx.version = current.version_str
         return current
+
+    async def _cached(
+        self,
+        loaded: LoadedModel,
+        decoded: Decoded[Any],
+        deadline: float,
+        inbound: Inbound[Any],
+        ctx: RequestContext,
+    ) -> Any:
+        """:meth:`_run` through the result cache."""
+        output, hit = await self.cache.infer(
+            loaded, decoded.payload, lambda: self._run(loaded, decoded, deadline, inbound, ctx)
+        )
+        if hit:
+            ctx.detail = "cache hit"
+        return output
 
     async def _run(
         self,

@@ -100,6 +100,25 @@ class Enforcer:
             )
         return decision
 
+    async def admit_address(self, address: str, rate: Rate) -> RateDecision:
+        """Count one request that presented no key against the limit of its client address
+        (``anonymous_rate``); raise :class:`RateLimited` when over."""
+        memory = self._memory
+        key = "addr:" + address
+        if memory is not None:
+            decision = memory.check_rate_now(key, rate)
+        else:
+            decision = await self.limiter.check_rate(key, rate)
+        if not decision.allowed:
+            self.metrics.limit_rejections.labels("address_rate").inc()
+            raise RateLimited(
+                f"rate limit of {rate.limit} requests per {_period(rate.period)} for requests "
+                f"without an API key from one address exceeded; retry in "
+                f"{max(1, round(decision.retry_after))} s (or send an API key)",
+                rate_limit_headers(decision),
+            )
+        return decision
+
     async def charge(
         self, key: ApiKey | None, tokens: int, rate: RateDecision | None = None
     ) -> QuotaDecision | None:

@@ -474,6 +474,27 @@ async function pollLive() {
   live.timer = setTimeout(pollLive, LIVE_EVERY_MS);
 }
 
+/** A model's split, result cache and shadow figures in one line ("" when it has none). */
+function trafficText(traffic) {
+  if (!traffic) return "";
+  const parts = [];
+  if (traffic.split) {
+    parts.push("split " + Object.entries(traffic.split)
+      .map(([v, share]) => `v${v} ${(share * 100).toFixed(share < 0.1 ? 1 : 0)}%`).join(" / "));
+  }
+  if (traffic.cache && traffic.cache.hit_ratio !== null) {
+    parts.push(`cache ${(traffic.cache.hit_ratio * 100).toFixed(1)}% hits`);
+  }
+  for (const [version, counts] of Object.entries(traffic.shadow || {})) {
+    const agreement = counts.agreement === null || counts.agreement === undefined
+      ? "–" : `${(counts.agreement * 100).toFixed(1)}% agree`;
+    const troubles = [["error", "errors"], ["dropped", "dropped"]]
+      .filter(([k]) => counts[k]).map(([k, word]) => `${counts[k]} ${word}`);
+    parts.push(`shadow v${version} ${agreement}` + (troubles.length ? ` (${troubles.join(", ")})` : ""));
+  }
+  return parts.join(" · ");
+}
+
 function renderLive(stats) {
   const selected = $("#live-model").value;
   if (selected !== live.model) {
@@ -514,6 +535,7 @@ function renderLive(stats) {
         String(rejected.reduce((sum, [, n]) => sum + n, 0))),
       el("td", { class: "num" }, String(m.timeouts_total)),
       el("td", { class: "num", dataset: { field: "requests_total" } }, String(m.requests_total)),
+      el("td", { dataset: { field: "traffic" } }, trafficText(m.traffic)),
     );
   });
   $("#live-table tbody").replaceChildren(...rows);
