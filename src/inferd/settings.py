@@ -142,6 +142,12 @@ class Settings(BaseSettings):
     to every model; unset, torch image models run `min(4, cores)` batches at once (see
     docs/vision.md) and the others one."""
 
+    inline_max_us: float = Field(default=200.0, ge=0)
+    """A request that finds its model idle (nothing queued, nothing running) runs on the event
+    loop instead of the model's thread when the model's calls take at most this long on average
+    (measured on the batches it ran in its thread): the hop to a thread and back costs more
+    than such a call. 0 always uses the thread."""
+
     max_queue_size: int = Field(default=2000, ge=1)
     """Bound of each model version's request queue; a full queue rejects with 503."""
 

@@ -239,6 +239,7 @@ def prepare(
             retry_after=s.retry_after_s,
             on_batch=on_batch,
             on_reject=on_reject,
+            inline_max=s.inline_max_us / 1e6,
         )
     loaded = LoadedModel(
         entry=entry,

@@ -13,9 +13,10 @@ body is read and decoded, how the answer is encoded). Everything else is done he
 4. reserve the caller's tokens for the rows (429 when the daily budget is spent);
 5. a version swapped out while the body was read (or decoded, or charged) sends the request to
    the version that serves now, decoded and validated against that one;
-6. queue it on the version's batcher, dropped unrun if the caller goes away (under uvicorn the
-   batcher asks the connection; elsewhere a task waits for the disconnect when the request
-   will wait); 504 at the deadline;
+6. run it at once when it is alone and its model idle and known to be quick (no queue, no
+   hop to a thread), else queue it on the version's batcher, dropped unrun if the caller goes
+   away (under uvicorn the batcher asks the connection; elsewhere a task waits for the
+   disconnect when the request will wait); 504 at the deadline;
 7. refund the reservation of a request that was not served, record the served ones;
 8. the per-version latency and the access-log fields (model, version, queue depth, batch size).
 """
@@ -107,6 +108,9 @@ class DataPlane:
     def __init__(self, registry: ModelRegistry, enforcer: Enforcer | None = None) -> None:
         self.registry = registry
         self.enforcer = enforcer
+        self.in_flight = 0
+        """Requests being served by the transports that count them (the lean HTTP routes): one
+        alone may run at once on an idle model; with others about, batching them costs less."""
 
     def lookup(self, inbound: Inbound[Any]) -> LoadedModel:
         """The ready version ``inbound`` asks for, once the route accepts it."""
@@ -197,6 +201,11 @@ class DataPlane:
         gone = inbound.disconnect_probe()
         watch = None
         ctx.submitted = time.perf_counter()
+        if self.in_flight <= 1:  # alone: run it here if the model is idle and quick
+            done = batcher.run_now(decoded.payload, decoded.rows, deadline, gone)
+            if done is not None:
+                ctx.batch_size = done[1]
+                return done[0]
         if gone is None and (batcher.depth >= batcher.max_batch_size or batcher.running):
             # It will wait for a batch: worth a task that notices a disconnect meanwhile.
             future = batcher.submit(decoded.payload, decoded.rows, deadline)
