@@ -273,6 +273,29 @@ async def test_shedding_past_the_mark_and_full_queue(
     batcher.check_admission()  # room again once the queue drained
 
 
+async def test_shedding_when_the_oldest_request_waited_too_long(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    rejections: list[str] = []
+    model = Recorder()
+    model.gate = threading.Event()
+    batcher = make(model, shed_wait=0.5, on_reject=rejections.append)
+    blocker = asyncio.ensure_future(batcher.infer(row(-1), 1, far()))
+    await wait_entered(model)
+    loop = asyncio.get_running_loop()
+    queued = batcher.submit(row(1), 1, loop.time() + 0.2)  # sheds once it waited 0.1 s
+    batcher.check_admission()  # a short queue that has not waited
+    await asyncio.sleep(0.15)
+    with pytest.raises(Overloaded) as caught:
+        batcher.check_admission()
+    assert caught.value.status_code == 503
+    assert "the oldest of its 1 queued requests has waited" in caught.value.message
+    assert rejections == ["wait"]
+    model.gate.set()
+    await asyncio.gather(blocker, queued, return_exceptions=True)
+    batcher.check_admission()  # the queue is empty again
+
+
 async def test_full_queue_rejects_when_shedding_is_off(
     make: Callable[..., Batcher[Any, Any]],
 ) -> None:

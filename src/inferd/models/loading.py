@@ -235,6 +235,7 @@ def prepare(
             / 1000.0,
             max_queue_size=b.max_queue_size or s.max_queue_size,
             shed_threshold=s.shed_threshold,
+            shed_wait=s.shed_wait,
             concurrency=concurrency,
             retry_after=s.retry_after_s,
             on_batch=on_batch,
