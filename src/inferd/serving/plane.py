@@ -201,11 +201,15 @@ class DataPlane:
         gone = inbound.disconnect_probe()
         watch = None
         ctx.submitted = time.perf_counter()
-        if self.in_flight <= 1:  # alone: run it here if the model is idle and quick
-            done = batcher.run_now(decoded.payload, decoded.rows, deadline, gone)
-            if done is not None:
-                ctx.batch_size = done[1]
-                return done[0]
+        if self.in_flight <= 1 and batcher.inline:
+            # Alone? Requests read in the same turn of the loop have not all reached this
+            # point yet: give them one turn to say so (or to queue and share a batch).
+            await asyncio.sleep(0)
+            if self.in_flight <= 1:  # alone: run it here if the model is idle and quick
+                done = batcher.run_now(decoded.payload, decoded.rows, deadline, gone)
+                if done is not None:
+                    ctx.batch_size = done[1]
+                    return done[0]
         if gone is None and (batcher.depth >= batcher.max_batch_size or batcher.running):
             # It will wait for a batch: worth a task that notices a disconnect meanwhile.
             future = batcher.submit(decoded.payload, decoded.rows, deadline)
