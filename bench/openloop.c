@@ -268,12 +268,15 @@ int main(int argc, char **argv) {
             ssize_t r = read(c->fd, c->buf + c->have, BUF - c->have);
             if (r < 0 && (errno == EAGAIN || errno == EINTR)) continue;
             if (r <= 0) { /* closed or failed */
-                if (c->busy) {
+                int was_busy = c->busy;
+                if (was_busy) {
                     records[nrec++] = (record_t){c->due, now - c->due, 0, c->phase};
                     inflight--;
                 }
-                close_conn(c);
-                idle[nidle++] = (int)(c - pool);
+                close_conn(c); /* reopened when next used */
+                /* An idle connection the server closed (keep-alive timeout) is already on the
+                 * idle stack. */
+                if (was_busy) idle[nidle++] = (int)(c - pool);
                 continue;
             }
             c->have += (size_t)r;
