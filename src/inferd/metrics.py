@@ -73,7 +73,8 @@ class Metrics:
         )
         self.queue_rejections = Counter(
             "inference_queue_rejections_total",
-            "Requests rejected by load shedding (reason=shed) or a full queue (reason=full).",
+            "Requests rejected by load shedding (reason=shed: queue past its mark; reason=wait: "
+            "its oldest request waited too long) or a full queue (reason=full).",
             (*mv, "reason"),
             registry=r,
         )

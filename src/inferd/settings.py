@@ -153,11 +153,25 @@ class Settings(BaseSettings):
     to every model; unset, torch image models run `min(4, cores)` batches at once (see
     docs/vision.md) and the others one."""
 
+    inline_max_us: float = Field(default=200.0, ge=0)
+    """A request that finds its model idle (nothing queued, nothing running) runs on the event
+    loop instead of the model's thread when the model's calls take at most this long on average
+    (measured on the batches it ran in its thread): the hop to a thread and back costs more
+    than such a call. 0 always uses the thread."""
+
     max_queue_size: int = Field(default=2000, ge=1)
     """Bound of each model version's request queue; a full queue rejects with 503."""
 
     shed_threshold: float = Field(default=0.8, gt=0, le=1)
     """Fraction of ``max_queue_size`` past which new requests are shed with 503."""
+
+    shed_wait: float = Field(default=0.0, ge=0, le=1)
+    """When above 0, new requests are also shed with 503 while the oldest request in their
+    model's queue has waited there more than this fraction of its time to deadline (0.25: 25 ms
+    of the default 100), whatever the queue's length. Off by default: measured on a model whose
+    call takes microseconds, a 503 costs the server about 60 % of an answer, and shedding on
+    queue time turned answers into rejections when the process was short of CPU (see
+    bench/README.md); it pays where each shed request saves real model time."""
 
     request_timeout_ms: float = Field(default=100.0, gt=0)
     """Deadline of a synchronous prediction; past it the caller gets 504. A client may ask for

@@ -284,6 +284,29 @@ async def test_shedding_past_the_mark_and_full_queue(
     batcher.check_admission()  # room again once the queue drained
 
 
+async def test_shedding_when_the_oldest_request_waited_too_long(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    rejections: list[str] = []
+    model = Recorder()
+    model.gate = threading.Event()
+    batcher = make(model, shed_wait=0.5, on_reject=rejections.append)
+    blocker = asyncio.ensure_future(infer(batcher, row(-1), 1, far()))
+    await wait_entered(model)
+    loop = asyncio.get_running_loop()
+    queued = batcher.submit(row(1), 1, loop.time() + 0.2)  # sheds once it waited 0.1 s
+    batcher.check_admission()  # a short queue that has not waited
+    await asyncio.sleep(0.15)
+    with pytest.raises(Overloaded) as caught:
+        batcher.check_admission()
+    assert caught.value.status_code == 503
+    assert "the oldest of its 1 queued requests has waited" in caught.value.message
+    assert rejections == ["wait"]
+    model.gate.set()
+    await asyncio.gather(blocker, queued, return_exceptions=True)
+    batcher.check_admission()  # the queue is empty again
+
+
 async def test_full_queue_rejects_when_shedding_is_off(
     make: Callable[..., Batcher[Any, Any]],
 ) -> None:
@@ -348,3 +371,75 @@ async def test_warm_up_runs_on_every_worker_thread() -> None:
     assert len(threads) == 3
     batcher.start()
     await batcher.stop()
+
+
+async def test_quick_calls_move_to_the_loop_and_a_lone_request_runs_at_once(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    model = Recorder()
+    batcher = make(model, inline_max=1.0)
+    assert batcher.run_now(row(0), 1, far()) is None  # nothing known about the model yet
+    for i in range(8):  # timed in the thread first
+        await infer(batcher, row(i), 1, far())
+    assert batcher.inline and batcher.stats.inline_batches == 0
+    assert threading.current_thread().name not in model.threads
+
+    done = batcher.run_now(row(9), 1, far())
+    assert done is not None
+    output, rows = done
+    assert rows == 1 and output.tolist() == [[18.0, 0.0]]
+    assert threading.current_thread().name in model.threads
+    assert batcher.stats.inline_batches == 1
+
+    # Queued requests still form one batch, run on the loop now.
+    results = await asyncio.gather(*(infer(batcher, row(v), 1, far()) for v in (20, 21, 22)))
+    assert [r.tolist() for r in results] == [[[40.0, 0.0]], [[42.0, 0.0]], [[44.0, 0.0]]]
+    assert model.batches[-1] == [20.0, 21.0, 22.0]
+    assert batcher.stats.inline_batches == 2
+
+
+async def test_run_now_leaves_to_the_queue_what_it_should_not_run(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    model = Recorder()
+    batcher = make(model, inline_max=1.0)
+    for i in range(8):
+        await infer(batcher, row(i), 1, far())
+    loop = asyncio.get_running_loop()
+    assert batcher.run_now(row(1), 1, loop.time() - 1) is None  # past its deadline
+    assert batcher.run_now(row(1), 1, far(), lambda: True) is None  # its caller has gone
+    assert batcher.run_now(row(1), 100, far()) is None  # more rows than a batch
+    queued = batcher.submit(row(1), 1, far())
+    assert batcher.run_now(row(2), 1, far()) is None  # another request waits
+    await queued
+
+
+async def test_slow_calls_stay_in_the_threads(make: Callable[..., Batcher[Any, Any]]) -> None:
+    model = Recorder(delay=0.005)  # a sleep: quick on the CPU, slow on the clock
+    batcher = make(model, inline_max=0.001)
+    for i in range(10):
+        await infer(batcher, row(i), 1, far())
+    assert not batcher.inline
+    assert batcher.run_now(row(1), 1, far()) is None
+    assert threading.current_thread().name not in model.threads
+
+
+async def test_a_failing_call_on_the_loop_raises_the_model_error(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    fail = False
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        if fail:
+            raise ValueError("boom")
+        return batch
+
+    batcher = make(model, inline_max=1.0)
+    for i in range(8):
+        await infer(batcher, row(i), 1, far())
+    fail = True
+    with pytest.raises(ModelError, match="boom"):
+        batcher.run_now(row(1), 1, far())
+    assert batcher.stats.failed_batches == 1
+    fail = False
+    assert batcher.run_now(row(1), 1, far()) is not None

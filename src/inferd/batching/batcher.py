@@ -4,7 +4,10 @@ Policy, for each model version:
 
 * A request joins a bounded queue; past the shedding mark (80 % by default) it is refused at once
   with :class:`~inferd.errors.Overloaded`, so overload shows up as cheap 503s instead of
-  timeouts.
+  timeouts. It is refused too when the oldest request in the queue has waited there more than
+  ``shed_wait`` (a fraction; 0: never) of its time to deadline: the queue then holds more than
+  the model serves in time, whatever its length (a queue of 500 is fine for a model that serves
+  50,000 rows a second and hopeless for one that serves 50).
 * When the model has a free slot and nothing is running, whatever is queued (up to
   ``max_batch_size`` rows) goes to the model at once: a lone request never waits out the window.
 * While a batch runs, arrivals pile up and form the next batch. With ``concurrency`` > 1, a
@@ -12,7 +15,11 @@ Policy, for each model version:
 * Items whose deadline passed or whose caller went away (future done) are dropped before they
   reach the model. A batch that raises fails each of its callers with
   :class:`~inferd.errors.ModelError`; the batcher keeps running.
-* Model work runs in the batcher's own threads, never on the event loop.
+* Model work runs in the batcher's own threads, except when the model's calls are known to be
+  short (their moving average at most ``inline_max`` seconds, measured first in the threads):
+  the hop to a thread and back then costs more than the call, and batches run on the event
+  loop. A request that finds such a model idle (nothing queued, nothing running) runs at once,
+  without even queueing (:meth:`Batcher.run_now`).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ __all__ = ["Batcher", "BatcherStats"]
 log = logging.getLogger("inferd.batching")
 
 _TIMER_GRANULARITY = 0.001  # seconds; the deadline timer fires at most this often
+_INLINE_EVIDENCE = 8  # calls timed in a thread before the batches may move to the loop
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -65,6 +73,8 @@ class BatcherStats:
     dropped_expired: int = 0
     dropped_cancelled: int = 0
     failed_batches: int = 0
+    inline_batches: int = 0
+    """Batches (and lone requests) run on the event loop instead of a thread."""
     last_batch_size: int = 0
 
 
@@ -94,6 +104,7 @@ class Batcher(Generic[In, Out]):
         window: float = 0.005,
         max_queue_size: int = 2000,
         shed_threshold: float = 0.8,
+        shed_wait: float = 0.0,
         concurrency: int = 1,
         collate: Callable[[Sequence[In]], Any] = _stack,
         split: Callable[[Any, Sequence[int]], list[Out]] = _split,
@@ -102,6 +113,7 @@ class Batcher(Generic[In, Out]):
         on_reject: Callable[[str], None] | None = None,
         on_drop: Callable[[str], None] | None = None,
         on_output: Callable[[Any, Any], None] | None = None,
+        inline_max: float = 0.0,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or concurrency < 1:
             raise ValueError("max_batch_size, max_queue_size and concurrency must be >= 1")
@@ -111,6 +123,7 @@ class Batcher(Generic[In, Out]):
         self.max_queue_size = max_queue_size
         self.shed_limit = max(1, min(max_queue_size, int(max_queue_size * shed_threshold)))
         self.concurrency = concurrency
+        self.shed_wait = shed_wait
         self.retry_after = retry_after
         self.stats = BatcherStats()
         self._fn = fn
@@ -138,6 +151,12 @@ class Batcher(Generic[In, Out]):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.inline_max = inline_max
+        """Calls known to take at most this long (seconds) run on the loop (0: never)."""
+        self.inline = False
+        """Whether batches run on the loop now (see :meth:`_note_call`)."""
+        self._thread_calls: deque[float] = deque(maxlen=_INLINE_EVIDENCE)
+        self._loop_seconds = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -210,15 +229,31 @@ class Batcher(Generic[In, Out]):
 
     # ------------------------------------------------------------------ admission
     def check_admission(self) -> None:
-        """Raise :class:`Overloaded` if a new request would be shed. Costs a length check."""
-        depth = len(self._queue)
+        """Raise :class:`Overloaded` if a new request would be shed: the queue past its mark,
+        or its oldest request waiting past ``shed_wait`` of its time (see the module's
+        docstring). Costs a length check, and a clock read when something is queued."""
+        queue = self._queue
+        depth = len(queue)
         if depth >= self.shed_limit or self._closing:
             self._reject(depth)
+        if depth and self.shed_wait:
+            head = queue[0]
+            waited = self._loop.time() - head.enqueued
+            if waited > (head.deadline - head.enqueued) * self.shed_wait:
+                self._reject(depth, waited)
 
-    def _reject(self, depth: int) -> None:
+    def _reject(self, depth: int, waited: float | None = None) -> None:
         if self._closing:
             raise Overloaded(
                 f"model {self.name} is shutting down; retry on another replica",
+                retry_after=self.retry_after,
+            )
+        if waited is not None:
+            if self._on_reject is not None:
+                self._on_reject("wait")
+            raise Overloaded(
+                f"model {self.name} is overloaded: the oldest of its {depth} queued requests "
+                f"has waited {waited * 1000:.0f} ms; retry later",
                 retry_after=self.retry_after,
             )
         reason = "full" if depth >= self.max_queue_size else "shed"
@@ -260,6 +295,57 @@ class Batcher(Generic[In, Out]):
         if not self._wake.is_set():
             self._wake.set()
         return future
+
+    def run_now(
+        self,
+        payload: In,
+        rows: int,
+        deadline: float,
+        gone: Callable[[], bool] | None = None,
+    ) -> tuple[Out, int] | None:
+        """Run ``payload`` at once on the calling (event loop) thread and return what
+        :meth:`submit`'s future would give, when the model is idle and its calls are known to
+        be short (see the module's docstring); None when the request must be queued instead
+        (also when its deadline has passed or its caller has gone: the queue answers those).
+        Raises what a batch would fail its callers with."""
+        if (
+            not self.inline
+            or self._queue
+            or self._running
+            or self._closing
+            or self._task is None
+            or rows > self.max_batch_size
+            or deadline <= self._loop.time()
+            or (gone is not None and gone())
+        ):
+            return None
+        started, cpu = time.perf_counter(), time.thread_time()
+        try:
+            data = self._collate([payload])
+            output = self._fn(data)
+            part = self._split(output, [rows])[0]
+        except Exception as exc:
+            self.stats.failed_batches += 1
+            log.error("batch of %d rows failed in model %s: %r", rows, self.name, exc)
+            error = _model_error(exc, self.name, rows)
+            if error is exc:
+                raise
+            raise error from exc
+        finally:
+            elapsed = time.perf_counter() - started
+            self._note_call(time.thread_time() - cpu, True)
+            self.stats.batches += 1
+            self.stats.inline_batches += 1
+            self.stats.rows += rows
+            self.stats.last_batch_size = rows
+            if self._on_batch is not None:
+                self._on_batch(rows, elapsed)
+        if self.on_output is not None:
+            try:
+                self.on_output(data, output)
+            except Exception as exc:
+                log.error("batch hook of model %s failed: %r", self.name, exc)
+        return part, rows
 
     # ------------------------------------------------------------------ deadlines
     # One timer per batcher instead of one per request: deadlines sit in a heap, the timer is
@@ -350,6 +436,32 @@ class Batcher(Generic[In, Out]):
             rows += item.rows
         return batch
 
+    def _timed(self, data: Any) -> tuple[Any, float]:
+        started = time.perf_counter()
+        output = self._fn(data)
+        return output, time.perf_counter() - started
+
+    def _note_call(self, seconds: float, on_loop: bool) -> None:
+        """Move batches to the loop when the quickest of the last few calls timed in a thread
+        took at most ``inline_max`` (wall time, which also counts the time the thread waited for
+        the core or the GIL: the quickest is the call's own time, and a model that waits, for a
+        device or a sleep, is never quick); back to the threads when the moving average of the
+        CPU time of the calls on the loop exceeds it (CPU time: the wall time of a call on a
+        busy machine counts whatever else ran on the core meanwhile)."""
+        if on_loop:
+            average = self._loop_seconds = self._loop_seconds + 0.1 * (seconds - self._loop_seconds)
+            if average > self.inline_max:
+                self.inline = False
+                self._thread_calls.clear()
+            return
+        if self.inline_max <= 0:
+            return
+        calls = self._thread_calls
+        calls.append(seconds)
+        if len(calls) == _INLINE_EVIDENCE and min(calls) <= self.inline_max:
+            self.inline = True
+            self._loop_seconds = min(calls)
+
     async def _execute(self, batch: list[_Item[In]]) -> None:
         loop = asyncio.get_running_loop()
         rows = sum(item.rows for item in batch)
@@ -363,7 +475,14 @@ class Batcher(Generic[In, Out]):
             data = self._collate([item.payload for item in batch])
             if traced is not None:
                 traced.model_started = time.perf_counter()
-            output = await loop.run_in_executor(self._executor, self._fn, data)
+            if self.inline:  # the call is quicker than the hop to a thread and back
+                self.stats.inline_batches += 1
+                cpu = time.thread_time()
+                output = self._fn(data)
+                self._note_call(time.thread_time() - cpu, True)
+            else:
+                output, seconds = await loop.run_in_executor(self._executor, self._timed, data)
+                self._note_call(seconds, False)
             if traced is not None:
                 traced.model_call(time.perf_counter())
             parts = self._split(output, [item.rows for item in batch])
@@ -376,14 +495,7 @@ class Batcher(Generic[In, Out]):
                 traced.fail(repr(exc)[:200])
             self.stats.failed_batches += 1
             log.error("batch of %d rows failed in model %s: %r", rows, self.name, exc)
-            error = (
-                exc
-                if isinstance(exc, InferdError)
-                else ModelError(
-                    f"model {self.name} failed on a batch of {rows} rows: "
-                    f"{type(exc).__name__}: {str(exc)[:200]}"
-                )
-            )
+            error = _model_error(exc, self.name, rows)
             for item in batch:
                 _fail(item.future, error)
         else:
@@ -408,6 +520,14 @@ class Batcher(Generic[In, Out]):
             self._wake.set()
             if not self._queue and not self._running:
                 self._idle.set()
+
+
+def _model_error(exc: Exception, name: str, rows: int) -> InferdError:
+    if isinstance(exc, InferdError):
+        return exc
+    return ModelError(
+        f"model {name} failed on a batch of {rows} rows: {type(exc).__name__}: {str(exc)[:200]}"
+    )
 
 
 def _expire(future: asyncio.Future[Any], name: str) -> None:

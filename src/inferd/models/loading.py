@@ -235,10 +235,12 @@ def prepare(
             / 1000.0,
             max_queue_size=b.max_queue_size or s.max_queue_size,
             shed_threshold=s.shed_threshold,
+            shed_wait=s.shed_wait,
             concurrency=concurrency,
             retry_after=s.retry_after_s,
             on_batch=on_batch,
             on_reject=on_reject,
+            inline_max=s.inline_max_us / 1e6,
         )
     loaded = LoadedModel(
         entry=entry,

@@ -13,9 +13,10 @@ body is read and decoded, how the answer is encoded). Everything else is done he
 4. reserve the caller's tokens for the rows (429 when the daily budget is spent);
 5. a version swapped out while the body was read (or decoded, or charged) sends the request to
    the version that serves now, decoded and validated against that one;
-6. queue it on the version's batcher, dropped unrun if the caller goes away (under uvicorn the
-   batcher asks the connection; elsewhere a task waits for the disconnect when the request
-   will wait); 504 at the deadline;
+6. run it at once when it is alone and its model idle and known to be quick (no queue, no
+   hop to a thread), else queue it on the version's batcher, dropped unrun if the caller goes
+   away (under uvicorn the batcher asks the connection; elsewhere a task waits for the
+   disconnect when the request will wait); 504 at the deadline;
 7. refund the reservation of a request that was not served, record the served ones;
 8. the per-version latency and the access-log fields (model, version, queue depth, batch size,
    queue time); with tracing on, the times the request's spans are made from (admitted,
@@ -123,6 +124,9 @@ class DataPlane:
         """Splits between versions and their rollback (:mod:`inferd.serving.traffic`)."""
         self.shadow = Shadow(registry, registry.metrics)
         """Copies of answered requests to candidate versions (:mod:`inferd.serving.shadow`)."""
+        self.in_flight = 0
+        """Requests being served by the transports that count them (the lean HTTP routes): one
+        alone may run at once on an idle model; with others about, batching them costs less."""
 
     def lookup(self, inbound: Inbound[Any]) -> LoadedModel:
         """The ready version ``inbound`` asks for, once the route accepts it."""
@@ -246,6 +250,18 @@ class DataPlane:
         gone = inbound.disconnect_probe()
         watch = None
         ctx.submitted = time.perf_counter()
+        if self.in_flight <= 1 and batcher.inline:
+            # Alone? Requests read in the same turn of the loop have not all reached this
+            # point yet: give them one turn to say so (or to queue and share a batch).
+            await asyncio.sleep(0)
+            if self.in_flight <= 1:  # alone: run it here if the model is idle and quick
+                started = time.perf_counter()
+                done = batcher.run_now(decoded.payload, decoded.rows, deadline, gone)
+                if done is not None:  # no queue: its queue time is nil
+                    ctx.batch_size, ctx.dequeued = done[1], started
+                    if ctx.trace is not None:
+                        ctx.trace.answered = time.perf_counter()
+                    return done[0]
         if gone is None and (batcher.depth >= batcher.max_batch_size or batcher.running):
             # It will wait for a batch: worth a task that notices a disconnect meanwhile.
             future = batcher.submit(decoded.payload, decoded.rows, deadline, None, ctx.trace)

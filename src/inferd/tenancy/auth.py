@@ -85,7 +85,7 @@ class Authenticator:
         key = _presented(headers)
         if key is None:
             raise Unauthorized(_MISSING)
-        hit = self._cache.get(hash_key(key))
+        hit = self._cache.get(key)
         if hit is None or hit[1] <= time.monotonic():
             return None
         if hit[0] is None:
@@ -110,7 +110,9 @@ class Authenticator:
             del self._pending[digest]
         if len(self._cache) >= _MAX_CACHE:
             self._cache.clear()
-        self._cache[digest] = (record, now + self.cache_seconds)
+        # Keyed by the key as presented: a hit costs a dict lookup, not a SHA-256. Entries live
+        # in this process's memory only, as the key does while its request is served.
+        self._cache[key] = (record, now + self.cache_seconds)
         future.set_result(record)
         return record
 
