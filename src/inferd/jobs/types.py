@@ -20,6 +20,7 @@ __all__ = [
     "EventBus",
     "EventKind",
     "JobQueue",
+    "JobWrite",
     "Lease",
     "Page",
     "RequestRecord",
@@ -115,6 +116,18 @@ class Lease:
     parameters: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class JobWrite:
+    """What a worker writes for one lease in a batch (:meth:`JobQueue.write`): ``response``
+    events with these data (``sent_at`` added when missing), then, if ``done``, the request
+    succeeds with ``result`` (its ``done`` event)."""
+
+    lease: Lease
+    responses: tuple[dict[str, Any], ...] = ()
+    done: bool = False
+    result: Any = None
+
+
 class RequestStore(Protocol):
     """The API's side: create, read, list, cancel, replay events."""
 
@@ -167,8 +180,18 @@ class JobQueue(Protocol):
         """Atomically take the oldest runnable job (queued, ``run_at`` due) and mark the
         request running; None when there is none. Expired leases are taken back first."""
 
+    async def claim_many(
+        self, worker_id: str, lease_seconds: float, limit: int, models: list[str] | None = None
+    ) -> list[Lease]:
+        """Like :meth:`claim`, for up to ``limit`` jobs in one transaction (oldest first)."""
+
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
         """Extend the lease. False if it was lost or the request was cancelled: stop."""
+
+    async def write(self, writes: list[JobWrite]) -> list[list[Event] | None]:
+        """Apply the writes of several leases (at most one each) in one transaction, each
+        fenced on its own lease: per write, the events stored, or None if its lease was lost
+        (then nothing of it was written)."""
 
     async def append(self, lease: Lease, data: dict[str, Any]) -> Event | None:
         """Store one ``response`` event; None (nothing written) if the lease was lost."""
