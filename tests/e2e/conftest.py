@@ -26,7 +26,8 @@ def free_port() -> int:
 
 def env() -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("INFERD_")}
-    clean["PYTHONPATH"] = str(ROOT)  # the scripted test models
+    # This checkout's code (not whatever the virtualenv installed), and the scripted test models.
+    clean["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
     return clean
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -9,12 +11,14 @@ from inferd.concurrency import run_blocking
 from inferd.errors import NotFound, ValidationFailed
 from inferd.jobs.follow import follow_events
 from inferd.jobs.runner import ModelExecutor
-from inferd.jobs.types import Event, EventBus, Page, RequestRecord, RequestStore
+from inferd.jobs.types import QUEUED_CHANNEL, Event, EventBus, Page, RequestRecord, RequestStore
 from inferd.tenancy.enforce import Enforcer
 
 __all__ = ["RequestService"]
 
 _MAX_KEY = 255
+
+log = logging.getLogger("inferd.jobs.service")
 
 
 class RequestService:
@@ -38,6 +42,9 @@ class RequestService:
         self.keepalive = keepalive
         self.on_submit = on_submit
         self.enforcer = enforcer
+        self._announcing: asyncio.Task[None] | None = None
+        self._announce_again = False
+        self._announced = 0
 
     async def submit(
         self,
@@ -95,12 +102,37 @@ class RequestService:
             max_attempts=self.max_attempts,
             charge=charge,
         )
-        if created and self.on_submit is not None:
-            self.on_submit()
+        if created:
+            if self.on_submit is not None:
+                self.on_submit()
+            self._announce()
         if quota is not None and not created and self.enforcer is not None:
             # A replay that raced past the check above: not charged twice.
             await self.enforcer.limiter.settle(key.id, quota.reserved, 0, day=quota.day)
         return record, created
+
+    def _announce(self) -> None:
+        """Tell idle workers (of every process, through the bus) that a request is queued.
+        Announcements are coalesced: at most one publish is in flight, and the submits that
+        come during it share the next one."""
+        if self._announcing is not None:
+            self._announce_again = True
+            return
+        self._announcing = asyncio.get_running_loop().create_task(self._announce_loop())
+
+    async def _announce_loop(self) -> None:
+        try:
+            while True:
+                self._announce_again = False
+                self._announced += 1
+                try:
+                    await self.bus.publish(QUEUED_CHANNEL, self._announced)
+                except Exception as exc:  # workers poll the queue anyway
+                    log.warning("queue announcement failed: %r", exc)
+                if not self._announce_again:
+                    return
+        finally:
+            self._announcing = None
 
     async def get(self, user: str, request_id: str) -> RequestRecord:
         record = await self.store.get(request_id, user)

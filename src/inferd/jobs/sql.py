@@ -101,6 +101,7 @@ class SqlStore:
             echo=echo,
         )
         self._clock = clock
+        self._pool_size = pool_size
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._postgres = self._engine.dialect.name == "postgresql"
@@ -128,6 +129,14 @@ class SqlStore:
         """Run a trivial query; raises StoreUnavailable when the database does not answer."""
         async with self._read() as tx:
             await tx.conn.execute(select(1))
+
+    async def warm(self, connections: int = 2) -> None:
+        """Open up to ``connections`` pooled connections now (at most the pool's size), so
+        that the first writes that run side by side (a chunk and a heartbeat) do not each
+        wait for a new connection: on a busy machine that wait can outlast a short lease."""
+        async with self._available(), contextlib.AsyncExitStack() as stack:
+            for _ in range(max(1, min(connections, self._pool_size))):
+                await stack.enter_async_context(self._engine.connect())
 
     async def close(self) -> None:
         """Close every pooled connection."""

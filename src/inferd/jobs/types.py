@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 __all__ = [
+    "QUEUED_CHANNEL",
     "TERMINAL",
     "Event",
     "EventBus",
@@ -215,6 +216,11 @@ class JobQueue(Protocol):
 
     async def counts(self) -> dict[str, int]:
         """Number of requests per status (for metrics and autoscaling)."""
+
+
+QUEUED_CHANNEL = "_queued"
+"""The bus channel (in place of a request id) on which the API says that it queued requests:
+idle workers subscribe to it and claim at once instead of at their next poll."""
 
 
 class EventBus(Protocol):
