@@ -221,10 +221,7 @@ class Cluster:
         )
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.bases: list[str] = []
 
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
         log = self.work / f"{name}.log"
@@ -237,12 +234,17 @@ class Cluster:
         return proc
 
     def start_api(self) -> None:
-        api = self._spawn(["serve", "--workers", "0", "--port", str(self.port)], "api")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        base = f"http://127.0.0.1:{port}"
+        api = self._spawn(["serve", "--workers", "0", "--port", str(port)], f"api-{port}")
+        self.bases.append(base)
         for _ in range(600):
             if api.poll() is not None:
                 raise RuntimeError(self.logs[-1].read_text()[-3000:])
             try:
-                if httpx.get(self.base + "/health/ready", timeout=1).status_code == 200:
+                if httpx.get(base + "/health/ready", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -309,12 +311,14 @@ async def flow(cluster: Cluster, duration: float, clients: int, chunks: int) -> 
     stop_at = time.perf_counter() + duration
     before = (await _counts(store))["succeeded"]
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=cluster.base, timeout=30, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
 
-        async def submitter() -> None:
+        async def submitter(n: int) -> None:
+            # Spread over the APIs; with several, a request is followed on another one.
+            submit_url = cluster.bases[n % len(cluster.bases)] + "/v1/requests"
             while time.perf_counter() < stop_at:
                 started = time.perf_counter()
-                r = await client.post("/v1/requests", json=IRIS)
+                r = await client.post(submit_url, json=IRIS)
                 if r.status_code == 202:
                     latencies.append(time.perf_counter() - started)
                 else:
@@ -330,14 +334,14 @@ async def flow(cluster: Cluster, duration: float, clients: int, chunks: int) -> 
         async def follower() -> dict[str, Any]:
             await asyncio.sleep(duration / 4)
             r = await client.post(
-                "/v1/requests",
+                cluster.bases[0] + "/v1/requests",
                 json={"model": "ticker", "input": "go", "parameters": {"chunks": chunks}},
             )
             follow = await asyncio.create_subprocess_exec(
                 sys.executable,
                 __file__,
                 "--follow",
-                cluster.base + r.json()["events_url"],
+                cluster.bases[-1] + r.json()["events_url"],
                 stdout=asyncio.subprocess.PIPE,
             )
             out, _ = await follow.communicate()
@@ -350,9 +354,11 @@ async def flow(cluster: Cluster, duration: float, clients: int, chunks: int) -> 
             }
 
         started = time.perf_counter()
-        results = await asyncio.gather(window(), follower(), *(submitter() for _ in range(clients)))
+        timing = asyncio.ensure_future(window())
+        following = asyncio.ensure_future(follower())
+        await asyncio.gather(*(submitter(n) for n in range(clients)))
         submitted_in = time.perf_counter() - started
-    (t1, n1, t2, n2), chunk = results[0], results[1]
+        (t1, n1, t2, n2), chunk = await timing, await following
     submitted = len(latencies)
     # Every accepted request must end succeeded (and no other way): wait for the backlog.
     deadline = time.monotonic() + 120
@@ -398,19 +404,26 @@ def follow(events_url: str) -> None:
 def run_cluster(
     backend: str, tmp: Path, models_dir: Path, workers: int, args: argparse.Namespace
 ) -> dict[str, Any]:
-    work = tmp / f"{backend}-{workers}"
+    work = tmp / f"{backend}-{args.apis}-{workers}"
     work.mkdir()
     (work / "bench_ticker.py").write_text(TICKER)
     url, drop = database(backend, work)
     cluster = Cluster(work, models_dir, url, args.concurrency)
     try:
-        cluster.start_api()
+        for _ in range(args.apis):
+            cluster.start_api()
         drained = asyncio.run(drain(cluster, workers, args.jobs))
         flowed = asyncio.run(flow(cluster, args.duration, args.clients, args.chunks))
     finally:
         cluster.close()
         drop()
-    return {"workers": workers, "concurrency": args.concurrency, "drain": drained, "flow": flowed}
+    return {
+        "apis": args.apis,
+        "workers": workers,
+        "concurrency": args.concurrency,
+        "drain": drained,
+        "flow": flowed,
+    }
 
 
 def main() -> None:
@@ -418,6 +431,7 @@ def main() -> None:
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--workers", default="1,4", help="worker processes, comma-separated")
     parser.add_argument("--concurrency", type=int, default=16, help="slots per worker")
+    parser.add_argument("--apis", type=int, default=1, help="API processes")
     parser.add_argument("--jobs", type=int, default=3000, help="jobs of the drain")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of flow")
     parser.add_argument("--clients", type=int, default=32, help="concurrent HTTP submitters")

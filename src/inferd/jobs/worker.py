@@ -192,7 +192,7 @@ class Worker:
                     await asyncio.wait(set(self._jobs), return_when=asyncio.FIRST_COMPLETED)
                     continue
                 self._wake.clear()  # before the claim: an announcement during it is kept
-                leases = await self._claim(free)
+                leases = await self._claim(min(free, max(1, self.concurrency // 2)))
                 for lease in leases:
                     self._start(lease)
                 if len(leases) < free:  # the queue is empty for now: wait for news
