@@ -305,6 +305,31 @@ async def test_claim_can_be_restricted_to_models(store: SqlStore) -> None:
     assert (await claim(store)).request_id == a
 
 
+async def test_concurrent_creates_are_stored_together_each_whole(store: SqlStore) -> None:
+    made = await asyncio.gather(
+        *(store.create(user="alice", model="echo", input=n, parameters={}) for n in range(50))
+    )
+    assert all(created for _, created in made)
+    ids = [record.id for record, _ in made]
+    assert len(set(ids)) == 50
+    for n, request_id in enumerate(ids):
+        record = await fetch(store, request_id)
+        assert (record.input, record.status, record.last_seq) == (n, RequestStatus.QUEUED, 1)
+        assert await kinds(store, request_id) == [("status", {"status": "queued", "attempt": 0})]
+    assert len(await store.claim_many("w", 30, 100)) == 50
+
+
+async def test_a_bad_create_does_not_fail_the_ones_stored_with_it(store: SqlStore) -> None:
+    results = await asyncio.gather(
+        *(store.create(user="alice", model="echo", input=n, parameters={}) for n in range(5)),
+        store.create(user="alice", model="echo", input={1, 2}, parameters={}),  # not JSON
+        return_exceptions=True,
+    )
+    assert isinstance(results[-1], Exception)
+    assert all(not isinstance(result, BaseException) and result[1] for result in results[:-1])
+    assert (await store.counts())["queued"] == 5
+
+
 async def test_claim_many_takes_the_oldest_jobs_in_one_claim(store: SqlStore, clock: Clock) -> None:
     ids: list[str] = []
     for n in range(5):

@@ -62,9 +62,11 @@ CANCELLED_BY_USER = "cancelled by the user"
 _US = 1_000_000
 _MAX_PAGE = 100
 _REAP_BATCH = 100  # expired leases taken back per claim; the rest wait for the next one
+_CREATE_BATCH = 500  # creates stored in one transaction at most
 _QUEUED = RequestStatus.QUEUED.value
 _RUNNING = RequestStatus.RUNNING.value
 
+_Fields: TypeAlias = dict[str, Any]
 _Row: TypeAlias = "Row[*tuple[Any, ...]]"  # any row (a string: Row is variadic on 2.1 only)
 
 
@@ -102,6 +104,9 @@ class SqlStore:
         )
         self._clock = clock
         self._pool_size = pool_size
+        self._creates: list[tuple[dict[str, Any], dict[str, Any] | None, asyncio.Future[None]]]
+        self._creates = []
+        self._creating: asyncio.Task[None] | None = None
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._postgres = self._engine.dialect.name == "postgresql"
@@ -207,40 +212,76 @@ class SqlStore:
             existing = await self._find_idempotent(user, idempotency_key, digest)
             if existing is not None:
                 return existing, False
+        row: dict[str, Any] = {
+            "user_id": user,
+            "model": model,
+            "version": version,
+            "input": input,
+            "parameters": parameters,
+            "body_hash": digest,
+            "idempotency_key": idempotency_key,
+            "status": _QUEUED,
+            "attempts": 0,
+            "max_attempts": max_attempts,
+            "cancel_requested": False,
+            "last_seq": 1,
+        } | dict.fromkeys(("result", "error", "started_at", "finished_at"))
+        if idempotency_key is None:
+            # No key, no conflict to settle: stored with the creates of other requests.
+            await self._create_together(row, charge)
+            return to_record(row, []), True
         try:
             async with self._write() as tx:
-                row: dict[str, Any] = {
-                    "id": new_request_id(tx.now // 1000),
-                    "user_id": user,
-                    "model": model,
-                    "version": version,
-                    "input": input,
-                    "parameters": parameters,
-                    "body_hash": digest,
-                    "idempotency_key": idempotency_key,
-                    "status": _QUEUED,
-                    "attempts": 0,
-                    "max_attempts": max_attempts,
-                    "cancel_requested": False,
-                    "last_seq": 1,
-                    "created_at": tx.now,
-                    "updated_at": tx.now,
-                } | dict.fromkeys(("result", "error", "started_at", "finished_at"))
-                await tx.conn.execute(requests.insert(), row)
-                job = {"request_id": row["id"], "model": model, "state": _QUEUED}
-                await tx.conn.execute(jobs.insert(), job | {"run_at": tx.now})
-                first = {"status": _QUEUED, "attempt": 0}
-                await tx.insert_event(row["id"], 1, 0, EventKind.STATUS, first)
-                if charge is not None:
-                    await tx.conn.execute(charges.insert(), {"request_id": row["id"], **charge})
+                await tx.insert_created([(row, charge)])
         except sa_exc.IntegrityError:
-            if idempotency_key is None:
-                raise
             existing = await self._find_idempotent(user, idempotency_key, digest)
             if existing is None:
                 raise
             return existing, False
         return to_record(row, []), True
+
+    async def _create_together(self, row: dict[str, Any], charge: dict[str, Any] | None) -> None:
+        """Group commit of creates: the requests submitted while one transaction of creates
+        runs are stored together in the next one (each row gets its id and times there)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._creates.append((row, charge, done))
+        if self._creating is None or self._creating.done():
+            self._creating = loop.create_task(self._flush_creates(), name="store-creates")
+        await done
+
+    async def _flush_creates(self) -> None:
+        while self._creates:
+            batch = self._creates[:_CREATE_BATCH]
+            del self._creates[:_CREATE_BATCH]
+            try:
+                async with self._write() as tx:
+                    await tx.insert_created([(row, charge) for row, charge, _ in batch])
+            except StoreUnavailable as exc:
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            except Exception:
+                # Something in one of them (not the database): each on its own, so that one
+                # bad request does not fail the others.
+                for row, charge, done in batch:
+                    try:
+                        async with self._write() as tx:
+                            await tx.insert_created([(row, charge)])
+                    except Exception as exc:
+                        if not done.done():
+                            done.set_exception(exc)
+                    else:
+                        if not done.done():
+                            done.set_result(None)
+            except BaseException:
+                for *_, done in batch:
+                    done.cancel()
+                raise
+            else:
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_result(None)
 
     async def _find_idempotent(self, user: str, key: str, digest: str) -> RequestRecord | None:
         query = select(requests).where(
@@ -653,6 +694,29 @@ class _Tx:
             .returning(requests.c.last_seq, requests.c.attempts, *extra)
         )
         return (await self.conn.execute(stmt)).one()
+
+    async def insert_created(self, items: list[tuple[_Fields, _Fields | None]]) -> None:
+        """Store new requests (``row`` gets its id and times), their jobs, their first events
+        and their charges: four statements however many requests."""
+        for row, _ in items:
+            row.update(id=new_request_id(self.now // 1000), created_at=self.now)
+            row["updated_at"] = self.now
+        await self.conn.execute(requests.insert(), [row for row, _ in items])
+        await self.conn.execute(
+            jobs.insert(),
+            [
+                {"request_id": r["id"], "model": r["model"], "state": _QUEUED, "run_at": self.now}
+                for r, _ in items
+            ],
+        )
+        first = {"status": _QUEUED, "attempt": 0}
+        await self.conn.execute(
+            events.insert(),
+            [self.event_row(row["id"], 1, 0, EventKind.STATUS, first) for row, _ in items],
+        )
+        owed = [{"request_id": row["id"], **charge} for row, charge in items if charge is not None]
+        if owed:
+            await self.conn.execute(charges.insert(), owed)
 
     async def insert_event(
         self, request_id: str, seq: int, attempt: int, kind: EventKind, data: dict[str, Any]
