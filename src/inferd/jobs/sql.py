@@ -63,6 +63,7 @@ _US = 1_000_000
 _MAX_PAGE = 100
 _REAP_BATCH = 100  # expired leases taken back per claim; the rest wait for the next one
 _CREATE_BATCH = 500  # creates stored in one transaction at most
+_SLOW_CLAIM = 20_000  # µs: a claim slower than this restarts its leases when it ends
 _QUEUED = RequestStatus.QUEUED.value
 _RUNNING = RequestStatus.RUNNING.value
 
@@ -436,6 +437,17 @@ class SqlStore:
                     for row in rows
                 ],
             )
+            late = round(self._clock() * _US)
+            if late - tx.now > _SLOW_CLAIM:
+                # The claim itself was slow (a busy machine, a first run): the lease counts
+                # from now, not from when the claim began, or the job could start with
+                # little of it left and lose it before its first heartbeat.
+                expires = late + round(lease_seconds * _US)
+                await tx.conn.execute(
+                    update(jobs)
+                    .where(jobs.c.request_id.in_(taken))
+                    .values(lease_expires_at=expires)
+                )
         return [
             Lease(
                 request_id=row.id,

@@ -204,13 +204,22 @@ class Worker:
                 await listener
 
     async def _warm(self) -> None:
-        warm = getattr(self.queue, "warm", None)
-        if warm is None:
-            return
-        try:  # the claim, the writer and a heartbeat: three connections at once
-            await warm(3)
+        """Open the connections and prepare the statements of a job's first seconds before
+        any job runs: done on the first job instead, on a busy machine, that can take longer
+        than a short lease, which the job then loses. The writes use a lease of no request,
+        so they change nothing."""
+        nobody = Lease(
+            request_id="", token="", attempt=0, expires_at=datetime.now(UTC), model="",
+            input=None, parameters={},
+        )  # fmt: skip
+        try:
+            warm = getattr(self.queue, "warm", None)
+            if warm is not None:
+                await warm(3)  # the claim, the writer and a heartbeat at once
+            await self.queue.heartbeat(nobody, self.lease_seconds)
+            await self.queue.write([JobWrite(nobody, ({"response": None},), done=True)])
         except Exception as exc:  # the claim loop reports a database that does not answer
-            log.warning("could not open connections", worker=self.id, detail=repr(exc))
+            log.warning("could not warm up", worker=self.id, detail=repr(exc))
 
     async def _listen(self) -> None:
         """Wake the claim loop whenever the API announces queued requests."""
