@@ -192,10 +192,13 @@ class Worker:
                     await asyncio.wait(set(self._jobs), return_when=asyncio.FIRST_COMPLETED)
                     continue
                 self._wake.clear()  # before the claim: an announcement during it is kept
-                leases = await self._claim(min(free, max(1, self.concurrency // 2)))
+                # At most half the slots per claim: two groups of jobs, one claimed while
+                # the other one's writes are stored.
+                wanted = min(free, max(1, self.concurrency // 2))
+                leases = await self._claim(wanted)
                 for lease in leases:
                     self._start(lease)
-                if len(leases) < free:  # the queue is empty for now: wait for news
+                if len(leases) < wanted:  # the queue is empty for now: wait for news
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
         finally:
