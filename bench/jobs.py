@@ -198,6 +198,12 @@ async def _baseline_postgres(dsn: str, jobs: int, claimers: int) -> dict[str, An
 # --- the real thing: API and worker processes ----------------------------------------------------
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _source() -> str:
     """The folder inferd is imported from here: the processes run the same code."""
     import inferd
@@ -222,6 +228,8 @@ class Cluster:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
         self.bases: list[str] = []
+        self.apis: list[subprocess.Popen[bytes]] = []
+        self.workers: list[subprocess.Popen[bytes]] = []
 
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
         log = self.work / f"{name}.log"
@@ -240,6 +248,7 @@ class Cluster:
         base = f"http://127.0.0.1:{port}"
         api = self._spawn(["serve", "--workers", "0", "--port", str(port)], f"api-{port}")
         self.bases.append(base)
+        self.apis.append(api)
         for _ in range(600):
             if api.poll() is not None:
                 raise RuntimeError(self.logs[-1].read_text()[-3000:])
@@ -253,7 +262,7 @@ class Cluster:
 
     def start_workers(self, count: int) -> None:
         for n in range(count):
-            self._spawn(["worker", "-n", str(self.concurrency)], f"worker-{n}")
+            self.workers.append(self._spawn(["worker", "-n", str(self.concurrency)], f"worker-{n}"))
 
     def close(self) -> None:
         for proc in self.procs:
@@ -297,6 +306,10 @@ async def drain(cluster: Cluster, workers: int, jobs: int) -> dict[str, Any]:
             await asyncio.sleep(0.05)
         if t_low is None or t_high is None:
             raise RuntimeError("the queue did not drain")
+        while (await _counts(store))["succeeded"] < jobs:  # the rest, before the flow starts
+            if time.monotonic() > deadline:
+                raise RuntimeError("the queue did not drain")
+            await asyncio.sleep(0.05)
         return {"jobs": jobs, "jobs_per_s": round((n_high - n_low) / (t_high - t_low), 1)}
     finally:
         await store.close()
@@ -354,10 +367,20 @@ async def flow(cluster: Cluster, duration: float, clients: int, chunks: int) -> 
             }
 
         started = time.perf_counter()
+        cpu_before = {
+            "api": sum(_cpu_seconds(p.pid) for p in cluster.apis),
+            "workers": sum(_cpu_seconds(p.pid) for p in cluster.workers),
+            "load_generator": time.process_time(),
+        }
         timing = asyncio.ensure_future(window())
         following = asyncio.ensure_future(follower())
         await asyncio.gather(*(submitter(n) for n in range(clients)))
         submitted_in = time.perf_counter() - started
+        cpu_after = {
+            "api": sum(_cpu_seconds(p.pid) for p in cluster.apis),
+            "workers": sum(_cpu_seconds(p.pid) for p in cluster.workers),
+            "load_generator": time.process_time(),
+        }
         (t1, n1, t2, n2), chunk = await timing, await following
     submitted = len(latencies)
     # Every accepted request must end succeeded (and no other way): wait for the backlog.
@@ -381,6 +404,11 @@ async def flow(cluster: Cluster, duration: float, clients: int, chunks: int) -> 
         "all_succeeded": counts["succeeded"] - before == submitted + 1
         and sum(counts.values()) == counts["succeeded"],
         "chunk_to_client": chunk,
+        # CPU time per submitted request during the flow (all cores): where the time goes.
+        "cpu_ms_per_request": {
+            name: round(1000 * (cpu_after[name] - cpu_before[name]) / max(1, len(latencies)), 2)
+            for name in cpu_before
+        },
     }
 
 
