@@ -6,7 +6,10 @@
 For each database (a throwaway one), the bench first measures a *baseline*: the least a queue
 on that database can do per job, one ``FOR UPDATE SKIP LOCKED`` claim (on SQLite, the same
 claim under its write lock) and one update marking it done, from ``--baseline-claimers``
-connections, no HTTP, no events. Then, for each worker count, it starts the real processes:
+connections, no HTTP, no events; and the *queue alone*: ``--jobs`` queued iris requests run
+by one worker of ``--concurrency`` slots in the bench's own process (inferd's claims, model
+batcher and fenced writes, no HTTP, no other process). Then, for each worker count, it starts
+the real processes:
 one API (``inferd serve --workers 0``) and that many worker processes (``inferd worker -n
 --concurrency``), sharing the database and Redis (127.0.0.1:6379), and measures:
 
@@ -193,6 +196,44 @@ async def _baseline_postgres(dsn: str, jobs: int, claimers: int) -> dict[str, An
     finally:
         await pool.close()
     return {"claimers": claimers, "jobs": done, "jobs_per_s": round(done / elapsed, 1)}
+
+
+# --- the queue alone: store and worker in this process ---------------------------------------
+
+
+async def queue_only(url: str, models_dir: Path, jobs: int, concurrency: int) -> dict[str, Any]:
+    """``jobs`` queued iris requests run by one in-process worker: the queue's own cost (the
+    claims, the model's batcher, the fenced writes), without HTTP or other processes."""
+    from inferd.jobs.events import InProcessEventBus
+    from inferd.jobs.runner import ModelExecutor
+    from inferd.jobs.sql import SqlStore
+    from inferd.jobs.worker import Worker
+    from inferd.metrics import Metrics
+    from inferd.models.registry import ModelRegistry
+    from inferd.settings import Settings
+
+    settings = Settings(_env_file=None, models_dir=models_dir, models=["iris"], gc_freeze=False)
+    registry = ModelRegistry(settings, Metrics())
+    await registry.load_all()
+    store = SqlStore(url)
+    try:
+        sem = asyncio.Semaphore(32)
+
+        async def create() -> None:
+            async with sem:
+                await store.create(user="bench", model="iris", input=IRIS["input"], parameters={})
+
+        await asyncio.gather(*(create() for _ in range(jobs)))
+        worker = Worker(
+            store, InProcessEventBus(), ModelExecutor(registry), concurrency=concurrency
+        )
+        started = time.perf_counter()
+        ran = await worker.run_burst()
+        elapsed = time.perf_counter() - started
+    finally:
+        await registry.stop()
+        await store.close()
+    return {"jobs": ran, "concurrency": concurrency, "jobs_per_s": round(ran / elapsed, 1)}
 
 
 # --- the real thing: API and worker processes ----------------------------------------------------
@@ -490,6 +531,13 @@ def main() -> None:
             finally:
                 drop()
             print(f"{backend} baseline: {json.dumps(base)}", flush=True)
+            url, drop = database(backend, tmp)
+            try:
+                alone = asyncio.run(queue_only(url, models_dir, args.jobs, args.concurrency))
+            finally:
+                drop()
+            alone["x_baseline"] = round(alone["jobs_per_s"] / base["jobs_per_s"], 3)
+            print(f"{backend} queue alone: {json.dumps(alone)}", flush=True)
             runs = []
             for workers in (int(n) for n in args.workers.split(",")):
                 run = run_cluster(backend, tmp, models_dir, workers, args)
@@ -499,7 +547,7 @@ def main() -> None:
                 run["flow"]["x_baseline"] = round(run["flow"]["jobs_per_s"] / base["jobs_per_s"], 3)
                 print(f"{backend} {workers} worker(s): {json.dumps(run)}", flush=True)
                 runs.append(run)
-            results[backend] = {"baseline": base, "runs": runs}
+            results[backend] = {"baseline": base, "queue_alone": alone, "runs": runs}
     print(json.dumps(results, indent=2))
 
 
