@@ -512,7 +512,10 @@ def main() -> None:
     if args.follow:
         follow(args.follow)
         return
+    from inferd.logs import configure_logging
     from inferd.models.demo import train_demo
+
+    configure_logging("warning", "json")  # the in-process worker logs every job otherwise
 
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="inferd-bench-jobs-") as tmp_name:
