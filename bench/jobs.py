@@ -1,16 +1,32 @@
-"""Long-running requests: job throughput and chunk-to-client latency, on SQLite and PostgreSQL.
+"""Long-running requests at scale: jobs/s, submit latency and chunk-to-client latency.
 
-    python bench/jobs.py [--jobs 400] [--concurrency 4] [--chunks 200] [--backends sqlite,postgres]
+    python bench/jobs.py [--backends sqlite,postgres] [--workers 1,4] [--concurrency 16]
+                         [--jobs 3000] [--duration 20] [--clients 32] [--chunks 150]
 
-1. Throughput, for the iris model, with one worker of ``--concurrency`` slots: *drain* is
-   ``--jobs`` queued requests run to completion (stored, with their ``done`` event); *flow* is
-   ``--jobs`` requests submitted one after the other while the worker runs, timed from the first
-   submit to the last completion.
-2. Latency: a real ``inferd serve`` streams ``--chunks`` chunks from a model that yields one every
-   20 ms; an SSE client notes when each chunk arrives. The worker stamps ``sent_at`` just before
-   storing a chunk, so the figure covers the database write, the wake-up and the SSE read.
+For each database (a throwaway one), the bench first measures a *baseline*: the least a queue
+on that database can do per job, one ``FOR UPDATE SKIP LOCKED`` claim (on SQLite, the same
+claim under its write lock) and one update marking it done, from ``--baseline-claimers``
+connections, no HTTP, no events; and the *queue alone*: ``--jobs`` queued iris requests run
+by one worker of ``--concurrency`` slots in the bench's own process (inferd's claims, model
+batcher and fenced writes, no HTTP, no other process). Then, for each worker count, it starts
+the real processes:
+one API (``inferd serve --workers 0``) and that many worker processes (``inferd worker -n
+--concurrency``), sharing the database and Redis (127.0.0.1:6379), and measures:
 
-PostgreSQL runs use a throwaway database on 127.0.0.1:5432 (user postgres); Redis is not needed.
+* *drain*: ``--jobs`` iris requests are queued before the workers start; jobs/s between 5 %
+  and 95 % of them done (every job: claimed, run through the model's batcher, its chunk and
+  ``done`` event stored, followers woken);
+* *flow*: ``--clients`` HTTP clients submit iris requests back to back through the API for
+  ``--duration`` seconds: submits/s, jobs done/s over the last three quarters of the run,
+  ``POST /v1/requests`` p50/p99 (as the client sees it), and whether every request ends
+  ``succeeded``;
+* *chunk to client*, during that flow: a model yields a chunk every 20 ms (``--chunks`` of
+  them); a separate client process follows its SSE stream and notes when each chunk arrives
+  against the ``sent_at`` the worker stamped just before storing it (same machine, same
+  clock): the database write, the wake-up through Redis, the API's read and the SSE write.
+
+Everything (load generator included) shares the machine's cores: the figures are those of the
+whole system on this machine, not of the database alone.
 """
 
 from __future__ import annotations
@@ -21,6 +37,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -28,6 +45,7 @@ import tempfile
 import textwrap
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,7 +54,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/0"
 INFERD = str(Path(sys.executable).with_name("inferd"))
+IRIS = {"model": "iris", "input": {"features": [5.1, 3.5, 1.4, 0.2]}}
 
 TICKER = textwrap.dedent(
     '''
@@ -75,6 +95,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def ms(value: float) -> float:
+    return round(value * 1000.0, 2)
+
+
 async def _admin(sql: str) -> None:
     import asyncpg
 
@@ -85,18 +109,101 @@ async def _admin(sql: str) -> None:
         await conn.close()
 
 
-def database(backend: str, folder: Path) -> tuple[str, Any]:
-    """A fresh database URL and a function that drops it."""
-    if backend == "sqlite":
-        return f"sqlite+aiosqlite:///{folder / 'bench.db'}", lambda: None
-    name = f"inferd_bench_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    return url, lambda: asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-async def throughput(url: str, models_dir: Path, jobs: int, concurrency: int) -> dict[str, Any]:
+def database(backend: str, folder: Path) -> tuple[str, Callable[[], None]]:
+    """A fresh, migrated database URL and a function that drops it."""
     from inferd.db.migrate import migrate
+
+    if backend == "sqlite":
+        path = folder / f"bench-{uuid.uuid4().hex[:6]}.db"
+        url = f"sqlite+aiosqlite:///{path}"
+        drop: Callable[[], None] = lambda: None  # noqa: E731 (the folder goes at the end)
+    else:
+        name = f"inferd_bench_{uuid.uuid4().hex[:10]}"
+        asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+        url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+
+        def drop() -> None:
+            asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    asyncio.run(migrate(url))
+    return url, drop
+
+
+# --- the baseline: the least a queue on this database does per job ------------------------------
+
+
+def baseline(backend: str, url: str, jobs: int, claimers: int) -> dict[str, Any]:
+    if backend == "sqlite":
+        return _baseline_sqlite(url.split("///", 1)[1], jobs)
+    return asyncio.run(_baseline_postgres(url.replace("+asyncpg", ""), jobs, claimers))
+
+
+def _baseline_sqlite(path: str, jobs: int) -> dict[str, Any]:
+    # One writer at a time is all SQLite allows: one connection, the pragmas inferd uses.
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("CREATE TABLE bench_queue (id INTEGER PRIMARY KEY, state TEXT NOT NULL)")
+    conn.execute("CREATE INDEX bench_queue_state ON bench_queue (state, id)")
+    conn.executemany("INSERT INTO bench_queue (state) VALUES ('queued')", [()] * jobs)
+    started, done = time.perf_counter(), 0
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        row = conn.execute(
+            "UPDATE bench_queue SET state = 'running' WHERE id = (SELECT id FROM bench_queue"
+            " WHERE state = 'queued' ORDER BY id LIMIT 1) RETURNING id"
+        ).fetchone()
+        conn.execute("COMMIT")
+        if row is None:
+            break
+        conn.execute("UPDATE bench_queue SET state = 'done' WHERE id = ?", row)
+        done += 1
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return {"claimers": 1, "jobs": done, "jobs_per_s": round(done / elapsed, 1)}
+
+
+async def _baseline_postgres(dsn: str, jobs: int, claimers: int) -> dict[str, Any]:
+    import asyncpg
+
+    pool = await asyncpg.create_pool(dsn, min_size=claimers, max_size=claimers)
+    try:
+        await pool.execute(
+            "CREATE TABLE bench_queue (id bigserial PRIMARY KEY, state text NOT NULL);"
+            "CREATE INDEX ON bench_queue (state, id)"
+        )
+        await pool.execute(
+            "INSERT INTO bench_queue (state) SELECT 'queued' FROM generate_series(1, $1)", jobs
+        )
+        done = 0
+
+        async def claimer() -> None:
+            nonlocal done
+            async with pool.acquire() as conn:
+                claim = await conn.prepare(
+                    "UPDATE bench_queue SET state = 'running' WHERE id = (SELECT id FROM"
+                    " bench_queue WHERE state = 'queued' ORDER BY id LIMIT 1"
+                    " FOR UPDATE SKIP LOCKED) RETURNING id"
+                )
+                finish = await conn.prepare("UPDATE bench_queue SET state = 'done' WHERE id = $1")
+                while (job := await claim.fetchval()) is not None:
+                    await finish.fetch(job)
+                    done += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(claimer() for _ in range(claimers)))
+        elapsed = time.perf_counter() - started
+    finally:
+        await pool.close()
+    return {"claimers": claimers, "jobs": done, "jobs_per_s": round(done / elapsed, 1)}
+
+
+# --- the queue alone: store and worker in this process ---------------------------------------
+
+
+async def queue_only(url: str, models_dir: Path, jobs: int, concurrency: int) -> dict[str, Any]:
+    """``jobs`` queued iris requests run by one in-process worker: the queue's own cost (the
+    claims, the model's batcher, the fenced writes), without HTTP or other processes."""
     from inferd.jobs.events import InProcessEventBus
     from inferd.jobs.runner import ModelExecutor
     from inferd.jobs.sql import SqlStore
@@ -108,144 +215,342 @@ async def throughput(url: str, models_dir: Path, jobs: int, concurrency: int) ->
     settings = Settings(_env_file=None, models_dir=models_dir, models=["iris"], gc_freeze=False)
     registry = ModelRegistry(settings, Metrics())
     await registry.load_all()
-    await migrate(url)
     store = SqlStore(url)
-    worker = Worker(
-        store,
-        InProcessEventBus(),
-        ModelExecutor(registry),
-        concurrency=concurrency,
-        poll_seconds=0.01,
-    )
-    body = {"features": [5.1, 3.5, 1.4, 0.2]}
-    # Drain: the queue is full before the worker starts.
-    for _ in range(jobs):
-        await store.create(user="bench", model="iris", input=body, parameters={})
-    drain_started = time.perf_counter()
-    await worker.run_burst()
-    drain = time.perf_counter() - drain_started
-    # Flow: jobs are submitted while the worker runs, one after the other.
-    runner = asyncio.create_task(worker.run())
-    started = time.perf_counter()
-    for _ in range(jobs):
-        await store.create(user="bench", model="iris", input=body, parameters={})
-        worker.wake()
-    submitted = time.perf_counter() - started
-    while (await store.counts())["succeeded"] < 2 * jobs:  # noqa: ASYNC110 (the database is the truth)
-        await asyncio.sleep(0.01)
-    elapsed = time.perf_counter() - started
-    await worker.stop(grace=5)
-    runner.cancel()
-    await asyncio.gather(runner, return_exceptions=True)
-    await registry.stop()
-    await store.close()
-    return {
-        "jobs": jobs,
-        "concurrency": concurrency,
-        "drain_jobs_per_s": round(jobs / drain, 1),
-        "flow_jobs_per_s": round(jobs / elapsed, 1),
-        "flow_submit_per_s": round(jobs / submitted, 1),
-    }
-
-
-def latency(url: str, models_dir: Path, work: Path, chunks: int) -> dict[str, Any]:
-    (work / "bench_ticker.py").write_text(TICKER)
-    ticker = models_dir / "ticker"
-    (ticker / "1").mkdir(parents=True, exist_ok=True)
-    (ticker / "model.toml").write_text(
-        'runtime = "python"\nclass = "bench_ticker:Ticker"\ntask = "text-generation"\n'
-        '[input]\ntype = "text"\n'
-    )
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERD_")}
-    env.update(
-        PYTHONPATH=str(work),
-        INFERD_DATABASE_URL=url,
-        INFERD_WORKERS="1",
-        INFERD_POLL_SECONDS="0.01",
-        INFERD_ACCESS_LOG="false",
-    )
-    log = (work / "serve.log").open("wb")
-    server = subprocess.Popen(
-        [INFERD, "serve", "--models-dir", str(models_dir), "--port", str(port)],
-        cwd=work,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            if server.poll() is not None:
-                raise RuntimeError((work / "serve.log").read_text()[-3000:])
+        sem = asyncio.Semaphore(32)
+
+        async def create() -> None:
+            async with sem:
+                await store.create(user="bench", model="iris", input=IRIS["input"], parameters={})
+
+        await asyncio.gather(*(create() for _ in range(jobs)))
+        worker = Worker(
+            store, InProcessEventBus(), ModelExecutor(registry), concurrency=concurrency
+        )
+        started = time.perf_counter()
+        ran = await worker.run_burst()
+        elapsed = time.perf_counter() - started
+    finally:
+        await registry.stop()
+        await store.close()
+    return {"jobs": ran, "concurrency": concurrency, "jobs_per_s": round(ran / elapsed, 1)}
+
+
+# --- the real thing: API and worker processes ----------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _source() -> str:
+    """The folder inferd is imported from here: the processes run the same code."""
+    import inferd
+
+    return str(Path(inferd.__file__).resolve().parents[1])
+
+
+class Cluster:
+    """One API process and ``workers`` worker processes on one database and Redis."""
+
+    def __init__(self, work: Path, models_dir: Path, url: str, concurrency: int) -> None:
+        self.work, self.url, self.concurrency = work, url, concurrency
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("INFERD_")}
+        self.env.update(
+            PYTHONPATH=os.pathsep.join([_source(), str(work)]),
+            INFERD_DATABASE_URL=url,
+            INFERD_REDIS_URL=REDIS_URL,
+            INFERD_MODELS_DIR=str(models_dir),
+            INFERD_MODELS="iris,ticker",
+            INFERD_ACCESS_LOG="false",
+        )
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Path] = []
+        self.bases: list[str] = []
+        self.apis: list[subprocess.Popen[bytes]] = []
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
+        log = self.work / f"{name}.log"
+        self.logs.append(log)
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [INFERD, *args], cwd=self.work, env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
+        self.procs.append(proc)
+        return proc
+
+    def start_api(self) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        base = f"http://127.0.0.1:{port}"
+        api = self._spawn(["serve", "--workers", "0", "--port", str(port)], f"api-{port}")
+        self.bases.append(base)
+        self.apis.append(api)
+        for _ in range(600):
+            if api.poll() is not None:
+                raise RuntimeError(self.logs[-1].read_text()[-3000:])
             try:
                 if httpx.get(base + "/health/ready", timeout=1).status_code == 200:
-                    break
+                    return
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        r = httpx.post(
-            base + "/v1/requests",
-            json={"model": "ticker", "input": "go", "parameters": {"chunks": chunks}},
-        )
-        events_url = base + r.json()["events_url"]
-        delays: list[float] = []
-        with httpx.stream("GET", events_url, timeout=120) as stream:
-            event = None
-            for line in stream.iter_lines():
-                if line.startswith("event:"):
-                    event = line.split(":", 1)[1].strip()
-                elif line.startswith("data:") and event == "response":
-                    seen = time.time()
-                    data = json.loads(line.split(":", 1)[1])
-                    sent = datetime.fromisoformat(data["sent_at"]).timestamp()
-                    delays.append((seen - sent) * 1000.0)
-                elif line.startswith("data:") and event in ("done", "error"):
-                    break
+        raise RuntimeError("the API did not become ready")
+
+    def start_workers(self, count: int) -> None:
+        for n in range(count):
+            self.workers.append(self._spawn(["worker", "-n", str(self.concurrency)], f"worker-{n}"))
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+async def _counts(store: Any) -> dict[str, int]:
+    counts: dict[str, int] = await store.counts()
+    return counts
+
+
+async def drain(cluster: Cluster, workers: int, jobs: int) -> dict[str, Any]:
+    from inferd.jobs.sql import SqlStore
+
+    store = SqlStore(cluster.url)
+    try:
+        sem = asyncio.Semaphore(8)
+
+        async def create() -> None:
+            async with sem:
+                await store.create(user="bench", model="iris", input=IRIS["input"], parameters={})
+
+        await asyncio.gather(*(create() for _ in range(jobs)))
+        cluster.start_workers(workers)
+        low, high = round(jobs * 0.05), round(jobs * 0.95)
+        t_low = t_high = None
+        deadline = time.monotonic() + 600
+        while t_high is None and time.monotonic() < deadline:
+            done = (await _counts(store))["succeeded"]
+            now = time.perf_counter()
+            if t_low is None and done >= low:
+                t_low, n_low = now, done
+            if done >= high:
+                t_high, n_high = now, done
+            await asyncio.sleep(0.05)
+        if t_low is None or t_high is None:
+            raise RuntimeError("the queue did not drain")
+        while (await _counts(store))["succeeded"] < jobs:  # the rest, before the flow starts
+            if time.monotonic() > deadline:
+                raise RuntimeError("the queue did not drain")
+            await asyncio.sleep(0.05)
+        return {"jobs": jobs, "jobs_per_s": round((n_high - n_low) / (t_high - t_low), 1)}
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
-        log.close()
+        await store.close()
+
+
+async def flow(cluster: Cluster, duration: float, clients: int, chunks: int) -> dict[str, Any]:
+    from inferd.jobs.sql import SqlStore
+
+    store = SqlStore(cluster.url)
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    stop_at = time.perf_counter() + duration
+    before = (await _counts(store))["succeeded"]
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+
+        async def submitter(n: int) -> None:
+            # Spread over the APIs; with several, a request is followed on another one.
+            submit_url = cluster.bases[n % len(cluster.bases)] + "/v1/requests"
+            while time.perf_counter() < stop_at:
+                started = time.perf_counter()
+                r = await client.post(submit_url, json=IRIS)
+                if r.status_code == 202:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+
+        async def window() -> tuple[float, int, float, int]:
+            await asyncio.sleep(duration / 4)
+            t1, n1 = time.perf_counter(), (await _counts(store))["succeeded"]
+            await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+            t2, n2 = time.perf_counter(), (await _counts(store))["succeeded"]
+            return t1, n1, t2, n2
+
+        async def follower() -> dict[str, Any]:
+            await asyncio.sleep(duration / 4)
+            r = await client.post(
+                cluster.bases[0] + "/v1/requests",
+                json={"model": "ticker", "input": "go", "parameters": {"chunks": chunks}},
+            )
+            follow = await asyncio.create_subprocess_exec(
+                sys.executable,
+                __file__,
+                "--follow",
+                cluster.bases[-1] + r.json()["events_url"],
+                stdout=asyncio.subprocess.PIPE,
+            )
+            out, _ = await follow.communicate()
+            delays: list[float] = json.loads(out)
+            return {
+                "chunks": len(delays),
+                "p50_ms": ms(statistics.median(delays)),
+                "p99_ms": ms(percentile(delays, 0.99)),
+                "max_ms": ms(max(delays)),
+            }
+
+        started = time.perf_counter()
+        cpu_before = {
+            "api": sum(_cpu_seconds(p.pid) for p in cluster.apis),
+            "workers": sum(_cpu_seconds(p.pid) for p in cluster.workers),
+            "load_generator": time.process_time(),
+        }
+        timing = asyncio.ensure_future(window())
+        following = asyncio.ensure_future(follower())
+        await asyncio.gather(*(submitter(n) for n in range(clients)))
+        submitted_in = time.perf_counter() - started
+        cpu_after = {
+            "api": sum(_cpu_seconds(p.pid) for p in cluster.apis),
+            "workers": sum(_cpu_seconds(p.pid) for p in cluster.workers),
+            "load_generator": time.process_time(),
+        }
+        (t1, n1, t2, n2), chunk = await timing, await following
+    submitted = len(latencies)
+    # Every accepted request must end succeeded (and no other way): wait for the backlog.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        counts = await _counts(store)
+        if counts["queued"] == counts["running"] == 0:
+            break
+        await asyncio.sleep(0.1)
+    counts = await _counts(store)
+    await store.close()
     return {
-        "chunks": len(delays),
-        "p50_ms": round(statistics.median(delays), 2),
-        "p99_ms": round(percentile(delays, 0.99), 2),
-        "max_ms": round(max(delays), 2),
+        "clients": clients,
+        "seconds": duration,
+        "submitted": submitted,
+        "submits_per_s": round(submitted / submitted_in, 1),
+        "jobs_per_s": round((n2 - n1) / (t2 - t1), 1),
+        "submit_p50_ms": ms(statistics.median(latencies)),
+        "submit_p99_ms": ms(percentile(latencies, 0.99)),
+        "refused": errors,
+        "all_succeeded": counts["succeeded"] - before == submitted + 1
+        and sum(counts.values()) == counts["succeeded"],
+        "chunk_to_client": chunk,
+        # CPU time per submitted request during the flow (all cores): where the time goes.
+        "cpu_ms_per_request": {
+            name: round(1000 * (cpu_after[name] - cpu_before[name]) / max(1, len(latencies)), 2)
+            for name in cpu_before
+        },
+    }
+
+
+def follow(events_url: str) -> None:
+    """Follow one SSE stream; print the delay of every ``response`` chunk (seconds)."""
+    delays: list[float] = []
+    with httpx.stream("GET", events_url, timeout=120) as stream:
+        event = None
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and event == "response":
+                seen = time.time()
+                sent = datetime.fromisoformat(json.loads(line[5:])["sent_at"]).timestamp()
+                delays.append(seen - sent)
+            elif line.startswith("data:") and event in ("done", "error"):
+                break
+    print(json.dumps(delays))
+
+
+def run_cluster(
+    backend: str, tmp: Path, models_dir: Path, workers: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    work = tmp / f"{backend}-{args.apis}-{workers}"
+    work.mkdir()
+    (work / "bench_ticker.py").write_text(TICKER)
+    url, drop = database(backend, work)
+    cluster = Cluster(work, models_dir, url, args.concurrency)
+    try:
+        for _ in range(args.apis):
+            cluster.start_api()
+        drained = asyncio.run(drain(cluster, workers, args.jobs))
+        flowed = asyncio.run(flow(cluster, args.duration, args.clients, args.chunks))
+    finally:
+        cluster.close()
+        drop()
+    return {
+        "apis": args.apis,
+        "workers": workers,
+        "concurrency": args.concurrency,
+        "drain": drained,
+        "flow": flowed,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=400)
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--chunks", type=int, default=200)
     parser.add_argument("--backends", default="sqlite,postgres")
+    parser.add_argument("--workers", default="1,4", help="worker processes, comma-separated")
+    parser.add_argument("--concurrency", type=int, default=16, help="slots per worker")
+    parser.add_argument("--apis", type=int, default=1, help="API processes")
+    parser.add_argument("--jobs", type=int, default=3000, help="jobs of the drain")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of flow")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent HTTP submitters")
+    parser.add_argument("--chunks", type=int, default=150, help="chunks of the followed job")
+    parser.add_argument("--baseline-jobs", type=int, default=5000)
+    parser.add_argument("--baseline-claimers", type=int, default=4)
+    parser.add_argument("--follow", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.follow:
+        follow(args.follow)
+        return
     from inferd.logs import configure_logging
     from inferd.models.demo import train_demo
 
-    configure_logging("warning", "json")
+    configure_logging("warning", "json")  # the in-process worker logs every job otherwise
+
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="inferd-bench-jobs-") as tmp:
-        models_dir = Path(tmp) / "models"
+    with tempfile.TemporaryDirectory(prefix="inferd-bench-jobs-") as tmp_name:
+        tmp = Path(tmp_name)
+        models_dir = tmp / "models"
         train_demo(models_dir)
+        (models_dir / "ticker" / "1").mkdir(parents=True)
+        (models_dir / "ticker" / "model.toml").write_text(
+            'runtime = "python"\nclass = "bench_ticker:Ticker"\ntask = "text-generation"\n'
+            '[input]\ntype = "text"\n'
+        )
         for backend in args.backends.split(","):
-            work = Path(tmp) / backend
-            work.mkdir()
-            url, drop = database(backend, work)
+            url, drop = database(backend, tmp)
             try:
-                tput = asyncio.run(throughput(url, models_dir, args.jobs, args.concurrency))
+                base = baseline(backend, url, args.baseline_jobs, args.baseline_claimers)
             finally:
                 drop()
-            url, drop = database(backend, work)
+            print(f"{backend} baseline: {json.dumps(base)}", flush=True)
+            url, drop = database(backend, tmp)
             try:
-                lat = latency(url, models_dir, work, args.chunks)
+                alone = asyncio.run(queue_only(url, models_dir, args.jobs, args.concurrency))
             finally:
                 drop()
-            results[backend] = {"throughput": tput, "chunk_to_client": lat}
-            print(f"{backend}: {json.dumps(results[backend])}", flush=True)
+            alone["x_baseline"] = round(alone["jobs_per_s"] / base["jobs_per_s"], 3)
+            print(f"{backend} queue alone: {json.dumps(alone)}", flush=True)
+            runs = []
+            for workers in (int(n) for n in args.workers.split(",")):
+                run = run_cluster(backend, tmp, models_dir, workers, args)
+                run["drain"]["x_baseline"] = round(
+                    run["drain"]["jobs_per_s"] / base["jobs_per_s"], 3
+                )
+                run["flow"]["x_baseline"] = round(run["flow"]["jobs_per_s"] / base["jobs_per_s"], 3)
+                print(f"{backend} {workers} worker(s): {json.dumps(run)}", flush=True)
+                runs.append(run)
+            results[backend] = {"baseline": base, "queue_alone": alone, "runs": runs}
     print(json.dumps(results, indent=2))
 
 

@@ -34,7 +34,7 @@ from inferd.jobs.events import InProcessEventBus
 from inferd.jobs.ids import encode_cursor
 from inferd.jobs.maintenance import Maintenance
 from inferd.jobs.sql import SqlStore
-from inferd.jobs.types import EventKind, Lease, QueueLimits, RequestRecord, RequestStatus
+from inferd.jobs.types import EventKind, JobWrite, Lease, QueueLimits, RequestRecord, RequestStatus
 
 BACKENDS = ["sqlite", "postgres"]
 STATUSES = ["queued", "running", "succeeded", "failed", "cancelled", "dead", "expired"]
@@ -323,6 +323,116 @@ async def test_claim_can_be_restricted_to_models(store: SqlStore) -> None:
     assert (await claim(store, models=["b", "c"])).request_id == b
     assert await store.claim("w", 30, models=["b"]) is None
     assert (await claim(store)).request_id == a
+
+
+async def test_concurrent_creates_are_stored_together_each_whole(store: SqlStore) -> None:
+    made = await asyncio.gather(
+        *(store.create(user="alice", model="echo", input=n, parameters={}) for n in range(50))
+    )
+    assert all(created for _, created in made)
+    ids = [record.id for record, _ in made]
+    assert len(set(ids)) == 50
+    for n, request_id in enumerate(ids):
+        record = await fetch(store, request_id)
+        assert (record.input, record.status, record.last_seq) == (n, RequestStatus.QUEUED, 1)
+        assert await kinds(store, request_id) == [("status", {"status": "queued", "attempt": 0})]
+    assert len(await store.claim_many("w", 30, 100)) == 50
+
+
+async def test_a_bad_create_does_not_fail_the_ones_stored_with_it(store: SqlStore) -> None:
+    results = await asyncio.gather(
+        *(store.create(user="alice", model="echo", input=n, parameters={}) for n in range(5)),
+        store.create(user="alice", model="echo", input={1, 2}, parameters={}),  # not JSON
+        return_exceptions=True,
+    )
+    assert isinstance(results[-1], Exception)
+    assert all(not isinstance(result, BaseException) and result[1] for result in results[:-1])
+    assert (await store.counts())["queued"] == 5
+
+
+async def test_claim_many_takes_the_oldest_jobs_in_one_claim(store: SqlStore, clock: Clock) -> None:
+    ids: list[str] = []
+    for n in range(5):
+        ids.append(await submit(store, input=n))
+        clock.advance(0.01)
+    first = await store.claim_many("w", 60, 3)
+    assert [lease.request_id for lease in first] == ids[:3]
+    assert [lease.input for lease in first] == [0, 1, 2]
+    assert all(lease.attempt == 1 for lease in first)
+    rest = await store.claim_many("w", 60, 10, models=["echo"])
+    assert [lease.request_id for lease in rest] == ids[3:]
+    assert await store.claim_many("w", 60, 10) == []
+    assert await store.claim_many("w", 60, 0) == []
+    for request_id in ids:
+        record = await fetch(store, request_id)
+        assert (record.status, record.attempts, record.last_seq) == (RequestStatus.RUNNING, 1, 2)
+        assert (await kinds(store, request_id))[-1] == (
+            "status",
+            {"status": "running", "attempt": 1},
+        )
+
+
+async def test_concurrent_batch_claimers_take_each_job_exactly_once(store: SqlStore) -> None:
+    ids = {await submit(store, input=n) for n in range(60)}
+    taken: list[str] = []
+
+    async def worker(n: int) -> None:
+        while leases := await store.claim_many(f"w{n}", 30, 4):
+            taken.extend(lease.request_id for lease in leases)
+
+    await asyncio.gather(*(worker(n) for n in range(8)))
+    assert sorted(taken) == sorted(ids)
+
+
+async def test_a_batch_write_is_fenced_per_lease(store: SqlStore, clock: Clock) -> None:
+    stale_id = await submit(store, input="stale")
+    stale = await claim(store, 5)
+    clock.advance(6)
+    fresh = await claim(store, 60)  # the same request, taken over after the lease expired
+    assert fresh.request_id == stale_id
+    streaming_id, done_id = await submit(store, input="s"), await submit(store, input="d")
+    leases = await store.claim_many("w", 60, 2)
+    streaming, done = sorted(leases, key=lambda lease: lease.input != "s")
+    before = await store.get(stale_id)
+    results = await store.write(
+        [
+            JobWrite(streaming, ({"response": "a"}, {"response": "b"})),
+            JobWrite(stale, ({"response": "stale"},), done=True, result="stale"),
+            JobWrite(done, ({"response": "only"},), done=True, result={"r": 1}),
+        ]
+    )
+    assert results[1] is None
+    assert await store.get(stale_id) == before
+    appended, finished = results[0], results[2]
+    assert appended is not None and finished is not None
+    assert [(e.seq, e.kind.value, e.data["response"]) for e in appended] == [
+        (3, "response", "a"),
+        (4, "response", "b"),
+    ]
+    assert [(e.seq, e.kind.value) for e in finished] == [(3, "response"), (4, "done")]
+    assert finished[-1].data == {"status": "succeeded", "result": {"r": 1}}
+    record = await fetch(store, streaming_id)
+    assert (record.status, record.last_seq) == (RequestStatus.RUNNING, 4)
+    assert [r["response"] for r in record.responses] == ["a", "b"]
+    assert all(r["sent_at"] for r in record.responses)
+    record = await fetch(store, done_id)
+    assert (record.status, record.result, record.last_seq) == (
+        RequestStatus.SUCCEEDED,
+        {"r": 1},
+        4,
+    )
+    assert record.finished_at is not None
+    assert [r["response"] for r in record.responses] == ["only"]
+    assert [e.seq for e in await store.events(done_id)] == [1, 2, 3, 4]
+    # The finished request's job is gone; the running one still writes, a finished one not.
+    assert await store.write([JobWrite(done, ({"response": "late"},))]) == [None]
+    again = await store.write([JobWrite(streaming, done=True, result="end")])
+    assert again[0] is not None and [e.seq for e in again[0]] == [5]
+    assert (await fetch(store, streaming_id)).status is RequestStatus.SUCCEEDED
+    assert (await store.counts())["succeeded"] == 2
+    assert await store.write([]) == []
+    with pytest.raises(ValueError, match="one write per lease"):
+        await store.write([JobWrite(fresh), JobWrite(fresh)])
 
 
 async def test_heartbeat_extends_the_lease(store: SqlStore, clock: Clock) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,6 +24,7 @@ from inferd.jobs.types import (
     TERMINAL,
     Event,
     EventKind,
+    JobWrite,
     Lease,
     Page,
     RequestRecord,
@@ -230,6 +232,35 @@ class MemoryStore:
             parameters=record.parameters,
             trace_context=self.traces.get(request_id),
         )
+
+    async def claim_many(
+        self, worker_id: str, lease_seconds: float, limit: int, models: list[str] | None = None
+    ) -> list[Lease]:
+        leases: list[Lease] = []
+        while len(leases) < limit:
+            lease = await self.claim(worker_id, lease_seconds, models)
+            if lease is None:
+                break
+            leases.append(lease)
+        return leases
+
+    async def write(self, writes: Sequence[JobWrite]) -> list[list[Event] | None]:
+        ids = [w.lease.request_id for w in writes]
+        if len(set(ids)) != len(ids):
+            raise ValueError("at most one write per lease in a batch")
+        results: list[list[Event] | None] = []
+        for w in writes:
+            if self._held(w.lease) is None:
+                results.append(None)
+                continue
+            rid = w.lease.request_id
+            sent = {"sent_at": self.now.isoformat()}
+            stored = [self._emit(rid, EventKind.RESPONSE, sent | data) for data in w.responses]
+            if w.done:
+                data = {"status": "succeeded", "result": w.result}
+                stored.append(self._finish(rid, EventKind.DONE, data, result=w.result))
+            results.append(stored)
+        return results
 
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
         job = self._held(lease)

@@ -7,7 +7,7 @@ The models are real (scripted ones behind a real registry and batcher); the stor
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,10 @@ class RecordingBus(InProcessEventBus):
     async def publish(self, request_id: str, seq: int) -> None:
         self.published.append((request_id, seq))
         await super().publish(request_id, seq)
+
+    async def publish_many(self, items: Sequence[tuple[str, int]]) -> None:
+        self.published.extend(items)
+        await super().publish_many(items)
 
 
 @pytest.fixture

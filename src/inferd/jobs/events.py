@@ -18,7 +18,7 @@ import contextlib
 import logging
 import random
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from inferd.errors import ConfigError
@@ -116,6 +116,11 @@ class InProcessEventBus:
     async def publish(self, request_id: str, seq: int) -> None:
         """Wake every current subscriber of ``request_id``."""
         self._wake(request_id, seq)
+
+    async def publish_many(self, items: Sequence[tuple[str, int]]) -> None:
+        """:meth:`publish` each (request id, seq)."""
+        for request_id, seq in items:
+            self._wake(request_id, seq)
 
     def subscribe(self, request_id: str) -> Subscription:
         """Subscribe now (call on the event loop); iterate the result to receive seqs."""
@@ -225,26 +230,39 @@ class RedisEventBus(InProcessEventBus):
     async def publish(self, request_id: str, seq: int) -> None:
         """Publish to Redis; on failure log (once per outage), count, and wake local followers.
         Never raises: the event is already stored and followers poll the store."""
-        if self._closed:
+        await self.publish_many(((request_id, seq),))
+
+    async def publish_many(self, items: Sequence[tuple[str, int]]) -> None:
+        """:meth:`publish` each (request id, seq), in one round trip to Redis (a pipeline)."""
+        if self._closed or not items:
             return
         loop = asyncio.get_running_loop()
         if self._publish_down and loop.time() < self._publish_retry_at:
             # Redis failed moments ago: do not make every chunk wait for it to fail again.
-            self.publish_errors += 1
-            self._wake(request_id, seq)
+            self.publish_errors += len(items)
+            for request_id, seq in items:
+                self._wake(request_id, seq)
             return
         try:
             async with asyncio.timeout(self._timeout):
-                await self._pub.publish(self._prefix + request_id, str(seq))
+                if len(items) == 1:
+                    request_id, seq = items[0]
+                    await self._pub.publish(self._prefix + request_id, str(seq))
+                else:
+                    pipe = self._pub.pipeline(transaction=False)
+                    for request_id, seq in items:
+                        pipe.publish(self._prefix + request_id, str(seq))
+                    await pipe.execute()
         except Exception as exc:  # best effort by design: the store is the source of truth
-            self.publish_errors += 1
+            self.publish_errors += len(items)
             self._publish_retry_at = loop.time() + self._delays[0]
             if not self._publish_down:
                 log.warning(
                     "event bus: publish to Redis failed; followers will poll: %s", _why(exc)
                 )
             self._publish_down = True
-            self._wake(request_id, seq)
+            for request_id, seq in items:
+                self._wake(request_id, seq)
         else:
             if self._publish_down:
                 log.info("event bus: publishing to Redis again")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -13,6 +15,7 @@ from inferd.errors import NotFound, QueueFull, TooManyQueued, ValidationFailed
 from inferd.jobs.follow import follow_events
 from inferd.jobs.runner import ModelExecutor
 from inferd.jobs.types import (
+    QUEUED_CHANNEL,
     Event,
     EventBus,
     Page,
@@ -34,6 +37,9 @@ _MAX_TTL = 10 * 366 * 86_400  # ten years: longer is a mistake (and overflows th
 
 class ControlledStore(RequestStore, QueueControls, Protocol):
     """A request store with the queue controls (the SQL store)."""
+
+
+log = logging.getLogger("inferd.jobs.service")
 
 
 class RequestService:
@@ -70,6 +76,9 @@ class RequestService:
         """Default wait for a first attempt before a request expires (None: never)."""
         self.retry_after = retry_after
         self.metrics = metrics
+        self._announcing: asyncio.Task[None] | None = None
+        self._announce_again = False
+        self._announced = 0
 
     async def submit(
         self,
@@ -161,13 +170,38 @@ class RequestService:
         if created and record.deduplicated and self.metrics is not None:
             kind = "join" if record.status is RequestStatus.QUEUED else "hit"
             self.metrics.jobs_deduplicated.labels(model, kind).inc()
-        if created and not record.deduplicated and self.on_submit is not None:
-            self.on_submit()
+        if created and not record.deduplicated:
+            if self.on_submit is not None:
+                self.on_submit()
+            self._announce()
         if quota is not None and (not created or record.deduplicated) and self.enforcer:
             # A replay that raced past the check above is not charged twice; a request
             # answered by an identical one runs nothing.
             await self.enforcer.limiter.settle(key.id, quota.reserved, 0, day=quota.day)
         return record, created
+
+    def _announce(self) -> None:
+        """Tell idle workers (of every process, through the bus) that a request is queued.
+        Announcements are coalesced: at most one publish is in flight, and the submits that
+        come during it share the next one."""
+        if self._announcing is not None:
+            self._announce_again = True
+            return
+        self._announcing = asyncio.get_running_loop().create_task(self._announce_loop())
+
+    async def _announce_loop(self) -> None:
+        try:
+            while True:
+                self._announce_again = False
+                self._announced += 1
+                try:
+                    await self.bus.publish(QUEUED_CHANNEL, self._announced)
+                except Exception as exc:  # workers poll the queue anyway
+                    log.warning("queue announcement failed: %r", exc)
+                if not self._announce_again:
+                    return
+        finally:
+            self._announcing = None
 
     async def get(self, user: str, request_id: str) -> RequestRecord:
         record = await self.store.get(request_id, user)

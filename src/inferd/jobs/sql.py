@@ -37,9 +37,22 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from sqlalchemy import URL, ColumnElement, Row, delete, func, literal, or_, select, tuple_, update
+from sqlalchemy import (
+    URL,
+    ColumnElement,
+    Row,
+    bindparam,
+    delete,
+    func,
+    literal,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -60,6 +73,7 @@ from inferd.jobs.types import (
     TERMINAL,
     Event,
     EventKind,
+    JobWrite,
     Lease,
     Page,
     QueueLimits,
@@ -75,12 +89,29 @@ CANCELLED_BY_USER = "cancelled by the user"
 _US = 1_000_000
 _MAX_PAGE = 100
 _REAP_BATCH = 100  # expired leases taken back per claim; the rest wait for the next one
+_CREATE_BATCH = 500  # creates stored in one transaction at most
+_SLOW_CLAIM = 20_000  # µs: a claim slower than this restarts its leases when it ends
 _QUEUED = RequestStatus.QUEUED.value
 _RUNNING = RequestStatus.RUNNING.value
 _SUCCEEDED = RequestStatus.SUCCEEDED.value
 _TERMINAL = sorted(status.value for status in TERMINAL)
 REQUEUEABLE = frozenset({RequestStatus.DEAD, RequestStatus.FAILED, RequestStatus.EXPIRED})
 """The statuses an admin may put back in the queue (``POST /v1/admin/requests/{id}/requeue``)."""
+
+_Fields: TypeAlias = dict[str, Any]
+
+
+@dataclass(slots=True)
+class _Create:
+    """One request to store: its row (without id, times and expiry until its transaction),
+    its budget charge, its deadline as asked, and the queue bounds it must fit in."""
+
+    row: _Fields
+    charge: _Fields | None = None
+    expires_at: float | None = None
+    ttl_seconds: float | None = None
+    limits: QueueLimits | None = None
+
 
 _Row: TypeAlias = "Row[*tuple[Any, ...]]"  # any row (a string: Row is variadic on 2.1 only)
 
@@ -118,6 +149,10 @@ class SqlStore:
             echo=echo,
         )
         self._clock = clock
+        self._pool_size = pool_size
+        self._creates: list[tuple[_Create, asyncio.Future[None]]]
+        self._creates = []
+        self._creating: asyncio.Task[None] | None = None
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._postgres = self._engine.dialect.name == "postgresql"
@@ -145,6 +180,14 @@ class SqlStore:
         """Run a trivial query; raises StoreUnavailable when the database does not answer."""
         async with self._read() as tx:
             await tx.conn.execute(select(1))
+
+    async def warm(self, connections: int = 2) -> None:
+        """Open up to ``connections`` pooled connections now (at most the pool's size), so
+        that the first writes that run side by side (a chunk and a heartbeat) do not each
+        wait for a new connection: on a busy machine that wait can outlast a short lease."""
+        async with self._available(), contextlib.AsyncExitStack() as stack:
+            for _ in range(max(1, min(connections, self._pool_size))):
+                await stack.enter_async_context(self._engine.connect())
 
     async def close(self) -> None:
         """Close every pooled connection."""
@@ -227,6 +270,27 @@ class SqlStore:
             existing = await self._find_idempotent(user, idempotency_key, digest)
             if existing is not None:
                 return existing, False
+        row: dict[str, Any] = {
+            "user_id": user,
+            "model": model,
+            "version": version,
+            "input": input,
+            "parameters": parameters,
+            "body_hash": digest,
+            "idempotency_key": idempotency_key,
+            "status": _QUEUED,
+            "attempts": 0,
+            "max_attempts": max_attempts,
+            "cancel_requested": False,
+            "last_seq": 1,
+            "trace_context": trace_context,
+            "dedup_hash": dedup_hash,
+        } | dict.fromkeys(("result", "error", "started_at", "finished_at", "dedup_of"))
+        pending = _Create(row, charge, expires_at, ttl_seconds, limits)
+        if idempotency_key is None and dedup_hash is None:
+            # No key, no conflict to settle: stored with the creates of other requests.
+            await self._create_together(pending)
+            return to_record(row, []), True
         try:
             async with self._write() as tx:
                 expires = _expiry(tx.now, expires_at, ttl_seconds)
@@ -246,37 +310,7 @@ class SqlStore:
                             "dedup_hash": dedup_hash,
                         }
                         return await tx.deduplicated(found, fields), True
-                if limits is not None:
-                    await tx.admit(model, limits)
-                row: dict[str, Any] = {
-                    "id": new_request_id(tx.now // 1000),
-                    "user_id": user,
-                    "model": model,
-                    "version": version,
-                    "input": input,
-                    "parameters": parameters,
-                    "body_hash": digest,
-                    "idempotency_key": idempotency_key,
-                    "status": _QUEUED,
-                    "attempts": 0,
-                    "max_attempts": max_attempts,
-                    "cancel_requested": False,
-                    "last_seq": 1,
-                    "created_at": tx.now,
-                    "updated_at": tx.now,
-                    "trace_context": trace_context,
-                    "expires_at": expires,
-                    "dedup_hash": dedup_hash,
-                } | dict.fromkeys(("result", "error", "started_at", "finished_at", "dedup_of"))
-                await tx.conn.execute(requests.insert(), row)
-                job = {"request_id": row["id"], "model": model, "state": _QUEUED}
-                key_id = limits.key_id if limits is not None else None
-                controls = {"expires_at": expires, "key_id": key_id}
-                await tx.conn.execute(jobs.insert(), job | {"run_at": tx.now} | controls)
-                first = {"status": _QUEUED, "attempt": 0}
-                await tx.insert_event(row["id"], 1, 0, EventKind.STATUS, first)
-                if charge is not None:
-                    await tx.conn.execute(charges.insert(), {"request_id": row["id"], **charge})
+                await tx.insert_created([pending])
         except sa_exc.IntegrityError:
             if idempotency_key is None:
                 raise
@@ -285,6 +319,51 @@ class SqlStore:
                 raise
             return existing, False
         return to_record(row, []), True
+
+    async def _create_together(self, pending: _Create) -> None:
+        """Group commit of creates: the requests submitted while one transaction of creates
+        runs are stored together in the next one (each row gets its id and times there)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._creates.append((pending, done))
+        if self._creating is None or self._creating.done():
+            self._creating = loop.create_task(self._flush_creates(), name="store-creates")
+        await done
+
+    async def _flush_creates(self) -> None:
+        while self._creates:
+            batch = self._creates[:_CREATE_BATCH]
+            del self._creates[:_CREATE_BATCH]
+            try:
+                async with self._write() as tx:
+                    await tx.insert_created([pending for pending, _ in batch])
+            except StoreUnavailable as exc:
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            except Exception:
+                # Something in one of them (not the database): each on its own, so that one
+                # bad request does not fail the others.
+                # (A bound reached within the batch lands here too: one at a time, each
+                # request is counted exactly.)
+                for pending, done in batch:
+                    try:
+                        async with self._write() as tx:
+                            await tx.insert_created([pending])
+                    except Exception as exc:
+                        if not done.done():
+                            done.set_exception(exc)
+                    else:
+                        if not done.done():
+                            done.set_result(None)
+            except BaseException:
+                for *_, done in batch:
+                    done.cancel()
+                raise
+            else:
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_result(None)
 
     async def _find_idempotent(self, user: str, key: str, digest: str) -> RequestRecord | None:
         query = select(requests).where(
@@ -372,10 +451,19 @@ class SqlStore:
         self, worker_id: str, lease_seconds: float, models: list[str] | None = None
     ) -> Lease | None:
         """Take the oldest due job (of ``models`` if given) after reaping expired leases."""
+        leases = await self.claim_many(worker_id, lease_seconds, 1, models)
+        return leases[0] if leases else None
+
+    async def claim_many(
+        self, worker_id: str, lease_seconds: float, limit: int, models: list[str] | None = None
+    ) -> list[Lease]:
+        """Take up to ``limit`` of the oldest due jobs after reaping expired leases: four
+        statements in one transaction, however many jobs. The leases of one claim share a
+        fresh token (the fence is the pair of request id and token)."""
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be positive")
-        if models is not None and not models:
-            return None
+        if limit < 1 or (models is not None and not models):
+            return []
         token = secrets.token_urlsafe(24)
         async with self._write() as tx:
             await tx.reap()
@@ -384,45 +472,158 @@ class SqlStore:
             due = due.where(_startable(tx.now))  # past expires_at: left to expire_due
             if models is not None:
                 due = due.where(jobs.c.model.in_(models))
-            due = due.order_by(jobs.c.run_at, jobs.c.request_id).limit(1)
+            due = due.order_by(jobs.c.run_at, jobs.c.request_id).limit(limit)
             take = update(jobs).values(
                 state=_RUNNING, lease_token=token, lease_expires_at=expires, worker_id=worker_id
             )
             if self._postgres:
-                # Lock the candidate, skipping rows other claimers hold: no claimer waits.
+                # Lock the candidates, skipping rows other claimers hold: no claimer waits.
                 chosen = due.with_for_update(skip_locked=True).cte("chosen")
                 take = take.where(jobs.c.request_id == chosen.c.request_id)
             else:
                 # BEGIN IMMEDIATE holds the database's write lock: one statement suffices.
-                take = take.where(jobs.c.request_id == due.scalar_subquery())
-            taken = await tx.conn.execute(take.returning(jobs.c.request_id))
-            request_id = taken.scalar_one_or_none()
-            if request_id is None:
-                return None
-            values = {
-                "status": _RUNNING,
-                "attempts": requests.c.attempts + 1,
-                "started_at": func.coalesce(requests.c.started_at, tx.now),
-            }
-            extra = (
-                requests.c.model,
-                requests.c.input,
-                requests.c.parameters,
-                requests.c.trace_context,
+                take = take.where(jobs.c.request_id.in_(due.scalar_subquery()))
+            taken = list((await tx.conn.execute(take.returning(jobs.c.request_id))).scalars())
+            if not taken:
+                return []
+            started = (
+                update(requests)
+                .where(requests.c.id.in_(taken))
+                .values(
+                    status=_RUNNING,
+                    attempts=requests.c.attempts + 1,
+                    started_at=func.coalesce(requests.c.started_at, tx.now),
+                    updated_at=tx.now,
+                    last_seq=requests.c.last_seq + 1,
+                )
+                .returning(
+                    requests.c.id,
+                    requests.c.last_seq,
+                    requests.c.attempts,
+                    requests.c.model,
+                    requests.c.input,
+                    requests.c.parameters,
+                    requests.c.trace_context,
+                )
             )
-            row = await tx.bump(request_id, values, extra)
-            data = {"status": _RUNNING, "attempt": row.attempts}
-            await tx.insert_event(request_id, row.last_seq, row.attempts, EventKind.STATUS, data)
-        return Lease(
-            request_id=request_id,
-            token=token,
-            attempt=row.attempts,
-            expires_at=to_datetime(expires),
-            model=row.model,
-            input=row.input,
-            parameters=row.parameters,
-            trace_context=row.trace_context,
-        )
+            rows = sorted((await tx.conn.execute(started)).all(), key=lambda row: row.id)
+            await tx.conn.execute(
+                events.insert(),
+                [
+                    tx.event_row(
+                        row.id,
+                        row.last_seq,
+                        row.attempts,
+                        EventKind.STATUS,
+                        {"status": _RUNNING, "attempt": row.attempts},
+                    )
+                    for row in rows
+                ],
+            )
+            late = round(self._clock() * _US)
+            if late - tx.now > _SLOW_CLAIM:
+                # The claim itself was slow (a busy machine, a first run): the lease counts
+                # from now, not from when the claim began, or the job could start with
+                # little of it left and lose it before its first heartbeat.
+                expires = late + round(lease_seconds * _US)
+                await tx.conn.execute(
+                    update(jobs)
+                    .where(jobs.c.request_id.in_(taken))
+                    .values(lease_expires_at=expires)
+                )
+        return [
+            Lease(
+                request_id=row.id,
+                token=token,
+                attempt=row.attempts,
+                expires_at=to_datetime(expires),
+                model=row.model,
+                input=row.input,
+                parameters=row.parameters,
+                trace_context=row.trace_context,
+            )
+            for row in rows
+        ]
+
+    async def write(self, writes: Sequence[JobWrite]) -> list[list[Event] | None]:
+        """Apply the writes of several leases in one transaction (group commit): a constant
+        number of statements however many leases and events. Each write is fenced on its own
+        lease, inside the transaction, exactly as :meth:`append` and :meth:`complete` are: a
+        write whose lease is no longer valid changes nothing and gets None."""
+        if not writes:
+            return []
+        ids = [w.lease.request_id for w in writes]
+        if len(set(ids)) != len(ids):
+            raise ValueError("at most one write per lease in a batch")
+        async with self._write() as tx:
+            keys = [(w.lease.request_id, w.lease.token) for w in writes]
+            valid = (
+                select(jobs.c.request_id)
+                .where(
+                    tuple_(jobs.c.request_id, jobs.c.lease_token).in_(keys),
+                    jobs.c.state == _RUNNING,
+                    jobs.c.lease_expires_at > tx.now,
+                )
+                .order_by(jobs.c.request_id)  # one lock order between batches
+            )
+            held = set((await tx.conn.execute(valid.with_for_update())).scalars())
+            if not held:
+                return [None] * len(writes)
+            # A separate statement: on PostgreSQL it sees what committed while we waited.
+            state = select(requests.c.id, requests.c.last_seq, requests.c.attempts).where(
+                requests.c.id.in_(sorted(held))
+            )
+            seqs = {row.id: (row.last_seq, row.attempts) for row in await tx.conn.execute(state)}
+            results: list[list[Event] | None] = []
+            new_events: list[dict[str, Any]] = []
+            moved: list[dict[str, Any]] = []
+            ended: list[dict[str, Any]] = []
+            for w in writes:
+                rid = w.lease.request_id
+                if rid not in held:
+                    results.append(None)
+                    continue
+                seq, attempt = seqs[rid]
+                rows: list[dict[str, Any]] = []
+                for data in w.responses:
+                    seq += 1
+                    payload = {"sent_at": iso(tx.now)} | data
+                    rows.append(tx.event_row(rid, seq, attempt, EventKind.RESPONSE, payload))
+                if w.done:
+                    seq += 1
+                    data = {"status": RequestStatus.SUCCEEDED.value, "result": w.result}
+                    rows.append(tx.event_row(rid, seq, attempt, EventKind.DONE, data))
+                    ended.append({"b_id": rid, "b_seq": seq, "b_result": w.result})
+                elif rows:
+                    moved.append({"b_id": rid, "b_seq": seq})
+                new_events.extend(rows)
+                results.append([to_event(row) for row in rows])
+            if ended:
+                gone = [row["b_id"] for row in ended]
+                await tx.conn.execute(jobs.delete().where(jobs.c.request_id.in_(gone)))
+                await tx.conn.execute(
+                    update(requests)
+                    .where(requests.c.id == bindparam("b_id"))
+                    .values(
+                        status=RequestStatus.SUCCEEDED.value,
+                        result=bindparam("b_result", type_=requests.c.result.type),
+                        error=None,
+                        finished_at=tx.now,
+                        updated_at=tx.now,
+                        last_seq=bindparam("b_seq"),
+                    ),
+                    ended,
+                )
+            if moved:
+                await tx.conn.execute(
+                    update(requests)
+                    .where(requests.c.id == bindparam("b_id"))
+                    .values(updated_at=tx.now, last_seq=bindparam("b_seq")),
+                    moved,
+                )
+            if new_events:
+                await tx.conn.execute(events.insert(), new_events)
+        return results
 
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
         """Extend the lease. False if it was lost, or if the request was cancelled (then the
@@ -738,11 +939,71 @@ class _Tx:
         )
         return (await self.conn.execute(stmt)).one()
 
+    async def insert_created(self, items: Sequence[_Create]) -> None:
+        """Store new requests (``row`` gets its id, times and expiry), their jobs, their first
+        events and their charges: four statements however many requests, after one count per
+        queue bound that the batch adds to (QueueFull / TooManyQueued if it would go past)."""
+        await self.admit_many(items)
+        for item in items:
+            item.row.update(
+                id=new_request_id(self.now // 1000),
+                created_at=self.now,
+                updated_at=self.now,
+                expires_at=_expiry(self.now, item.expires_at, item.ttl_seconds),
+            )
+        await self.conn.execute(requests.insert(), [item.row for item in items])
+        await self.conn.execute(
+            jobs.insert(),
+            [
+                {
+                    "request_id": item.row["id"],
+                    "model": item.row["model"],
+                    "state": _QUEUED,
+                    "run_at": self.now,
+                    "expires_at": item.row["expires_at"],
+                    "key_id": item.limits.key_id if item.limits is not None else None,
+                }
+                for item in items
+            ],
+        )
+        first = {"status": _QUEUED, "attempt": 0}
+        await self.conn.execute(
+            events.insert(),
+            [self.event_row(item.row["id"], 1, 0, EventKind.STATUS, first) for item in items],
+        )
+        owed = [{"request_id": item.row["id"], **item.charge} for item in items if item.charge]
+        if owed:
+            await self.conn.execute(charges.insert(), owed)
+
+    async def admit_many(self, items: Sequence[_Create]) -> None:
+        """:meth:`admit` for a batch of creates: each bound counted once, with what the batch
+        itself adds to it."""
+        adding: dict[tuple[str, str | None], tuple[QueueLimits, int]] = {}
+        for item in items:
+            if item.limits is None:
+                continue
+            key = (item.row["model"], item.limits.key_id)
+            limits, n = adding.get(key, (item.limits, 0))
+            adding[key] = (limits, n + 1)
+        by_model: dict[str, int] = {}
+        for (model, _), (_, n) in adding.items():
+            by_model[model] = by_model.get(model, 0) + n
+        for (model, _), (limits, n) in adding.items():
+            await self.admit(model, limits, adding=n, adding_model=by_model[model])
+
     async def insert_event(
         self, request_id: str, seq: int, attempt: int, kind: EventKind, data: dict[str, Any]
     ) -> Event:
         """Store an event whose ``seq`` the request row has taken (see :meth:`bump`)."""
-        row = {
+        row = self.event_row(request_id, seq, attempt, kind, data)
+        await self.conn.execute(events.insert(), row)
+        return to_event(row)
+
+    def event_row(
+        self, request_id: str, seq: int, attempt: int, kind: EventKind, data: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The row of an event, to insert with others in one statement."""
+        return {
             "request_id": request_id,
             "seq": seq,
             "kind": kind.value,
@@ -750,8 +1011,6 @@ class _Tx:
             "data": data,
             "created_at": self.now,
         }
-        await self.conn.execute(events.insert(), row)
-        return to_event(row)
 
     async def emit(
         self, request_id: str, kind: EventKind, data: dict[str, Any], **values: Any
@@ -801,20 +1060,35 @@ class _Tx:
 
     # --- queue controls ---------------------------------------------------------------------
 
-    async def admit(self, model: str, limits: QueueLimits) -> None:
-        """Raise QueueFull or TooManyQueued when a new job would be past a bound. On SQLite
-        the write lock makes the count exact; on PostgreSQL concurrent submits may overshoot
-        a bound by the number of them in flight (no lock is taken for it)."""
+    async def admit(
+        self, model: str, limits: QueueLimits, adding: int = 1, adding_model: int | None = None
+    ) -> None:
+        """Raise QueueFull or TooManyQueued when ``adding`` new jobs (of this key; of the
+        model: ``adding_model``, default the same) would be past a bound. On SQLite the write
+        lock makes the count exact; on PostgreSQL concurrent submits may overshoot a bound by
+        the number of them in flight (no lock is taken for it)."""
         bounds = (
-            (limits.max_queued, jobs.c.model == model, QueueFull, f"model {model!r}"),
-            (limits.max_queued_per_key, jobs.c.key_id == limits.key_id, TooManyQueued, "key"),
+            (
+                limits.max_queued,
+                jobs.c.model == model,
+                QueueFull,
+                f"model {model!r}",
+                adding if adding_model is None else adding_model,
+            ),
+            (
+                limits.max_queued_per_key,
+                jobs.c.key_id == limits.key_id,
+                TooManyQueued,
+                "key",
+                adding,
+            ),
         )
-        for bound, where, error, whose in bounds:
+        for bound, where, error, whose, added in bounds:
             if bound is None or (error is TooManyQueued and limits.key_id is None):
                 continue
             capped = select(literal(1)).where(where, jobs.c.state == _QUEUED).limit(bound)
             queued = await self.conn.execute(select(func.count()).select_from(capped.subquery()))
-            if queued.scalar_one() >= bound:
+            if queued.scalar_one() + added > bound:
                 if error is QueueFull:
                     message = (
                         f"the queue of {whose} is full ({bound} requests waiting); nothing "

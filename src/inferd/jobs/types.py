@@ -9,17 +9,19 @@ every chunk it yields is stored (``JobQueue.append``) before followers are told 
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
 __all__ = [
+    "QUEUED_CHANNEL",
     "TERMINAL",
     "Event",
     "EventBus",
     "EventKind",
     "JobQueue",
+    "JobWrite",
     "Lease",
     "Page",
     "QueueControls",
@@ -150,6 +152,18 @@ class QueueLimits:
     retry_after: float = 1.0
 
 
+@dataclass(frozen=True, slots=True)
+class JobWrite:
+    """What a worker writes for one lease in a batch (:meth:`JobQueue.write`): ``response``
+    events with these data (``sent_at`` added when missing), then, if ``done``, the request
+    succeeds with ``result`` (its ``done`` event)."""
+
+    lease: Lease
+    responses: tuple[dict[str, Any], ...] = ()
+    done: bool = False
+    result: Any = None
+
+
 class RequestStore(Protocol):
     """The API's side: create, read, list, cancel, replay events."""
 
@@ -246,8 +260,18 @@ class JobQueue(Protocol):
         """Atomically take the oldest runnable job (queued, ``run_at`` due) and mark the
         request running; None when there is none. Expired leases are taken back first."""
 
+    async def claim_many(
+        self, worker_id: str, lease_seconds: float, limit: int, models: list[str] | None = None
+    ) -> list[Lease]:
+        """Like :meth:`claim`, for up to ``limit`` jobs in one transaction (oldest first)."""
+
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
         """Extend the lease. False if it was lost or the request was cancelled: stop."""
+
+    async def write(self, writes: list[JobWrite]) -> list[list[Event] | None]:
+        """Apply the writes of several leases (at most one each) in one transaction, each
+        fenced on its own lease: per write, the events stored, or None if its lease was lost
+        (then nothing of it was written)."""
 
     async def append(self, lease: Lease, data: dict[str, Any]) -> Event | None:
         """Store one ``response`` event; None (nothing written) if the lease was lost."""
@@ -273,12 +297,20 @@ class JobQueue(Protocol):
         """Number of requests per status (for metrics and autoscaling)."""
 
 
+QUEUED_CHANNEL = "_queued"
+"""The bus channel (in place of a request id) on which the API says that it queued requests:
+idle workers subscribe to it and claim at once instead of at their next poll."""
+
+
 class EventBus(Protocol):
     """Wakes SSE followers when a request has new events; may drop messages (the store is the
     source of truth, followers re-read it)."""
 
     async def publish(self, request_id: str, seq: int) -> None:
         """Say that ``request_id`` has events up to ``seq``."""
+
+    async def publish_many(self, items: Sequence[tuple[str, int]]) -> None:
+        """:meth:`publish` each (request id, seq), at once where the bus can."""
 
     def subscribe(self, request_id: str) -> AsyncIterator[int]:
         """Yield the ``seq`` of each publish for ``request_id`` until the iterator is closed."""

@@ -1,10 +1,17 @@
 """Workers: lease jobs, run them on the model in a thread, store every chunk, finish fenced.
 
-A worker holds up to ``concurrency`` leases. For each one it runs the model's chunks in a
-thread; every chunk is stored (fenced by the lease token) before followers are woken, and a
-heartbeat task extends the lease. When a heartbeat is refused (the request was cancelled, or
-the lease was lost to another worker) the model is asked to stop between chunks, and whatever
-the worker writes afterwards is fenced: a worker that lost its lease changes nothing.
+A worker holds up to ``concurrency`` leases, taken several per claim (one transaction for
+all the slots that are free). For each one it runs the model's chunks in a thread; every
+chunk is stored (fenced by the lease token) before followers are woken, and a heartbeat task
+extends the lease. Writes go through a group commit: the chunks and completions that the
+jobs ask for while one transaction runs are stored together in the next one, each still
+fenced on its own lease, and followers are woken for all of them in one publish. An idle
+worker waits for the API's announcement of new requests on the bus (``QUEUED_CHANNEL``),
+polling the queue every ``poll_seconds`` as well in case an announcement is lost.
+
+When a heartbeat is refused (the request was cancelled, or the lease was lost to another
+worker) the model is asked to stop between chunks, and whatever the worker writes afterwards
+is fenced: a worker that lost its lease changes nothing.
 
 Shutdown is staged: stop claiming, let running jobs finish within the grace period, then stop
 them and hand their jobs back to the queue without burning an attempt.
@@ -28,7 +35,7 @@ from inferd import tracing
 from inferd.concurrency import run_blocking
 from inferd.errors import InferdError
 from inferd.jobs.runner import ModelExecutor
-from inferd.jobs.types import Event, EventBus, EventKind, JobQueue, Lease
+from inferd.jobs.types import QUEUED_CHANNEL, Event, EventBus, EventKind, JobQueue, JobWrite, Lease
 from inferd.logs import get_logger
 
 __all__ = ["Worker"]
@@ -48,11 +55,84 @@ class _Job:
     chunks: list[Any] = field(default_factory=list)
     span: Any = None  # this run's span while tracing is on
     outcome: str = "unrecorded"
+    unsaved: list[dict[str, Any]] = field(default_factory=list)  # stored with the completion
 
     def stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
         self.stopped.set()
+
+
+_Result = asyncio.Future[list[Event] | None]
+
+
+class _Writer:
+    """Group commit: writes asked for while one batch is being stored go in the next one."""
+
+    def __init__(self, queue: JobQueue, bus: EventBus, max_batch: int) -> None:
+        self.queue, self.bus, self.max_batch = queue, bus, max_batch
+        self._pending: list[tuple[JobWrite, _Result]] = []
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0  # transactions run
+        self.writes = 0  # writes stored in them
+
+    async def write(self, write: JobWrite) -> list[Event] | None:
+        """Store ``write`` with whatever else is pending; its events, or None if the lease
+        was lost. Followers have been woken when this returns."""
+        future: asyncio.Future[list[Event] | None] = asyncio.get_running_loop().create_future()
+        self._pending.append((write, future))
+        self._kick.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="job-writer")
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            while self._pending:
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                await self._flush(batch)
+
+    async def _flush(self, batch: list[tuple[JobWrite, _Result]]) -> None:
+        self.batches += 1
+        self.writes += len(batch)
+        try:
+            results = await self.queue.write([write for write, _ in batch])
+        except Exception as exc:  # every job of the batch sees the failure, as it would alone
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except BaseException:
+            for _, future in batch:
+                future.cancel()
+            raise
+        latest = [events[-1] for events in results if events]
+        if latest:
+            try:
+                await _publish_many(self.bus, [(e.request_id, e.seq) for e in latest])
+            except Exception as exc:  # followers re-read the store; a lost wake-up only delays
+                log.warning("publish failed", detail=repr(exc))
+        for (_, future), events in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(events)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+
+
+async def _publish_many(bus: EventBus, items: list[tuple[str, int]]) -> None:
+    await bus.publish_many(items)
 
 
 class Worker:
@@ -72,6 +152,7 @@ class Worker:
         worker_id: str | None = None,
         on_outcome: Callable[[str, str, float], None] | None = None,
         on_terminal: Callable[[Lease, Event, list[Any]], Awaitable[None]] | None = None,
+        max_batch: int = 256,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -90,6 +171,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._closing = False
         self._jobs: dict[asyncio.Task[None], _Job] = {}
+        self._writer = _Writer(queue, bus, max_batch)
 
     # ------------------------------------------------------------------ running
     def wake(self) -> None:
@@ -99,30 +181,78 @@ class Worker:
     async def run(self) -> None:
         """Claim and run jobs until :meth:`stop`."""
         log.info("worker started", worker=self.id, concurrency=self.concurrency)
+        await self._warm()
+        listener = asyncio.get_running_loop().create_task(self._listen(), name="worker-listen")
+        try:
+            while not self._closing:
+                free = self.concurrency - len(self._jobs)
+                if free <= 0:
+                    await asyncio.wait(set(self._jobs), return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                self._wake.clear()  # before the claim: an announcement during it is kept
+                # At most half the slots per claim: two groups of jobs, one claimed while
+                # the other one's writes are stored.
+                wanted = min(free, max(1, self.concurrency // 2))
+                leases = await self._claim(wanted)
+                for lease in leases:
+                    self._start(lease)
+                if len(leases) < wanted:  # the queue is empty for now: wait for news
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def _warm(self) -> None:
+        """Open the connections and prepare the statements of a job's first seconds before
+        any job runs: done on the first job instead, on a busy machine, that can take longer
+        than a short lease, which the job then loses. The writes use a lease of no request,
+        so they change nothing."""
+        nobody = Lease(
+            request_id="", token="", attempt=0, expires_at=datetime.now(UTC), model="",
+            input=None, parameters={},
+        )  # fmt: skip
+        try:
+            warm = getattr(self.queue, "warm", None)
+            if warm is not None:
+                await warm(3)  # the claim, the writer and a heartbeat at once
+            await self.queue.heartbeat(nobody, self.lease_seconds)
+            await self.queue.write([JobWrite(nobody, ({"response": None},), done=True)])
+        except Exception as exc:  # the claim loop reports a database that does not answer
+            log.warning("could not warm up", worker=self.id, detail=repr(exc))
+
+    async def _listen(self) -> None:
+        """Wake the claim loop whenever the API announces queued requests."""
         while not self._closing:
-            if len(self._jobs) >= self.concurrency:
-                await asyncio.wait(set(self._jobs), return_when=asyncio.FIRST_COMPLETED)
-                continue
-            lease = await self._claim()
-            if lease is None:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
-                continue
-            self._start(lease)
+            subscription = self.bus.subscribe(QUEUED_CHANNEL)
+            try:
+                async for _ in subscription:
+                    self._wake.set()
+            except Exception as exc:  # the poll still finds the jobs
+                log.warning("queue announcements lost", worker=self.id, detail=repr(exc))
+            finally:
+                aclose = getattr(subscription, "aclose", None)
+                if aclose is not None:
+                    with contextlib.suppress(Exception):
+                        await aclose()
+            await asyncio.sleep(self.poll_seconds)
 
     async def run_burst(self) -> int:
         """Run jobs until none is claimable and none is running; return how many ran."""
         before = self.processed
-        while True:
-            while len(self._jobs) < self.concurrency and not self._closing:
-                lease = await self._claim()
-                if lease is None:
-                    break
-                self._start(lease)
-            if not self._jobs:
-                return self.processed - before
-            await asyncio.wait(set(self._jobs), return_when=asyncio.FIRST_COMPLETED)
+        await self._warm()
+        try:
+            while True:
+                free = self.concurrency - len(self._jobs)
+                if free > 0 and not self._closing:
+                    for lease in await self._claim(free):
+                        self._start(lease)
+                if not self._jobs:
+                    return self.processed - before
+                await asyncio.wait(set(self._jobs), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await self._writer.close()
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop claiming; give running jobs ``grace`` seconds, then hand them back."""
@@ -134,15 +264,16 @@ class Worker:
                 self._jobs[task].stop(_STOP_SHUTDOWN)
             if pending:
                 await asyncio.wait(pending)
+        await self._writer.close()
         log.info("worker stopped", worker=self.id, processed=self.processed)
 
-    async def _claim(self) -> Lease | None:
+    async def _claim(self, limit: int) -> list[Lease]:
         try:
-            return await self.queue.claim(self.id, self.lease_seconds, self.models)
+            return await self.queue.claim_many(self.id, self.lease_seconds, limit, self.models)
         except Exception as exc:  # a database hiccup must not kill the worker
             log.warning("claim failed", worker=self.id, detail=repr(exc))
             await asyncio.sleep(self.poll_seconds)
-            return None
+            return []
 
     def _start(self, lease: Lease) -> None:
         job = _Job(lease)
@@ -226,20 +357,18 @@ class Worker:
         )
         if job.stopped.is_set():
             return
-        if not await self._store(job, chunk):
-            job.stop(_STOP_LOST)
-            return
+        # Stored with the completion, in one transaction: the one chunk is the whole answer.
+        job.unsaved.append({"response": chunk, "sent_at": datetime.now(UTC).isoformat()})
         job.chunks.append(chunk)
 
     async def _store(self, job: _Job, chunk: Any) -> bool:
-        event = await self.queue.append(
-            job.lease, {"response": chunk, "sent_at": datetime.now(UTC).isoformat()}
-        )
-        if event is None:
+        data = {"response": chunk, "sent_at": datetime.now(UTC).isoformat()}
+        stored = await self._writer.write(JobWrite(job.lease, (data,)))  # publishes too
+        if stored is None:
             return False
         if job.span is not None:
-            job.span.add_event("chunk", {"inferd.seq": event.seq})
-        await self._publish(event)
+            for event in stored:
+                job.span.add_event("chunk", {"inferd.seq": event.seq})
         return True
 
     async def _heartbeat(self, job: _Job) -> None:
@@ -258,6 +387,7 @@ class Worker:
         lease, reason = job.lease, job.stop_reason
         event: Event | None = None
         outcome: str
+        published = False
         try:
             if reason == _STOP_SHUTDOWN:
                 await self.queue.release(lease)
@@ -274,13 +404,20 @@ class Worker:
                 outcome = f"failed: {message[:200]}"
             else:
                 result = self.executor.result(lease.model, job.chunks)
-                event = await self.queue.complete(lease, result)
+                done = JobWrite(lease, tuple(job.unsaved), done=True, result=result)
+                written = await self._writer.write(done)  # publishes too
+                published = True
+                event = written[-1] if written else None
+                if job.span is not None and written:
+                    for chunk_event in written[:-1]:  # a one-chunk answer stored with it
+                        job.span.add_event("chunk", {"inferd.seq": chunk_event.seq})
                 outcome = "succeeded" if event is not None else "lease lost"
         except Exception as exc:
             log.error("could not record the outcome", request_id=lease.request_id, detail=repr(exc))
             return
         if event is not None:
-            await self._publish(event)
+            if not published:
+                await self._publish(event)
             if self.on_terminal is not None and event.kind in (EventKind.DONE, EventKind.ERROR):
                 try:
                     await self.on_terminal(lease, event, job.chunks)
