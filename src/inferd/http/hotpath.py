@@ -64,10 +64,8 @@ class HotPath:
             return
         inbound = PredictInbound(self, ctx, scope, receive, params, lean.path == _DEFAULT_ENDPOINT)
         extra: list[tuple[bytes, bytes]] = []
-        plane = self.plane
-        plane.in_flight += 1
         try:
-            body = await plane.infer(inbound)
+            body = await self.plane.infer(inbound)
             status = 200
         except ClientGone:
             ctx.detail = "client disconnected; dropped before the model ran"
@@ -76,8 +74,6 @@ class HotPath:
             ctx.detail = error.message
             status, body = error.status_code, error_body(error)
             extra = [(k.encode(), v.encode()) for k, v in error.headers().items()]
-        finally:
-            plane.in_flight -= 1
         headers = [_JSON, (b"content-length", b"%d" % len(body)), *extra]
         if status != 429 and (ctx.rate is not None or ctx.quota is not None):
             headers.extend(ctx.rate_limit_headers())

@@ -125,8 +125,8 @@ class DataPlane:
         self.shadow = Shadow(registry, registry.metrics)
         """Copies of answered requests to candidate versions (:mod:`inferd.serving.shadow`)."""
         self.in_flight = 0
-        """Requests being served by the transports that count them (the lean HTTP routes): one
-        alone may run at once on an idle model; with others about, batching them costs less."""
+        """Requests in :meth:`infer` now, of every transport: one alone may run at once on an
+        idle model; with others about, batching them costs less."""
 
     def lookup(self, inbound: Inbound[Any]) -> LoadedModel:
         """The ready version ``inbound`` asks for, once the route accepts it."""
@@ -141,6 +141,14 @@ class DataPlane:
     async def infer(self, inbound: Inbound[R]) -> R:
         """Serve one prediction; raises :class:`~inferd.errors.InferdError` (a 4xx or 5xx to
         answer) or :class:`ClientGone` (nobody to answer)."""
+        self.in_flight += 1  # every transport's: a lone request may run at once (see _run)
+        try:
+            return await self._route(inbound)
+        finally:
+            self.in_flight -= 1
+
+    async def _route(self, inbound: Inbound[R]) -> R:
+        """:meth:`infer`: the version that serves (a split may choose it), then the request."""
         name = inbound.model  # (lookup(), inlined: this is every request's path)
         if name is None:
             loaded = self.registry.get_default()
