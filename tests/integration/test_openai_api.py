@@ -65,13 +65,14 @@ class Gate:
         self._open = threading.Event()
 
     def __call__(self, sequences: int, seconds: float) -> None:
-        self._open.wait(10)
+        self._open.wait(30)
 
     def open(self) -> None:
         self._open.set()
 
 
-async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
+async def until(condition: Callable[[], bool], within: float = 30.0) -> None:
+    """Wait for ``condition`` (generously: a loaded machine may take seconds to start a step)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + within
     while not condition():
