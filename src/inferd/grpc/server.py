@@ -32,6 +32,7 @@ from inferd import __version__
 from inferd.errors import BadRequest, InferdError, ModelNotFound
 from inferd.grpc import codec
 from inferd.grpc import grpc_predict_v2_pb2 as pb
+from inferd.http.context import incoming_id
 from inferd.http.v2 import (
     EXTENSIONS,
     OpenInference,
@@ -70,7 +71,6 @@ STATUS_CODES: dict[int, grpc.StatusCode] = {
 }
 """The gRPC status of each HTTP status a refusal has on REST (others: ``UNKNOWN``)."""
 
-_MAX_ID = 128
 
 Handler = Callable[[Any, Any, RequestContext], Awaitable[Any]]
 
@@ -170,7 +170,7 @@ class GrpcServer:
             started = time.perf_counter()
             metadata = _metadata(context)
             ctx = RequestContext(
-                _incoming_id(metadata) or f"{self._prefix}-{next(self._ids):x}",
+                incoming_id(metadata) or f"{self._prefix}-{next(self._ids):x}",
                 started,
                 asyncio.get_running_loop().time(),
             )
@@ -391,17 +391,6 @@ def _metadata(context: Any) -> list[tuple[bytes, bytes]]:
         raw = value if isinstance(value, bytes) else str(value).encode("latin-1", "replace")
         pairs.append((key.lower().encode("latin-1"), raw))
     return pairs
-
-
-def _incoming_id(metadata: list[tuple[bytes, bytes]]) -> str | None:
-    for key, value in metadata:
-        if key == b"x-request-id":
-            if 0 < len(value) <= _MAX_ID and value.isascii():
-                text = value.decode("ascii")
-                if text.isprintable():
-                    return text
-            return None
-    return None
 
 
 def _version(name: str, version: str) -> int | None:

@@ -29,6 +29,7 @@ __all__ = [
     "FastPath",
     "RequestContextMiddleware",
     "disconnect_probe",
+    "incoming_id",
     "request_timeout",
     "watch_disconnect",
 ]
@@ -85,7 +86,8 @@ def request_timeout(value: str | bytes) -> float:
     return ms / 1000.0
 
 
-def _incoming_id(headers: list[tuple[bytes, bytes]]) -> str | None:
+def incoming_id(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The caller's ``X-Request-ID`` when it is printable ASCII of at most 128 characters."""
     for key, value in headers:
         if key == b"x-request-id":
             if 0 < len(value) <= _MAX_ID and value.isascii():
@@ -180,7 +182,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _incoming_id(scope["headers"]) or self._new_id()
+        request_id = incoming_id(scope["headers"]) or self._new_id()
         ctx = RequestContext(request_id, started, asyncio.get_running_loop().time())
         scope["inferd"] = ctx
         ctx.headers = scope["headers"]

@@ -397,21 +397,9 @@ class SqlStore:
         """The user's requests, newest first, keyset-paginated on (created_at, id)."""
         if not 1 <= limit <= _MAX_PAGE:
             raise BadRequest(f"limit must be between 1 and {_MAX_PAGE}, not {limit}")
-        query = select(requests).where(requests.c.user_id == user)
-        if cursor is not None:
-            created_us, last_id = decode_cursor(cursor)
-            position = tuple_(requests.c.created_at, requests.c.id)
-            query = query.where(position < tuple_(created_us, last_id))
-        newest_first = (requests.c.created_at.desc(), requests.c.id.desc())
-        query = query.order_by(*newest_first).limit(limit + 1)  # one more: is there a next?
-        async with self._read() as tx:
-            rows = list((await tx.conn.execute(query)).all())
-            more = len(rows) > limit
-            rows = rows[:limit]
-            responses = await tx.responses(rows)
-        items = [to_record(row._mapping, responses.get(row.id, [])) for row in rows]
-        last = rows[-1] if more else None
-        return Page(items, None if last is None else encode_cursor(last.created_at, last.id))
+        return await self._page_of(
+            select(requests).where(requests.c.user_id == user), cursor, limit
+        )
 
     async def events(self, request_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
         """Stored events with ``seq > after``, in order, at most ``limit`` of them."""
@@ -843,12 +831,13 @@ class SqlStore:
             return await tx.record(changed), event
 
     async def _page_of(self, query: Any, cursor: str | None, limit: int) -> Page:
+        """The requests of ``query``, newest first, keyset-paginated on (created_at, id)."""
         if cursor is not None:
             created_us, last_id = decode_cursor(cursor)
             position = tuple_(requests.c.created_at, requests.c.id)
             query = query.where(position < tuple_(created_us, last_id))
         newest_first = (requests.c.created_at.desc(), requests.c.id.desc())
-        query = query.order_by(*newest_first).limit(limit + 1)
+        query = query.order_by(*newest_first).limit(limit + 1)  # one more: is there a next?
         async with self._read() as tx:
             rows = list((await tx.conn.execute(query)).all())
             more = len(rows) > limit
