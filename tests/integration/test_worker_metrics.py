@@ -45,7 +45,12 @@ async def test_a_worker_exports_the_tokens_it_processed(make_settings: Callable[
         async with httpx.AsyncClient() as client:
             loop = asyncio.get_running_loop()
             end = loop.time() + 30
-            while metric(text, "inference_tokens_processed_total", model="iris") < 4:
+            # the tokens are counted as a chunk is written, the run when the job settles: wait
+            # for both before stopping the worker, or the scrape can fall between the two
+            while (
+                metric(text, "inference_tokens_processed_total", model="iris") < 4
+                or metric(text, "inference_job_runs_total", model="iris", outcome="succeeded") < 2
+            ):
                 assert loop.time() < end, text[-2000:]
                 assert not worker.done(), worker
                 await asyncio.sleep(0.05)
