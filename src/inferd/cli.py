@@ -282,6 +282,13 @@ def keys_create(
     ] = None,
     daily_tokens: Annotated[int | None, typer.Option(help="Token budget per UTC day.")] = None,
     name: Annotated[str | None, typer.Option(help="A label for people.")] = None,
+    priority: Annotated[
+        str,
+        typer.Option(
+            help="Its requests' priority in the models' queues, and the highest they may ask "
+            "for with X-Inferd-Priority: high, normal or low."
+        ),
+    ] = "normal",
     config: ConfigOpt = None,
     database_url: Annotated[str | None, typer.Option(help="[INFERD_DATABASE_URL]")] = None,
 ) -> None:
@@ -292,7 +299,9 @@ def keys_create(
     wanted = [s.strip() for s in scopes.split(",") if s.strip()]
     try:
         key, record = asyncio.run(
-            _with_keys(settings, lambda ks: ks.create(user, wanted, rate, daily_tokens, name))
+            _with_keys(
+                settings, lambda ks: ks.create(user, wanted, rate, daily_tokens, name, priority)
+            )
         )
     except InferdError as exc:
         raise _fail(exc.message, 2) from None
@@ -324,7 +333,7 @@ def keys_list(
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     table = Table(title="API keys")
-    for column in ("id", "user", "scopes", "rate", "daily tokens", "revoked"):
+    for column in ("id", "user", "scopes", "rate", "daily tokens", "priority", "revoked"):
         table.add_column(column)
     for row in rows:
         table.add_row(
@@ -333,6 +342,7 @@ def keys_list(
             ",".join(row["scopes"]),
             row["rate"] or "-",
             str(row["daily_tokens"] or "-"),
+            row["priority"],
             "yes" if row["revoked"] else "no",
         )
     out.print(table)

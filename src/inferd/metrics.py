@@ -73,8 +73,9 @@ class Metrics:
         )
         self.queue_rejections = Counter(
             "inference_queue_rejections_total",
-            "Requests rejected by load shedding (reason=shed: queue past its mark; reason=wait: "
-            "its oldest request waited too long) or a full queue (reason=full).",
+            "Requests rejected by load shedding (reason=shed: queue past its priority's mark; "
+            "reason=wait: its oldest request waited too long; reason=fair_share: the caller's "
+            "key holds more than its share of the queue) or a full queue (reason=full).",
             (*mv, "reason"),
             registry=r,
         )

@@ -165,6 +165,13 @@ class Settings(BaseSettings):
     shed_threshold: float = Field(default=0.8, gt=0, le=1)
     """Fraction of ``max_queue_size`` past which new requests are shed with 503."""
 
+    fair_sharing: bool = True
+    """Share each model's queue fairly between API keys (deficit round robin over the keys
+    waiting, and a key holding more than its share of a queue past half its shedding mark is
+    shed first), so that one key sending ten times its share does not raise the others'
+    latency. Off: one queue per priority, in arrival order. Priorities (a key's, or
+    ``X-Inferd-Priority`` within it) apply either way."""
+
     shed_wait: float = Field(default=0.0, ge=0, le=1)
     """When above 0, new requests are also shed with 503 while the oldest request in their
     model's queue has waited there more than this fraction of its time to deadline (0.25: 25 ms

@@ -107,11 +107,19 @@ def test_keys_from_the_command_line(start_server: Any, models_dir: Path, tmp_pat
                   cwd=tmp_path)  # fmt: skip
     assert bad.returncode == 2
     assert "unknown: root" in bad.stderr
+    ops = run_cli("keys", "create", "--user", "ops", "--scopes", "predict", "--priority", "high",
+                  "--config", str(config), cwd=tmp_path)  # fmt: skip
+    assert ops.returncode == 0, ops.stderr
+    odd = run_cli("keys", "create", "--user", "x", "--priority", "urgent", "--config", str(config),
+                  cwd=tmp_path)  # fmt: skip
+    assert odd.returncode == 2
+    assert "priority must be one of high, normal, low" in odd.stderr
     listed = json.loads(
         run_cli("keys", "list", "--json", "--config", str(config), cwd=tmp_path).stdout
     )
-    assert [(k["user"], k["scopes"], k["revoked"]) for k in listed] == [
-        ("erin", ["predict"], False)
+    assert [(k["user"], k["scopes"], k["priority"], k["revoked"]) for k in listed] == [
+        ("erin", ["predict"], "normal", False),
+        ("ops", ["predict"], "high", False),
     ]
     assert key not in json.dumps(listed)
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from inferd.batching import Batcher
+from inferd.batching import HIGH, LOW, Batcher
 from inferd.errors import DeadlineExceeded, ModelError, Overloaded
 
 
@@ -282,6 +282,75 @@ async def test_shedding_past_the_mark_and_full_queue(
     model.gate.set()
     await asyncio.gather(blocker, *queued)
     batcher.check_admission()  # room again once the queue drained
+
+
+async def test_high_priority_is_shed_last_and_low_priority_first(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    rejections: list[str] = []
+    model = Recorder()
+    model.gate = threading.Event()
+    batcher = make(model, max_queue_size=10, shed_threshold=0.8, on_reject=rejections.append)
+    blocker = asyncio.ensure_future(infer(batcher, row(-1), 1, far()))
+    await wait_entered(model)
+    queued = [batcher.submit(row(i), 1, far()) for i in range(4)]
+    with pytest.raises(Overloaded) as caught:  # low: refused at half the mark (4 of 8)
+        batcher.check_admission(priority=LOW)
+    assert "shedding low-priority requests at 4 of 10" in caught.value.message
+    queued += [batcher.submit(row(i), 1, far()) for i in range(4, 8)]
+    with pytest.raises(Overloaded):  # normal: at the mark
+        batcher.submit(row(99), 1, far())
+    queued += [batcher.submit(row(i), 1, far(), priority=HIGH) for i in (100, 101)]
+    with pytest.raises(Overloaded) as caught:  # high: only when full
+        batcher.check_admission(priority=HIGH)
+    assert caught.value.status_code == 503
+    assert rejections == ["shed", "shed", "full"]
+    model.gate.set()
+    await asyncio.gather(blocker, *queued)
+    # The high-priority requests, queued last, ran in the first batch after the blocker.
+    assert model.batches[1][:2] == [100.0, 101.0]
+
+
+async def test_a_tenant_over_its_share_is_refused_before_the_others(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    rejections: list[str] = []
+    model = Recorder()
+    model.gate = threading.Event()
+    batcher = make(
+        model, max_queue_size=10, shed_threshold=0.8, max_batch_size=4, on_reject=rejections.append
+    )
+    blocker = asyncio.ensure_future(infer(batcher, row(-1), 1, far()))
+    await wait_entered(model)
+    # Alone, a tenant may fill the queue up to the mark.
+    queued = [batcher.submit(row(i), 1, far(), tenant="heavy") for i in range(5)]
+    queued += [batcher.submit(row(i), 1, far(), tenant="light") for i in (50, 51)]
+    # Past half the mark (4 of 8) with two tenants waiting, each one's share is 8 / 2.
+    with pytest.raises(Overloaded) as caught:
+        batcher.submit(row(99), 1, far(), tenant="heavy")
+    assert "holds 5 of its 7 queued requests" in caught.value.message
+    batcher.check_admission("light")
+    batcher.check_admission("newcomer")
+    assert rejections == ["fair_share"]
+    model.gate.set()
+    await asyncio.gather(blocker, *queued)
+    # The light tenant's requests did not wait for the heavy one's five: one batch of four.
+    assert {50.0, 51.0} <= set(model.batches[1])
+
+
+async def test_one_queue_for_every_tenant_when_fair_sharing_is_off(
+    make: Callable[..., Batcher[Any, Any]],
+) -> None:
+    model = Recorder()
+    model.gate = threading.Event()
+    batcher = make(model, max_queue_size=10, max_batch_size=4, fair=False)
+    blocker = asyncio.ensure_future(infer(batcher, row(-1), 1, far()))
+    await wait_entered(model)
+    queued = [batcher.submit(row(i), 1, far(), tenant="heavy") for i in range(6)]
+    queued += [batcher.submit(row(i), 1, far(), tenant="light") for i in (50, 51)]
+    model.gate.set()
+    await asyncio.gather(blocker, *queued)
+    assert model.batches[1:] == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 50.0, 51.0]]
 
 
 async def test_shedding_when_the_oldest_request_waited_too_long(

@@ -4,12 +4,17 @@ Policy, for each model version:
 
 * A request joins a bounded queue; past the shedding mark (80 % by default) it is refused at once
   with :class:`~inferd.errors.Overloaded`, so overload shows up as cheap 503s instead of
-  timeouts. It is refused too when the oldest request in the queue has waited there more than
+  timeouts. A request has a priority (:mod:`inferd.batching.fair`): high ones are refused only
+  when the queue is full, low ones already at half the mark; and a tenant (an API key) holding
+  its share of the mark or more, in a queue past half of it, is refused before the others.
+  It is refused too when the oldest request in the queue has waited there more than
   ``shed_wait`` (a fraction; 0: never) of its time to deadline: the queue then holds more than
   the model serves in time, whatever its length (a queue of 500 is fine for a model that serves
   50,000 rows a second and hopeless for one that serves 50).
 * When the model has a free slot and nothing is running, whatever is queued (up to
   ``max_batch_size`` rows) goes to the model at once: a lone request never waits out the window.
+  Batches are filled by priority, then by deficit round robin over the tenants waiting, so that
+  one key sending ten times its share does not push the others' requests back.
 * While a batch runs, arrivals pile up and form the next batch. With ``concurrency`` > 1, a
   partial batch waits up to ``window`` for companions before it takes another slot.
 * Items whose deadline passed or whose caller went away (future done) are dropped before they
@@ -40,6 +45,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from inferd import tracing
+from inferd.batching.fair import NORMAL, PRIORITIES, FairQueue
 from inferd.errors import DeadlineExceeded, InferdError, ModelError, Overloaded
 
 __all__ = ["Batcher", "BatcherStats"]
@@ -114,6 +120,7 @@ class Batcher(Generic[In, Out]):
         on_drop: Callable[[str], None] | None = None,
         on_output: Callable[[Any, Any], None] | None = None,
         inline_max: float = 0.0,
+        fair: bool = True,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or concurrency < 1:
             raise ValueError("max_batch_size, max_queue_size and concurrency must be >= 1")
@@ -122,6 +129,12 @@ class Batcher(Generic[In, Out]):
         self.window = window
         self.max_queue_size = max_queue_size
         self.shed_limit = max(1, min(max_queue_size, int(max_queue_size * shed_threshold)))
+        self.limits = (max_queue_size, self.shed_limit, max(1, self.shed_limit // 2))
+        """Queue depth at which a request of each priority is refused: high ones only when
+        the queue is full, normal ones past the shedding mark, low ones at half of it."""
+        self.fair = fair
+        """Whether tenants share the queue fairly (else one lane per priority)."""
+        self._fair_mark = max(1, self.shed_limit // 2)
         self.concurrency = concurrency
         self.shed_wait = shed_wait
         self.retry_after = retry_after
@@ -135,7 +148,7 @@ class Batcher(Generic[In, Out]):
         self.on_output = on_output
         """Called on the loop with each batch's collated payload and the model's output, once
         its callers have their results (drift monitoring); what it raises is logged."""
-        self._queue: deque[_Item[In]] = deque()
+        self._queue: FairQueue[_Item[In]] = FairQueue(max(1, max_batch_size // 4))
         self._running = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -162,7 +175,7 @@ class Batcher(Generic[In, Out]):
     @property
     def depth(self) -> int:
         """Requests waiting in the queue (not yet handed to the model)."""
-        return len(self._queue)
+        return self._queue.depth
 
     @property
     def running(self) -> int:
@@ -207,8 +220,7 @@ class Batcher(Generic[In, Out]):
             for task in self._inflight:  # a model call cannot be interrupted; its callers can
                 task.cancel()
             await asyncio.gather(self._task, *self._inflight, return_exceptions=True)
-        while self._queue:
-            item = self._queue.popleft()
+        for item in self._queue.drain():
             _fail(item.future, Overloaded(f"model {self.name} is shutting down; retry"))
         if self._timer is not None:
             self._timer.cancel()
@@ -228,21 +240,42 @@ class Batcher(Generic[In, Out]):
             log.critical("batcher %s collector died: %r", self.name, exc, exc_info=exc)
 
     # ------------------------------------------------------------------ admission
-    def check_admission(self) -> None:
-        """Raise :class:`Overloaded` if a new request would be shed: the queue past its mark,
-        or its oldest request waiting past ``shed_wait`` of its time (see the module's
-        docstring). Costs a length check, and a clock read when something is queued."""
+    def check_admission(self, tenant: str = "", priority: int = NORMAL) -> None:
+        """Raise :class:`Overloaded` if a request of ``tenant`` at ``priority`` would be shed:
+        the queue past its priority's mark, ``tenant`` holding more than its share of a queue
+        past half its mark, or the oldest request waiting past ``shed_wait`` of its time (see
+        the module's docstring). Costs a few comparisons, and a look at the head of each
+        tenant's queue when ``shed_wait`` is on and something is queued."""
         queue = self._queue
-        depth = len(queue)
-        if depth >= self.shed_limit or self._closing:
-            self._reject(depth)
+        depth = queue.depth
+        if depth >= self.limits[priority] or self._closing:
+            self._reject(depth, priority=priority)
+        if depth >= self._fair_mark and self.fair:
+            self._check_share(tenant, depth)
         if depth and self.shed_wait:
-            head = queue[0]
+            head = queue.oldest()
+            assert head is not None
             waited = self._loop.time() - head.enqueued
             if waited > (head.deadline - head.enqueued) * self.shed_wait:
                 self._reject(depth, waited)
 
-    def _reject(self, depth: int, waited: float | None = None) -> None:
+    def _check_share(self, tenant: str, depth: int) -> None:
+        """Refuse ``tenant`` when it holds its share of the shedding mark or more."""
+        queue = self._queue
+        tenants = queue.tenants
+        held = queue.held(tenant)
+        if held == 0:
+            tenants += 1  # it would join those with requests waiting
+        if tenants > 1 and held * tenants >= self.shed_limit:
+            if self._on_reject is not None:
+                self._on_reject("fair_share")
+            raise Overloaded(
+                f"model {self.name} is overloaded and this caller holds {held} of its "
+                f"{depth} queued requests, more than its share; retry later",
+                retry_after=self.retry_after,
+            )
+
+    def _reject(self, depth: int, waited: float | None = None, priority: int = NORMAL) -> None:
         if self._closing:
             raise Overloaded(
                 f"model {self.name} is shutting down; retry on another replica",
@@ -259,9 +292,11 @@ class Batcher(Generic[In, Out]):
         reason = "full" if depth >= self.max_queue_size else "shed"
         if self._on_reject is not None:
             self._on_reject(reason)
+        level = "" if priority == NORMAL else f"{PRIORITIES[priority]}-priority "
         raise Overloaded(
             f"model {self.name} is overloaded: {depth} requests queued "
-            f"(shedding at {self.shed_limit} of {self.max_queue_size}); retry later",
+            f"(shedding {level}requests at {self.limits[priority]} of "
+            f"{self.max_queue_size}); retry later",
             retry_after=self.retry_after,
         )
 
@@ -272,6 +307,8 @@ class Batcher(Generic[In, Out]):
         deadline: float,
         gone: Callable[[], bool] | None = None,
         trace: Any = None,
+        tenant: str = "",
+        priority: int = NORMAL,
     ) -> asyncio.Future[tuple[Out, int, float, Any]]:
         """Queue ``payload`` (``rows`` rows); the future gives its output, the row count of
         the batch it ran in, when that batch started (``time.perf_counter()``) and the batch's
@@ -279,16 +316,24 @@ class Batcher(Generic[In, Out]):
         ``deadline`` (on the loop's clock), whether the item is still queued or already in the
         model. ``gone``, if given, says whether the caller has left; such items are dropped
         unrun. ``trace``: the request's :class:`~inferd.tracing.RequestTrace`, linked from the
-        batch's span.
+        batch's span. ``tenant`` (who pays for it: an API key's id) and ``priority`` (an index
+        of :data:`~inferd.batching.fair.PRIORITIES`) place it in the queue (see
+        :mod:`inferd.batching.fair`) and decide when it is shed.
         """
-        depth = len(self._queue)
-        if depth >= self.shed_limit or self._closing:
-            self._reject(depth)
+        depth = self._queue.depth
+        if depth >= self.limits[priority] or self._closing:
+            self._reject(depth, priority=priority)
+        if depth >= self._fair_mark and self.fair:
+            self._check_share(tenant, depth)
         if self._task is None:
             raise RuntimeError(f"batcher {self.name} is not started")
         loop = self._loop
         future: asyncio.Future[tuple[Out, int, float, Any]] = loop.create_future()
-        self._queue.append(_Item(payload, rows, future, deadline, loop.time(), gone, trace))
+        self._queue.push(
+            _Item(payload, rows, future, deadline, loop.time(), gone, trace),
+            tenant if self.fair else "",
+            priority,
+        )
         heapq.heappush(self._deadlines, (deadline, next(self._sequence), future))
         if deadline < self._timer_at:
             self._arm(deadline)
@@ -383,9 +428,11 @@ class Batcher(Generic[In, Out]):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self._running and self.window > 0 and self._queued_rows() < self.max_batch_size:
+            if self._running and self.window > 0 and queue.rows < self.max_batch_size:
                 # Another batch is running and this one is partial: give it the window.
-                remaining = queue[0].enqueued + self.window - loop.time()
+                oldest = queue.oldest()
+                assert oldest is not None
+                remaining = oldest.enqueued + self.window - loop.time()
                 if remaining > 0:
                     self._wake.clear()
                     try:
@@ -394,7 +441,7 @@ class Batcher(Generic[In, Out]):
                         pass
                     else:
                         continue
-            if self._queued_rows() < self.max_batch_size:
+            if queue.rows < self.max_batch_size:
                 # Let the requests that arrived in this loop tick join before dispatching.
                 await asyncio.sleep(0)
             batch = self._take(loop.time())
@@ -405,36 +452,23 @@ class Batcher(Generic[In, Out]):
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
-    def _queued_rows(self) -> int:
-        total = 0
-        for item in self._queue:
-            total += item.rows
-            if total >= self.max_batch_size:
-                break
-        return total
-
     def _take(self, now: float) -> list[_Item[In]]:
-        queue, rows = self._queue, 0
-        batch: list[_Item[In]] = []
-        while queue:
-            item = queue[0]
-            if batch and rows + item.rows > self.max_batch_size:
-                break
-            queue.popleft()
-            if item.gone is not None and item.gone():
-                item.future.cancel()
-            if item.future.done():
-                self.stats.dropped_cancelled += 1
-                if self._on_drop is not None:
-                    self._on_drop("cancelled")
-                continue
-            if item.deadline <= now:
-                self.stats.dropped_expired += 1
-                _expire(item.future, self.name)
-                continue
-            batch.append(item)
-            rows += item.rows
-        return batch
+        return self._queue.take(self.max_batch_size, lambda item: self._keep(item, now))
+
+    def _keep(self, item: _Item[In], now: float) -> bool:
+        """Whether a queued item still goes to the model (else it is dropped, and counted)."""
+        if item.gone is not None and item.gone():
+            item.future.cancel()
+        if item.future.done():
+            self.stats.dropped_cancelled += 1
+            if self._on_drop is not None:
+                self._on_drop("cancelled")
+            return False
+        if item.deadline <= now:
+            self.stats.dropped_expired += 1
+            _expire(item.future, self.name)
+            return False
+        return True
 
     def _timed(self, data: Any) -> tuple[Any, float]:
         started = time.perf_counter()

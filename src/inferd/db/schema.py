@@ -178,6 +178,7 @@ api_keys = Table(
     Column("scopes", String(255), nullable=False),
     Column("rate", String(32), nullable=True),
     Column("daily_tokens", BigInteger, nullable=True),
+    Column("priority", String(8), nullable=True),
     Column("secret_hash", String(64), nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Column("revoked_at", BigInteger, nullable=True),

@@ -175,6 +175,7 @@ class GrpcServer:
                 asyncio.get_running_loop().time(),
             )
             ctx.endpoint = endpoint
+            ctx.headers = metadata  # x-inferd-priority, x-inferd-variant, a sticky field
             error: InferdError | None = None
             try:
                 if self.auth is not None and scope is not None:

@@ -241,6 +241,7 @@ def prepare(
             on_batch=on_batch,
             on_reject=on_reject,
             inline_max=s.inline_max_us / 1e6,
+            fair=s.fair_sharing,
         )
     loaded = LoadedModel(
         entry=entry,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from inferd.batching.fair import NORMAL
 from inferd.tenancy.limits import limit_header_fields
 from inferd.tracing import RequestTrace
 
@@ -31,6 +32,7 @@ class RequestContext:
         "key",
         "limit_headers",
         "model",
+        "priority",
         "queue_depth",
         "quota",
         "rate",
@@ -39,6 +41,7 @@ class RequestContext:
         "started_loop",
         "status",
         "submitted",
+        "tenant",
         "trace",
         "version",
     )
@@ -66,6 +69,10 @@ class RequestContext:
         self.rate: Any = None  # the rate decision of this request, for the quota's headers
         self.quota: Any = None  # the daily-budget decision, once the request was charged
         self.limit_headers: list[tuple[bytes, bytes]] | None = None
+        self.tenant = ""
+        """Whose share of the model's queue the request takes: its key's id ("" without)."""
+        self.priority = NORMAL
+        """Its priority in the model's queue (an index of :data:`inferd.batching.PRIORITIES`)."""
         self.headers: list[tuple[bytes, bytes]] | None = None
         """The request's header fields (lower-case names) where the transport has them: what
         a traffic split reads (``X-Inferd-Variant``, a sticky header)."""

@@ -8,7 +8,9 @@ body is read and decoded, how the answer is encoded). Everything else is done he
 
 1. look the model version up (404, 503 while loading) and let the route refuse it (a text
    model on a tabular route...);
-2. admission: shed with 503 before the body is read, when the model's queue is past its mark;
+2. admission: the request's tenant (its key) and priority (:mod:`inferd.tenancy.priority`);
+   shed with 503 before the body is read, when the model's queue is past the priority's mark
+   or the key holds more than its share of it;
 3. read and decode the body; the deadline counts from the request's arrival;
 4. reserve the caller's tokens for the rows (429 when the daily budget is spent);
 5. a version swapped out while the body was read (or decoded, or charged) sends the request to
@@ -40,6 +42,7 @@ from inferd.serving.generate import generate
 from inferd.serving.shadow import Shadow
 from inferd.serving.traffic import Traffic
 from inferd.tenancy.enforce import Enforcer
+from inferd.tenancy.priority import placement
 
 __all__ = ["DataPlane", "Decoded", "Inbound"]
 
@@ -169,7 +172,9 @@ class DataPlane:
         ctx.model, ctx.version = loaded.name, loaded.version_str
         batcher = loaded.batcher
         assert batcher is not None, "the route accepted a model without a batcher"
-        batcher.check_admission()  # shed before reading the body
+        # Its lane in the queue: the key's share, the priority it may have (tenancy/priority).
+        ctx.tenant, ctx.priority = placement(ctx.key, ctx.headers)
+        batcher.check_admission(ctx.tenant, ctx.priority)  # shed before reading the body
         if ctx.trace is not None:
             ctx.trace.admitted = time.perf_counter()
 
@@ -272,10 +277,14 @@ class DataPlane:
                     return done[0]
         if gone is None and (batcher.depth >= batcher.max_batch_size or batcher.running):
             # It will wait for a batch: worth a task that notices a disconnect meanwhile.
-            future = batcher.submit(decoded.payload, decoded.rows, deadline, None, ctx.trace)
+            future = batcher.submit(
+                decoded.payload, decoded.rows, deadline, None, ctx.trace, ctx.tenant, ctx.priority
+            )
             watch = inbound.watch(future)
         else:
-            future = batcher.submit(decoded.payload, decoded.rows, deadline, gone, ctx.trace)
+            future = batcher.submit(
+                decoded.payload, decoded.rows, deadline, gone, ctx.trace, ctx.tenant, ctx.priority
+            )
         try:
             output, batch_rows, ctx.dequeued, batch_span = await future
         except DeadlineExceeded:

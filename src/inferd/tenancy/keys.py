@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from inferd.batching.fair import NORMAL, PRIORITIES, parse_priority
 from inferd.db.schema import api_keys
 from inferd.errors import InferdError, NotFound, ValidationFailed
 
@@ -107,6 +108,9 @@ class ApiKey:
     secret_hash: str
     created_at: float
     revoked_at: float | None
+    priority: int = NORMAL
+    """Its requests' priority, and the highest a request may ask for (``X-Inferd-Priority``);
+    an index of :data:`~inferd.batching.PRIORITIES`."""
 
     @property
     def active(self) -> bool:
@@ -121,6 +125,7 @@ class ApiKey:
             "scopes": sorted(self.scopes),
             "rate": self.rate,
             "daily_tokens": self.daily_tokens,
+            "priority": PRIORITIES[self.priority],
             "created_at": self.created_at,
             "revoked": self.revoked_at is not None,
         }
@@ -137,6 +142,7 @@ def _row(row: Any) -> ApiKey:
         secret_hash=row.secret_hash,
         created_at=row.created_at / 1e6,
         revoked_at=row.revoked_at / 1e6 if row.revoked_at is not None else None,
+        priority=parse_priority(row.priority) if row.priority else NORMAL,
     )
 
 
@@ -153,8 +159,10 @@ class KeyStore:
         rate: str | None = None,
         daily_tokens: int | None = None,
         name: str | None = None,
+        priority: str | None = None,
     ) -> tuple[str, ApiKey]:
-        """Store a new key; returns the key (shown once) and its record."""
+        """Store a new key; returns the key (shown once) and its record. ``priority``: its
+        requests' (high, normal or low; default normal), the highest they may ask for."""
         if not user or len(user) > 255:
             raise ValidationFailed("user must be 1 to 255 characters")
         unknown = sorted(set(scopes) - set(SCOPES))
@@ -165,6 +173,11 @@ class KeyStore:
             )
         if daily_tokens is not None and daily_tokens < 0:
             raise ValidationFailed("daily_tokens must not be negative")
+        if priority is not None:
+            try:
+                priority = PRIORITIES[parse_priority(priority)]
+            except ValueError as exc:
+                raise ValidationFailed(str(exc)) from None
         key, key_id = generate_key()
         now = int(time.time() * 1e6)
         async with self.engine.begin() as conn:
@@ -176,6 +189,7 @@ class KeyStore:
                     scopes=",".join(sorted(set(scopes))),
                     rate=rate,
                     daily_tokens=daily_tokens,
+                    priority=priority,
                     secret_hash=hash_key(key),
                     created_at=now,
                     revoked_at=None,
