@@ -189,9 +189,15 @@ class Client:
     async def post(self) -> int:
         if self.idle:
             reader, writer = self.idle.pop()
-        else:
-            reader, writer = await asyncio.open_connection(HOST, self.port)
-            self.opened += 1
+            try:
+                return await self._exchange(reader, writer)
+            except (OSError, asyncio.IncompleteReadError):
+                writer.close()  # closed by the server while idle (keep-alive timeout): anew
+        reader, writer = await asyncio.open_connection(HOST, self.port)
+        self.opened += 1
+        return await self._exchange(reader, writer)
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
         writer.write(self.request)
         head = await reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
