@@ -32,7 +32,8 @@ def value(metrics: Any, result: str) -> float:
 async def test_every_answer_is_copied_to_the_shadow_and_compared(
     serve: Callable[..., Any], models_dir: Path
 ) -> None:
-    with_shadow(models_dir, "version = 2\nshare = 1.0\n", fail_on=7.0)
+    # max_busy = 1: the test's client shares the server's event loop and keeps it busy
+    with_shadow(models_dir, "version = 2\nshare = 1.0\nmax_busy = 1.0\n", fail_on=7.0)
     async with serve() as s:
         answers = []
         for i in range(12):
@@ -53,7 +54,7 @@ async def test_every_answer_is_copied_to_the_shadow_and_compared(
 async def test_the_answer_does_not_wait_and_the_shadow_is_shed_first(
     serve: Callable[..., Any], models_dir: Path
 ) -> None:
-    with_shadow(models_dir, "version = 2\nmax_pending = 2\n", delay_s=0.2)
+    with_shadow(models_dir, "version = 2\nmax_pending = 2\nmax_busy = 1.0\n", delay_s=0.2)
     async with serve(request_timeout_ms=10_000) as s:
         answers = await asyncio.gather(
             *(s.client.post(URL, json={"features": [i, 1, 1, 1]}) for i in range(10))
@@ -65,3 +66,45 @@ async def test_the_answer_does_not_wait_and_the_shadow_is_shed_first(
     assert in_flight >= 1
     assert value(metrics, "dropped") >= 1  # more than two at once: dropped, not queued
     assert value(metrics, "agree") + value(metrics, "dropped") == 10
+
+
+class Busy:
+    """A loop load that says the event loop is as busy as told."""
+
+    def __init__(self, busy: float) -> None:
+        self.busy = busy
+
+    def current(self) -> float:
+        return self.busy
+
+
+async def test_no_copies_while_the_event_loop_is_short_of_time(
+    serve: Callable[..., Any], models_dir: Path
+) -> None:
+    with_shadow(models_dir, "version = 2\nmax_busy = 0.5\n")
+    async with serve() as s:
+        s.app.plane.shadow.load = Busy(0.6)  # type: ignore[assignment]
+        busy = [await s.client.post(URL, json={"features": [i, 1, 1, 1]}) for i in range(3)]
+        await s.app.plane.shadow.drain()
+        dropped = value(s.app.metrics, "dropped")
+        s.app.plane.shadow.load = Busy(0.4)  # type: ignore[assignment]
+        idle = [await s.client.post(URL, json={"features": [i, 1, 1, 1]}) for i in range(2)]
+        await s.app.plane.shadow.drain()
+        metrics = s.app.metrics
+    assert [a.status_code for a in busy + idle] == [200] * 5
+    assert dropped == 3
+    assert value(metrics, "agree") == 2
+
+
+def test_the_loop_load_is_its_threads_cpu_time_over_wall_time() -> None:
+    import time
+
+    from inferd.serving.shadow import LoopLoad
+
+    load = LoopLoad()
+    end = time.monotonic() + 0.15
+    while time.monotonic() < end:  # busy on this thread
+        pass
+    assert load.current() > 0.5
+    time.sleep(0.15)  # idle
+    assert load.current() < 0.5

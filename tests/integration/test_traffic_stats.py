@@ -20,7 +20,7 @@ async def test_stats_show_split_cache_and_shadow(
         + '[versions]\npolicy = "specific"\nversions = [1, 2]\ndefault = 1\n'
         + '[split]\nweights = { "1" = 75, "2" = 25 }\n'
         + "[cache]\nmax_entries = 10\n"
-        + "[shadow]\nversion = 2\n"
+        + "[shadow]\nversion = 2\nmax_busy = 1.0\n"  # the client shares the loop
     )
     async with serve() as s:
         for _ in range(3):  # the row, pinned to version 1: a miss, then hits

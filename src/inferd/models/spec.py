@@ -345,6 +345,10 @@ class ShadowSpec(BaseModel):
     """Regression: answers agree when they differ by at most this."""
     timeout_ms: float = Field(default=1000.0, gt=0)
     """A copy not answered in this time counts as an error of the candidate."""
+    max_busy: float = Field(default=0.75, gt=0, le=1)
+    """Copies are dropped while the event loop's thread was busy (its CPU time over wall time)
+    more than this share of the last 100 ms: when the process runs short of CPU the shadow
+    gives way before the answered requests slow down (1: never on this account)."""
 
 
 class VersionsSpec(BaseModel):
