@@ -244,6 +244,8 @@ def test_keys_in_the_metadata(start_server: Any, tmp_path: Path, demo_models: Pa
             client.infer("iris", [rows], headers=bearer)  # 2 of 3 tokens spent; 2 more asked
         with pytest.raises(InferenceServerException) as not_admin:
             client.get_model_repository_index(headers=bearer)
+        with pytest.raises(InferenceServerException) as too_high:  # a normal key
+            client.infer("iris", [rows], headers={**bearer, "x-inferd-priority": "high"})
     finally:
         client.close()
     assert anonymous.value.status() == "StatusCode.UNAUTHENTICATED"
@@ -251,3 +253,5 @@ def test_keys_in_the_metadata(start_server: Any, tmp_path: Path, demo_models: Pa
     assert over_budget.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     assert not_admin.value.status() == "StatusCode.PERMISSION_DENIED"
     assert "'admin' scope" in not_admin.value.message()
+    assert too_high.value.status() == "StatusCode.PERMISSION_DENIED"
+    assert "may ask for priority normal or lower" in too_high.value.message()
