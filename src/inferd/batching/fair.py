@@ -14,6 +14,7 @@ FIFO queue would be.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Generic, Protocol, TypeVar
@@ -23,6 +24,7 @@ __all__ = ["HIGH", "LOW", "NORMAL", "PRIORITIES", "FairQueue", "parse_priority"]
 PRIORITIES = ("high", "normal", "low")
 """The priority levels, most urgent first; a request's priority is its index here."""
 HIGH, NORMAL, LOW = range(3)
+_UNLIMITED = sys.maxsize  # the deficit of a tenant alone at its priority
 
 
 def parse_priority(name: str) -> int:
@@ -122,7 +124,7 @@ class FairQueue(Generic[T]):
                 tenant = next(iter(lanes))
                 lane = lanes[tenant]
                 if len(lanes) == 1:  # alone at this priority: arrival order
-                    room = self._take_lane(tenant, lane, room, keep, batch)
+                    room, _ = self._turn(tenant, lane, room, keep, batch, _UNLIMITED)
                     if not lane:
                         del lanes[tenant]
                         deficits.pop(tenant, None)
@@ -154,7 +156,8 @@ class FairQueue(Generic[T]):
         batch: list[T],
         deficit: int,
     ) -> tuple[int, int]:
-        """One tenant's turn: take while its deficit and the batch allow; (room, deficit)."""
+        """One tenant's turn: take in arrival order while its deficit and the batch allow;
+        (room, deficit) after it."""
         while lane:
             item = lane[0]
             if not keep(item):
@@ -169,31 +172,6 @@ class FairQueue(Generic[T]):
             room -= item.rows
             deficit -= item.rows
         return room, deficit
-
-    def _take_lane(
-        self,
-        tenant: str,
-        lane: deque[T],
-        room: int,
-        keep: Callable[[T], bool],
-        batch: list[T],
-    ) -> int:
-        """Take from one lane in arrival order while the batch has room; the room left."""
-        while lane:
-            item = lane[0]
-            if not keep(item):
-                lane.popleft()
-                self._gone(tenant, item)
-                continue
-            if batch and item.rows > room:
-                break
-            lane.popleft()
-            self._gone(tenant, item)
-            batch.append(item)
-            room -= item.rows
-            if room <= 0:
-                break
-        return room
 
     def _gone(self, tenant: str, item: T) -> None:
         self.depth -= 1
