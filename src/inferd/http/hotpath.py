@@ -11,14 +11,14 @@ them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
 
 from inferd.codec import ParsedRequest, parse_predict, render_rows
 from inferd.errors import InferdError, UnsupportedMediaType, ValidationFailed
-from inferd.http.body import check_length, read_body
+from inferd.http.body import check_length, read_body, whole_body
 from inferd.http.context import disconnect_probe, request_timeout, watch_disconnect
 from inferd.http.responses import error_body
 from inferd.http.routes import LEAN_ROUTES, LeanRoute, match_lean
@@ -63,7 +63,7 @@ class HotPath:
             await self.v2.serve_infer(scope, receive, send, params, ctx)
             return
         inbound = PredictInbound(self, ctx, scope, receive, params, lean.path == _DEFAULT_ENDPOINT)
-        extra: list[tuple[bytes, bytes]] = []
+        extra: Sequence[tuple[bytes, bytes]] = ()  # (no list per request: errors only)
         try:
             body = await self.plane.infer(inbound)
             status = 200
@@ -145,8 +145,11 @@ class PredictInbound:
                 if content_type
                 else "Content-Type must be application/json"
             )
-        check_length(length, self.hot.max_body)
-        self._body = await read_body(self.receive, self.hot.max_body)
+        limit = self.hot.max_body
+        check_length(length, limit)
+        message = await self.receive()
+        body = whole_body(message, limit)
+        self._body = body if body is not None else await read_body(self.receive, limit, message)
 
     async def decode(
         self, loaded: LoadedModel, deadline: float, previous: Decoded[Any] | None
