@@ -11,7 +11,7 @@ them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -48,21 +48,33 @@ class HotPath:
             return None
         return match_lean("POST", scope["path"])
 
-    async def serve(
+    def serve(
         self,
         scope: dict[str, Any],
         receive: Any,
         send: Any,
         route: tuple[LeanRoute, dict[str, Any]],
         ctx: RequestContext,
-    ) -> None:
-        """Answer one prediction request."""
+    ) -> Awaitable[None]:
+        """Answer one prediction request (await it): the coroutine of its protocol's route,
+        without one of this method's own."""
         lean, params = route
         ctx.endpoint = lean.path
         if lean.protocol == "v2":
-            await self.v2.serve_infer(scope, receive, send, params, ctx)
-            return
-        inbound = PredictInbound(self, ctx, scope, receive, params, lean.path == _DEFAULT_ENDPOINT)
+            return self.v2.serve_infer(scope, receive, send, params, ctx)
+        return self._predict(scope, receive, send, params, ctx, lean.path == _DEFAULT_ENDPOINT)
+
+    async def _predict(
+        self,
+        scope: dict[str, Any],
+        receive: Any,
+        send: Any,
+        params: dict[str, Any],
+        ctx: RequestContext,
+        default: bool,
+    ) -> None:
+        """Answer one ``/predict`` or ``/v1/models/...`` prediction request."""
+        inbound = PredictInbound(self, ctx, scope, receive, params, default)
         extra: Sequence[tuple[bytes, bytes]] = ()  # (no list per request: errors only)
         try:
             body = await self.plane.infer(inbound)
