@@ -60,6 +60,7 @@ def make_settings(models_dir: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         overrides.setdefault("models_dir", models_dir)
         overrides.setdefault("gc_freeze", False)
+        overrides.setdefault("gc_threshold", 0)  # the test process's collector as Python has it
         overrides.setdefault("data_dir", models_dir.parent / "data")
         return Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
 

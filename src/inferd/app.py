@@ -364,6 +364,8 @@ class InferdApp:
             if self.settings.gc_freeze:
                 gc.collect()
                 gc.freeze()
+            if self.settings.gc_threshold:
+                gc.set_threshold(self.settings.gc_threshold, *gc.get_threshold()[1:])
             log.info("ready", models=self.registry.expected, default=self.registry.default_name)
 
     async def _watch_repository(self) -> None:

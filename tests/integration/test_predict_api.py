@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -339,3 +340,17 @@ async def test_disconnected_client_is_dropped_before_the_model(
     assert 2.0 not in seen
     assert 3.0 in seen
     assert 'inference_client_disconnects_total{model="slow",version="1"} 1.0' in metrics
+
+
+async def test_the_collector_threshold_is_raised_once_the_models_are_loaded(
+    serve: Callable[..., Any],
+) -> None:
+    before = gc.get_threshold()
+    try:
+        async with serve(gc_threshold=12_345) as s:
+            assert (
+                await s.client.post("/predict", json={"features": [1, 2, 3, 4]})
+            ).status_code == 200
+            assert gc.get_threshold() == (12_345, *before[1:])
+    finally:
+        gc.set_threshold(*before)

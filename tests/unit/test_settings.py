@@ -43,6 +43,7 @@ def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("INFERD_REQUEST_TIMEOUT_MS", "250.5")
     monkeypatch.setenv("INFERD_MODELS_DIR", "/srv/models")
     monkeypatch.setenv("INFERD_GC_FREEZE", "false")
+    monkeypatch.setenv("INFERD_GC_THRESHOLD", "0")
     monkeypatch.setenv("INFERD_LOG_LEVEL", "debug")
 
     settings = Settings.load()
@@ -51,6 +52,7 @@ def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None
     assert settings.request_timeout_ms == 250.5
     assert settings.models_dir == Path("/srv/models")
     assert settings.gc_freeze is False
+    assert settings.gc_threshold == 0
     assert settings.log_level == "debug"
 
 

@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from inferd import tracing
@@ -104,10 +104,10 @@ class FastPath(Protocol):
     def match(self, scope: dict[str, Any]) -> Any | None:
         """What :meth:`serve` needs to answer the request if this path serves it, else None."""
 
-    async def serve(
+    def serve(
         self, scope: dict[str, Any], receive: Any, send: Any, route: Any, ctx: RequestContext
-    ) -> None:
-        """Answer the request; set ``ctx.status`` and send ``x-request-id``."""
+    ) -> Awaitable[None]:
+        """Answer the request (await it); set ``ctx.status`` and send ``x-request-id``."""
 
 
 class _IdSender:

@@ -11,14 +11,14 @@ them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
 
 from inferd.codec import ParsedRequest, parse_predict, render_rows
 from inferd.errors import InferdError, UnsupportedMediaType, ValidationFailed
-from inferd.http.body import check_length, read_body
+from inferd.http.body import check_length, read_body, whole_body
 from inferd.http.context import disconnect_probe, request_timeout, watch_disconnect
 from inferd.http.responses import error_body
 from inferd.http.routes import LEAN_ROUTES, LeanRoute, match_lean
@@ -48,22 +48,34 @@ class HotPath:
             return None
         return match_lean("POST", scope["path"])
 
-    async def serve(
+    def serve(
         self,
         scope: dict[str, Any],
         receive: Any,
         send: Any,
         route: tuple[LeanRoute, dict[str, Any]],
         ctx: RequestContext,
-    ) -> None:
-        """Answer one prediction request."""
+    ) -> Awaitable[None]:
+        """Answer one prediction request (await it): the coroutine of its protocol's route,
+        without one of this method's own."""
         lean, params = route
         ctx.endpoint = lean.path
         if lean.protocol == "v2":
-            await self.v2.serve_infer(scope, receive, send, params, ctx)
-            return
-        inbound = PredictInbound(self, ctx, scope, receive, params, lean.path == _DEFAULT_ENDPOINT)
-        extra: list[tuple[bytes, bytes]] = []
+            return self.v2.serve_infer(scope, receive, send, params, ctx)
+        return self._predict(scope, receive, send, params, ctx, lean.path == _DEFAULT_ENDPOINT)
+
+    async def _predict(
+        self,
+        scope: dict[str, Any],
+        receive: Any,
+        send: Any,
+        params: dict[str, Any],
+        ctx: RequestContext,
+        default: bool,
+    ) -> None:
+        """Answer one ``/predict`` or ``/v1/models/...`` prediction request."""
+        inbound = PredictInbound(self, ctx, scope, receive, params, default)
+        extra: Sequence[tuple[bytes, bytes]] = ()  # (no list per request: errors only)
         try:
             body = await self.plane.infer(inbound)
             status = 200
@@ -145,8 +157,11 @@ class PredictInbound:
                 if content_type
                 else "Content-Type must be application/json"
             )
-        check_length(length, self.hot.max_body)
-        self._body = await read_body(self.receive, self.hot.max_body)
+        limit = self.hot.max_body
+        check_length(length, limit)
+        message = await self.receive()
+        body = whole_body(message, limit)
+        self._body = body if body is not None else await read_body(self.receive, limit, message)
 
     async def decode(
         self, loaded: LoadedModel, deadline: float, previous: Decoded[Any] | None

@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Any
 
 import orjson
@@ -332,10 +332,15 @@ class OpenAIErrorShape:
     def __init__(self, app: Any) -> None:
         self.app = app
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Awaitable[None]:
         if scope["type"] != "http" or not scope["path"].startswith("/openai/"):
-            await self.app(scope, receive, send)
-            return
+            # The app's own coroutine, awaited by the caller: no layer of this wrapper's on
+            # every other request.
+            passed: Awaitable[None] = self.app(scope, receive, send)
+            return passed
+        return self._shaped(scope, receive, send)
+
+    async def _shaped(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         start: dict[str, Any] | None = None
         body = b""
 

@@ -27,7 +27,7 @@ from fastapi.responses import Response
 from inferd import __version__
 from inferd.batching import Batcher
 from inferd.errors import BadRequest, InferdError, ModelNotFound
-from inferd.http.body import check_length, decompress, read_body
+from inferd.http.body import check_length, decompress, read_body, whole_body
 from inferd.http.context import disconnect_probe, request_timeout, watch_disconnect
 from inferd.http.responses import method_not_allowed
 from inferd.http.v2_codec import (
@@ -236,7 +236,11 @@ class V2Inbound:
                 encoding = value.decode("latin-1")
         max_body = self.v2.max_body
         check_length(length, max_body)
-        body = decompress(await read_body(self.receive, max_body), encoding, max_body)
+        message = await self.receive()
+        body = whole_body(message, max_body)
+        if body is None:
+            body = await read_body(self.receive, max_body, message)
+        body = decompress(body, encoding, max_body)
         parsed = self._parsed = parse_request(body, header_length)
         if parsed.id and parsed.id.isascii() and parsed.id.isprintable():
             self.ctx.request_id = parsed.id

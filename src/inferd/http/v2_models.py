@@ -99,9 +99,20 @@ class _Layout:
 _LAYOUTS: weakref.WeakKeyDictionary[LoadedModel, _Layout] = weakref.WeakKeyDictionary()
 
 
+_last: tuple[weakref.ref[LoadedModel], _Layout] | None = None
+"""The version whose layout was looked up last, and that layout: a request looks its model's
+up three times (input, outputs, answer), and :data:`_LAYOUTS` makes a weak reference for each
+look."""
+
+
 def _layout(loaded: LoadedModel) -> _Layout:
+    global _last
+    last = _last
+    if last is not None and last[0]() is loaded:
+        return last[1]
     layout = _LAYOUTS.get(loaded)
     if layout is not None:
+        _last = (weakref.ref(loaded), layout)
         return layout
     datatype, shape = input_signature(loaded)
     names = [o["name"] for o in output_metadata(loaded)]
@@ -120,6 +131,7 @@ def _layout(loaded: LoadedModel) -> _Layout:
     )
     if loaded.ready:  # a version's classes are only known once it has loaded
         _LAYOUTS[loaded] = layout
+        _last = (weakref.ref(loaded), layout)
     return layout
 
 

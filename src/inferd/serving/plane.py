@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -128,8 +128,8 @@ class DataPlane:
         self.shadow = Shadow(registry, registry.metrics)
         """Copies of answered requests to candidate versions (:mod:`inferd.serving.shadow`)."""
         self.in_flight = 0
-        """Requests in :meth:`infer` now, of every transport: one alone may run at once on an
-        idle model; with others about, batching them costs less."""
+        """Requests being served (:meth:`infer`) now, of every transport: one alone may run
+        at once on an idle model; with others about, batching them costs less."""
 
     def lookup(self, inbound: Inbound[Any]) -> LoadedModel:
         """The ready version ``inbound`` asks for, once the route accepts it."""
@@ -141,17 +141,13 @@ class DataPlane:
         inbound.accept(loaded)
         return loaded
 
-    async def infer(self, inbound: Inbound[R]) -> R:
-        """Serve one prediction; raises :class:`~inferd.errors.InferdError` (a 4xx or 5xx to
-        answer) or :class:`ClientGone` (nobody to answer)."""
-        self.in_flight += 1  # every transport's: a lone request may run at once (see _run)
-        try:
-            return await self._route(inbound)
-        finally:
-            self.in_flight -= 1
+    def infer(self, inbound: Inbound[R]) -> Coroutine[Any, Any, R]:
+        """Serve one prediction (await it); raises :class:`~inferd.errors.InferdError` (a 4xx
+        or 5xx to answer) or :class:`ClientGone` (nobody to answer).
 
-    async def _route(self, inbound: Inbound[R]) -> R:
-        """:meth:`infer`: the version that serves (a split may choose it), then the request."""
+        Not a coroutine of its own: it picks the version that serves (a split may choose it)
+        and hands over the coroutine that serves the request on it, one layer less on every
+        request's way to the batcher and back."""
         name = inbound.model  # (lookup(), inlined: this is every request's path)
         if name is None:
             loaded = self.registry.get_default()
@@ -160,58 +156,65 @@ class DataPlane:
         if inbound.version is None and (
             loaded.entry.spec.split is not None or self.traffic.overrides
         ):  # a split between versions picks the one that serves (serving/traffic.py)
-            return await self.traffic.serve(
-                loaded, inbound.ctx, lambda chosen: self._infer(chosen, inbound)
-            )
-        return await self._infer(loaded, inbound)
+            return self._split(loaded, inbound)
+        return self._infer(loaded, inbound)
+
+    def _split(self, loaded: LoadedModel, inbound: Inbound[R]) -> Coroutine[Any, Any, R]:
+        """:meth:`infer` through the split of ``loaded``'s model (a method of its own: the
+        closure would cost :meth:`infer` two cells per request, split or not)."""
+        return self.traffic.serve(loaded, inbound.ctx, lambda chosen: self._infer(chosen, inbound))
 
     async def _infer(self, loaded: LoadedModel, inbound: Inbound[R]) -> R:
         """:meth:`infer` once the version is known."""
-        ctx = inbound.ctx
-        inbound.accept(loaded)
-        ctx.model, ctx.version = loaded.name, loaded.version_str
-        batcher = loaded.batcher
-        assert batcher is not None, "the route accepted a model without a batcher"
-        # Its lane in the queue: the key's share, the priority it may have (tenancy/priority).
-        ctx.tenant, ctx.priority = placement(ctx.key, ctx.headers)
-        batcher.check_admission(ctx.tenant, ctx.priority)  # shed before reading the body
-        if ctx.trace is not None:
-            ctx.trace.admitted = time.perf_counter()
-
-        await inbound.read(loaded)
-        # Swapped for a new version while the body was read? The old one drains and takes
-        # nothing more: decode for (and send to) what serves now.
-        if loaded.state is not _READY:
-            loaded = self._current(loaded, inbound)
-        deadline = ctx.started_loop + inbound.timeout
-        decoded = await inbound.decode(loaded, deadline, None)
-        if decoded.timeout is not None:
-            deadline = min(deadline, ctx.started_loop + decoded.timeout)
-
-        enforcer, key, quota = self.enforcer, ctx.key, None
-        if key is not None and enforcer is not None:
-            quota = ctx.quota = await enforcer.charge(key, decoded.rows, ctx.rate)
+        self.in_flight += 1  # every transport's: a lone request may run at once (see _run)
         try:
-            if loaded.state is not _READY:  # swapped while it was decoded or charged
-                loaded = self._current(loaded, inbound)
-                decoded = await inbound.decode(loaded, deadline, decoded)
-            if loaded.entry.spec.cache is None:
-                output = await self._run(loaded, decoded, deadline, inbound, ctx)
-            else:  # [cache]: a hit skips the batcher (serving/cache.py)
-                output = await self._cached(loaded, decoded, deadline, inbound, ctx)
-        except BaseException:
-            if quota is not None and enforcer is not None:
-                # Not served, not charged (shielded: a cancelled caller still gives it back).
-                await asyncio.shield(enforcer.refund(key, quota))
-            raise
-        if quota is not None and enforcer is not None:
-            enforcer.record(key, loaded.name, quota.day, decoded.rows)
-        if loaded.entry.spec.shadow is not None:  # a copy to the candidate (serving/shadow.py)
-            self.shadow.mirror(loaded, decoded.payload, decoded.rows, output)
+            ctx = inbound.ctx
+            inbound.accept(loaded)
+            ctx.model, ctx.version = loaded.name, loaded.version_str
+            batcher = loaded.batcher
+            assert batcher is not None, "the route accepted a model without a batcher"
+            # Its lane in the queue: the key's share, the priority it may have.
+            ctx.tenant, ctx.priority = placement(ctx.key, ctx.headers)
+            batcher.check_admission(ctx.tenant, ctx.priority)  # shed before reading the body
+            if ctx.trace is not None:
+                ctx.trace.admitted = time.perf_counter()
 
-        # prediction_value_distribution is observed per batch, by the batcher's output hook.
-        loaded.metrics_children["latency"].observe(time.perf_counter() - ctx.started)
-        return inbound.encode(loaded, decoded, output)
+            await inbound.read(loaded)
+            # Swapped for a new version while the body was read? The old one drains and takes
+            # nothing more: decode for (and send to) what serves now.
+            if loaded.state is not _READY:
+                loaded = self._current(loaded, inbound)
+            deadline = ctx.started_loop + inbound.timeout
+            decoded = await inbound.decode(loaded, deadline, None)
+            if decoded.timeout is not None:
+                deadline = min(deadline, ctx.started_loop + decoded.timeout)
+
+            enforcer, key, quota = self.enforcer, ctx.key, None
+            if key is not None and enforcer is not None:
+                quota = ctx.quota = await enforcer.charge(key, decoded.rows, ctx.rate)
+            try:
+                if loaded.state is not _READY:  # swapped while it was decoded or charged
+                    loaded = self._current(loaded, inbound)
+                    decoded = await inbound.decode(loaded, deadline, decoded)
+                if loaded.entry.spec.cache is None:
+                    output = await self._run(loaded, decoded, deadline, inbound, ctx)
+                else:  # [cache]: a hit skips the batcher (serving/cache.py)
+                    output = await self._cached(loaded, decoded, deadline, inbound, ctx)
+            except BaseException:
+                if quota is not None and enforcer is not None:
+                    # Not served, not charged (shielded: a cancelled caller still gives it back).
+                    await asyncio.shield(enforcer.refund(key, quota))
+                raise
+            if quota is not None and enforcer is not None:
+                enforcer.record(key, loaded.name, quota.day, decoded.rows)
+            if loaded.entry.spec.shadow is not None:  # a copy to the candidate (serving/shadow.py)
+                self.shadow.mirror(loaded, decoded.payload, decoded.rows, output)
+
+            # prediction_value_distribution is observed per batch, by the batcher's output hook.
+            loaded.metrics_children["latency"].observe(time.perf_counter() - ctx.started)
+            return inbound.encode(loaded, decoded, output)
+        finally:
+            self.in_flight -= 1
 
     def generate(
         self,
