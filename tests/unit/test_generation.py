@@ -242,6 +242,10 @@ async def test_the_cache_is_as_wide_as_the_longest_sequence_in_it(
         a = scheduler.submit(req(model, short))
         b = scheduler.submit(req(model, long, max_new_tokens=2))
         await anext(a)
+        for _ in range(1000):  # the step's size is recorded after its tokens are sent
+            if gate.sizes:
+                break
+            await asyncio.sleep(0.001)
         fed_back = 1  # tokens of the short one fed back when the long one leaves
         if gate.sizes == [1]:  # the thread took the first before the second was queued
             gate.step()
