@@ -11,7 +11,7 @@ them.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -20,7 +20,7 @@ from inferd.codec import ParsedRequest, parse_predict, render_rows
 from inferd.errors import InferdError, UnsupportedMediaType, ValidationFailed
 from inferd.http.body import check_length, read_body, whole_body
 from inferd.http.context import disconnect_probe, request_timeout, watch_disconnect
-from inferd.http.responses import error_body
+from inferd.http.responses import error_body, send_answer
 from inferd.http.routes import LEAN_ROUTES, LeanRoute, match_lean
 from inferd.http.v2 import OpenInference
 from inferd.models.registry import LoadedModel
@@ -75,24 +75,17 @@ class HotPath:
     ) -> None:
         """Answer one ``/predict`` or ``/v1/models/...`` prediction request."""
         inbound = PredictInbound(self, ctx, scope, receive, params, default)
-        extra: Sequence[tuple[bytes, bytes]] = ()  # (no list per request: errors only)
         try:
             body = await self.plane.infer(inbound)
-            status = 200
+            status, headers = 200, [_JSON]
         except ClientGone:
             ctx.detail = "client disconnected; dropped before the model ran"
             return
         except InferdError as error:
             ctx.detail = error.message
             status, body = error.status_code, error_body(error)
-            extra = [(k.encode(), v.encode()) for k, v in error.headers().items()]
-        headers = [_JSON, (b"content-length", b"%d" % len(body)), *extra]
-        if status != 429 and (ctx.rate is not None or ctx.quota is not None):
-            headers.extend(ctx.rate_limit_headers())
-        headers.append((b"x-request-id", ctx.request_id.encode()))
-        ctx.status = status
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+            headers = [_JSON, *((k.encode(), v.encode()) for k, v in error.headers().items())]
+        await send_answer(send, ctx, status, headers, body)
 
 
 class PredictInbound:

@@ -10,7 +10,14 @@ import orjson
 
 from inferd.errors import InferdError, MethodNotAllowed
 
-__all__ = ["documented_methods", "error_body", "method_not_allowed", "send_error", "send_json"]
+__all__ = [
+    "documented_methods",
+    "error_body",
+    "method_not_allowed",
+    "send_answer",
+    "send_error",
+    "send_json",
+]
 
 _JSON = (b"content-type", b"application/json")
 
@@ -27,6 +34,21 @@ async def send_json(send: Send, status: int, body: bytes, extra: list[Any] | Non
     headers = [_JSON, (b"content-length", str(len(body)).encode())]
     if extra:
         headers.extend(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_answer(
+    send: Send, ctx: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    """Send a lean route's answer: ``headers`` (its type, and any of its error's), then the
+    length, the request's rate-limit fields (but on a 429, which has its own) and its id;
+    ``ctx`` (the request's :class:`~inferd.serving.RequestContext`) records the status."""
+    headers.append((b"content-length", b"%d" % len(body)))
+    if status != 429 and (ctx.rate is not None or ctx.quota is not None):
+        headers.extend(ctx.rate_limit_headers())
+    headers.append((b"x-request-id", ctx.request_id.encode()))
+    ctx.status = status
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -29,7 +29,7 @@ from inferd.batching import Batcher
 from inferd.errors import BadRequest, InferdError, ModelNotFound
 from inferd.http.body import check_length, decompress, read_body, whole_body
 from inferd.http.context import disconnect_probe, request_timeout, watch_disconnect
-from inferd.http.responses import method_not_allowed
+from inferd.http.responses import method_not_allowed, send_answer
 from inferd.http.v2_codec import (
     InferRequest,
     RequestedOutput,
@@ -144,13 +144,7 @@ class OpenInference:
             ctx.detail = error.message
             status, content = _error_status(error), orjson.dumps({"error": error.message})
             headers = [_JSON_TYPE, *((k.encode(), v.encode()) for k, v in error.headers().items())]
-        headers.append((b"content-length", b"%d" % len(content)))
-        if status != 429 and (ctx.rate is not None or ctx.quota is not None):
-            headers.extend(ctx.rate_limit_headers())
-        headers.append((b"x-request-id", ctx.request_id.encode()))
-        ctx.status = status
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": content})
+        await send_answer(send, ctx, status, headers, content)
 
     async def read_body(self, request: Request) -> bytes:
         """The body of a FastAPI route, counted against ``max_body_bytes``, decompressed if
