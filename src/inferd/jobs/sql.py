@@ -95,6 +95,17 @@ _QUEUED = RequestStatus.QUEUED.value
 _RUNNING = RequestStatus.RUNNING.value
 _SUCCEEDED = RequestStatus.SUCCEEDED.value
 _TERMINAL = sorted(status.value for status in TERMINAL)
+_DEDUP_FIELDS = (  # what a deduplicated request keeps of its own submit
+    "user_id",
+    "model",
+    "version",
+    "input",
+    "parameters",
+    "body_hash",
+    "idempotency_key",
+    "max_attempts",
+    "dedup_hash",
+)
 REQUEUEABLE = frozenset({RequestStatus.DEAD, RequestStatus.FAILED, RequestStatus.EXPIRED})
 """The statuses an admin may put back in the queue (``POST /v1/admin/requests/{id}/requeue``)."""
 
@@ -297,18 +308,8 @@ class SqlStore:
                 if dedup_hash is not None and dedup_seconds is not None:
                     found = await tx.duplicate(dedup_hash, tx.now - round(dedup_seconds * _US))
                     if found is not None:
-                        fields = {
-                            "user_id": user,
-                            "model": model,
-                            "version": version,
-                            "input": input,
-                            "parameters": parameters,
-                            "body_hash": digest,
-                            "idempotency_key": idempotency_key,
-                            "max_attempts": max_attempts,
-                            "expires_at": expires,
-                            "dedup_hash": dedup_hash,
-                        }
+                        fields = {key: row[key] for key in _DEDUP_FIELDS}
+                        fields["expires_at"] = expires
                         return await tx.deduplicated(found, fields), True
                 await tx.insert_created([pending])
         except sa_exc.IntegrityError:
