@@ -278,16 +278,13 @@ class DataPlane:
                     if ctx.trace is not None:
                         ctx.trace.answered = time.perf_counter()
                     return done[0]
-        if gone is None and (batcher.depth >= batcher.max_batch_size or batcher.running):
-            # It will wait for a batch: worth a task that notices a disconnect meanwhile.
-            future = batcher.submit(
-                decoded.payload, decoded.rows, deadline, None, ctx.trace, ctx.tenant, ctx.priority
-            )
+        # No probe, and it will wait for a batch: worth a task that notices a disconnect.
+        waits = gone is None and (batcher.depth >= batcher.max_batch_size or batcher.running)
+        future = batcher.submit(
+            decoded.payload, decoded.rows, deadline, gone, ctx.trace, ctx.tenant, ctx.priority
+        )
+        if waits:
             watch = inbound.watch(future)
-        else:
-            future = batcher.submit(
-                decoded.payload, decoded.rows, deadline, gone, ctx.trace, ctx.tenant, ctx.priority
-            )
         try:
             output, batch_rows, ctx.dequeued, batch_span = await future
         except DeadlineExceeded:
