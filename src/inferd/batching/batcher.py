@@ -5,8 +5,9 @@ Policy, for each model version:
 * A request joins a bounded queue; past the shedding mark (80 % by default) it is refused at once
   with :class:`~inferd.errors.Overloaded`, so overload shows up as cheap 503s instead of
   timeouts. A request has a priority (:mod:`inferd.batching.fair`): high ones are refused only
-  when the queue is full, low ones already at half the mark; and a tenant (an API key) holding
-  its share of the mark or more, in a queue past half of it, is refused before the others.
+  when the queue is full, low ones already at half the mark; a tenant (an API key) holding
+  its share of the mark or more, in a queue past half of it, is refused before the others,
+  and a tenant under its share may still use the head-room above the mark.
   It is refused too when the oldest request in the queue has waited there more than
   ``shed_wait`` (a fraction; 0: never) of its time to deadline: the queue then holds more than
   the model serves in time, whatever its length (a queue of 500 is fine for a model that serves
@@ -248,10 +249,7 @@ class Batcher(Generic[In, Out]):
         tenant's queue when ``shed_wait`` is on and something is queued."""
         queue = self._queue
         depth = queue.depth
-        if depth >= self.limits[priority] or self._closing:
-            self._reject(depth, priority=priority)
-        if depth >= self._fair_mark and self.fair:
-            self._check_share(tenant, depth)
+        self._admit(tenant, priority, depth)
         if depth and self.shed_wait:
             head = queue.oldest()
             assert head is not None
@@ -259,14 +257,35 @@ class Batcher(Generic[In, Out]):
             if waited > (head.deadline - head.enqueued) * self.shed_wait:
                 self._reject(depth, waited)
 
+    def _admit(self, tenant: str, priority: int, depth: int) -> None:
+        """Refuse a request of ``tenant`` at ``priority`` when the queue is past its priority's
+        mark (a normal-priority request of a key under its share may still use the head-room
+        above the mark, so that a key that filled the queue alone does not shut the others
+        out), or when ``tenant`` holds more than its share of a queue past half its mark."""
+        if self._closing:
+            self._reject(depth, priority=priority)
+        if depth >= self.limits[priority]:
+            if not (
+                priority == NORMAL
+                and self.fair
+                and depth < self.max_queue_size
+                and self._within_share(tenant)
+            ):
+                self._reject(depth, priority=priority)
+        elif depth >= self._fair_mark and self.fair:
+            self._check_share(tenant, depth)
+
+    def _within_share(self, tenant: str) -> bool:
+        queue = self._queue
+        held = queue.held(tenant)
+        tenants = queue.tenants + (held == 0)  # it would join those with requests waiting
+        return held * tenants < self.shed_limit
+
     def _check_share(self, tenant: str, depth: int) -> None:
         """Refuse ``tenant`` when it holds its share of the shedding mark or more."""
         queue = self._queue
-        tenants = queue.tenants
         held = queue.held(tenant)
-        if held == 0:
-            tenants += 1  # it would join those with requests waiting
-        if tenants > 1 and held * tenants >= self.shed_limit:
+        if queue.tenants + (held == 0) > 1 and not self._within_share(tenant):
             if self._on_reject is not None:
                 self._on_reject("fair_share")
             raise Overloaded(
@@ -320,11 +339,7 @@ class Batcher(Generic[In, Out]):
         of :data:`~inferd.batching.fair.PRIORITIES`) place it in the queue (see
         :mod:`inferd.batching.fair`) and decide when it is shed.
         """
-        depth = self._queue.depth
-        if depth >= self.limits[priority] or self._closing:
-            self._reject(depth, priority=priority)
-        if depth >= self._fair_mark and self.fair:
-            self._check_share(tenant, depth)
+        self._admit(tenant, priority, self._queue.depth)
         if self._task is None:
             raise RuntimeError(f"batcher {self.name} is not started")
         loop = self._loop
