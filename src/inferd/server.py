@@ -108,8 +108,11 @@ def uvicorn_config(asgi: Any, settings: Settings) -> Any:
     """The uvicorn configuration every inferd server process runs with."""
     import uvicorn
 
+    from inferd.http.protocol import HttpProtocol
+
     return uvicorn.Config(
         asgi,
+        http=HttpProtocol,
         host=settings.host,
         port=settings.port,
         lifespan="on",
