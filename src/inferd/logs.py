@@ -151,13 +151,36 @@ class _Timestamp:
         self._prefix = ""
 
     def __call__(self, logger: Any, method: str, event: Any) -> Any:
-        now = time.time()
+        event["timestamp"] = self.at(time.time())
+        return event
+
+    def at(self, now: float) -> str:
+        """The timestamp of ``now`` (seconds since the epoch)."""
         second = int(now)
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
-        return event
+        return f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+
+
+def _request_fields(
+    at: float, ctx: Any, method: str, path: str, status: int, elapsed: float
+) -> tuple[float, dict[str, Any]]:
+    trace = ctx.trace
+    return at, {
+        "request_id": ctx.request_id,
+        "method": method,
+        "path": path,
+        "status_code": status,
+        "latency_ms": round(elapsed * 1000.0, 3),
+        "queue_ms": ctx.queue_ms,
+        "queue_depth": ctx.queue_depth,
+        "batch_size": ctx.batch_size,
+        "model": ctx.model,
+        "model_version": ctx.version,
+        "detail": ctx.detail,
+        "trace_id": None if trace is None else trace.trace_id(),
+    }
 
 
 class AccessLog:
@@ -165,18 +188,47 @@ class AccessLog:
 
     On the prediction path a structlog bound logger cost more than the rest of the request's
     Python work, so access lines are serialized by orjson directly and written in batches.
+    A request only notes its fields and the time; the lines are formatted when they are
+    written (:meth:`flush`, every 0.1 s and at ``batch`` lines), all in one loop: formatted one
+    at a time between requests, a line cost several times as much (measured in a server at
+    50 connections: ~20 µs a line against ~4 µs in a loop).
     """
 
-    def __init__(self, stream: Any = None, enabled: bool = True, level: str = "info") -> None:
+    def __init__(
+        self, stream: Any = None, enabled: bool = True, level: str = "info", batch: int = 1024
+    ) -> None:
         self.enabled = enabled and _LEVELS.get(level, logging.INFO) <= logging.INFO
         self._sink = _BufferedSink(stream or _default_stream or sys.stdout)
         self._stamp = _Timestamp()
+        self._pending: list[tuple[Any, ...]] = []
+        self._batch = batch
 
     def request(self, **fields: Any) -> None:
-        """Write one access line with ``fields``."""
-        fields["event"] = "request"
-        fields["level"] = "info"
-        self._sink.msg(orjson.dumps(self._stamp(None, "info", fields), default=str))
+        """Note one access line with ``fields``, stamped now; written at the next flush."""
+        pending = self._pending
+        pending.append((time.time(), fields))
+        if len(pending) >= self._batch:
+            self.flush()
+
+    def finished(self, ctx: Any, method: str, path: str, status: int, elapsed: float) -> None:
+        """Note the access line of an HTTP request that ended with ``status`` after
+        ``elapsed`` seconds; ``ctx`` is its :class:`~inferd.serving.RequestContext`, read when
+        the line is written (the request is over: nothing changes it any more)."""
+        pending = self._pending
+        pending.append((time.time(), ctx, method, path, status, elapsed))
+        if len(pending) >= self._batch:
+            self.flush()
 
     def flush(self) -> None:
+        """Format and write the noted lines."""
+        pending = self._pending
+        if pending:
+            self._pending = []
+            stamp, msg, dumps = self._stamp.at, self._sink.msg, orjson.dumps
+            for entry in pending:
+                at, fields = entry if len(entry) == 2 else _request_fields(*entry)
+                fields["event"] = "request"
+                fields["level"] = "info"
+                fields["timestamp"] = stamp(at)
+                msg(dumps(fields, default=str))
         self._sink.flush()

@@ -61,6 +61,42 @@ def test_access_line_is_one_json_object_with_the_fields() -> None:
     assert abs((stamped - before).total_seconds()) < 5
 
 
+def test_a_finished_request_is_written_from_its_context_in_order() -> None:
+    from inferd.serving import RequestContext
+
+    stream = io.BytesIO()
+    access = AccessLog(stream=stream)
+    ctx = RequestContext("r-2", 0.0, 0.0)
+    ctx.model, ctx.version, ctx.queue_depth, ctx.batch_size = "iris", "1", 4, 8
+    ctx.submitted, ctx.dequeued = 1.0, 1.0025
+    access.request(request_id="r-1")
+    access.finished(ctx, "POST", "/predict", 200, 0.0012345)
+
+    assert stream.getvalue() == b""  # formatted when written
+    access.flush()
+    first, line = json_lines(stream.getvalue())
+    assert first["request_id"] == "r-1"
+    assert line == {
+        "timestamp": line["timestamp"],
+        "level": "info",
+        "event": "request",
+        "request_id": "r-2",
+        "method": "POST",
+        "path": "/predict",
+        "status_code": 200,
+        "latency_ms": 1.234,
+        "queue_ms": 2.5,
+        "queue_depth": 4,
+        "batch_size": 8,
+        "model": "iris",
+        "model_version": "1",
+        "detail": None,
+        "trace_id": None,
+    }
+    assert ACCESS_TIMESTAMP.match(line["timestamp"])
+    assert list(line)[:4] == ["request_id", "method", "path", "status_code"]
+
+
 def test_access_lines_are_buffered_until_flush() -> None:
     stream = io.BytesIO()
     access = AccessLog(stream=stream)

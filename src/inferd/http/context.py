@@ -293,20 +293,7 @@ class RequestContextMiddleware:
                 },
             )
         if self.access_log.enabled:
-            self.access_log.request(
-                request_id=ctx.request_id,
-                method=method,
-                path=scope["path"],
-                status_code=status,
-                latency_ms=round(elapsed * 1000.0, 3),
-                queue_ms=ctx.queue_ms,
-                queue_depth=ctx.queue_depth,
-                batch_size=ctx.batch_size,
-                model=ctx.model,
-                model_version=ctx.version,
-                detail=ctx.detail,
-                trace_id=None if trace is None else trace.trace_id(),
-            )
+            self.access_log.finished(ctx, method, scope["path"], status, elapsed)
 
 
 async def send_with_id_error(send: Any, ctx: RequestContext) -> None:
