@@ -300,6 +300,7 @@ class InferdApp:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
         self.access_log.flush()
+        self.metrics.deferred.fold()
         if self._tracing:  # export the spans still buffered
             self._tracing = False
             await run_blocking(tracing.shutdown)
@@ -378,9 +379,11 @@ class InferdApp:
                 log.warning("repository watch: could not read the repository", detail=repr(exc))
 
     async def _flush_access_log(self) -> None:
+        """Every 0.1 s: the access lines and the deferred metric observations."""
         while True:
             await asyncio.sleep(0.1)
             self.access_log.flush()
+            self.metrics.deferred.fold()
 
     async def wait_ready(self, within: float = 30.0) -> None:
         """Wait until every model is ready (tests, benchmarks); raises if loading failed."""

@@ -164,21 +164,34 @@ class _Timestamp:
 
 
 def _request_fields(
-    at: float, ctx: Any, method: str, path: str, status: int, elapsed: float
+    at: float,
+    request_id: str,
+    method: str,
+    path: str,
+    status: int,
+    elapsed: float,
+    submitted: float | None,
+    dequeued: float | None,
+    queue_depth: int | None,
+    batch_size: int | None,
+    model: str | None,
+    version: str | None,
+    detail: str | None,
+    trace: Any,
 ) -> tuple[float, dict[str, Any]]:
-    trace = ctx.trace
+    queued = None if submitted is None or dequeued is None else (dequeued - submitted) * 1000.0
     return at, {
-        "request_id": ctx.request_id,
+        "request_id": request_id,
         "method": method,
         "path": path,
         "status_code": status,
         "latency_ms": round(elapsed * 1000.0, 3),
-        "queue_ms": ctx.queue_ms,
-        "queue_depth": ctx.queue_depth,
-        "batch_size": ctx.batch_size,
-        "model": ctx.model,
-        "model_version": ctx.version,
-        "detail": ctx.detail,
+        "queue_ms": None if queued is None else round(queued, 3),
+        "queue_depth": queue_depth,
+        "batch_size": batch_size,
+        "model": model,
+        "model_version": version,
+        "detail": detail,
         "trace_id": None if trace is None else trace.trace_id(),
     }
 
@@ -195,7 +208,7 @@ class AccessLog:
     """
 
     def __init__(
-        self, stream: Any = None, enabled: bool = True, level: str = "info", batch: int = 1024
+        self, stream: Any = None, enabled: bool = True, level: str = "info", batch: int = 256
     ) -> None:
         self.enabled = enabled and _LEVELS.get(level, logging.INFO) <= logging.INFO
         self._sink = _BufferedSink(stream or _default_stream or sys.stdout)
@@ -212,10 +225,27 @@ class AccessLog:
 
     def finished(self, ctx: Any, method: str, path: str, status: int, elapsed: float) -> None:
         """Note the access line of an HTTP request that ended with ``status`` after
-        ``elapsed`` seconds; ``ctx`` is its :class:`~inferd.serving.RequestContext`, read when
-        the line is written (the request is over: nothing changes it any more)."""
+        ``elapsed`` seconds; ``ctx`` is its :class:`~inferd.serving.RequestContext` (only the
+        values the line shows are kept: not the request's headers and the rest)."""
         pending = self._pending
-        pending.append((time.time(), ctx, method, path, status, elapsed))
+        pending.append(
+            (
+                time.time(),
+                ctx.request_id,
+                method,
+                path,
+                status,
+                elapsed,
+                ctx.submitted,
+                ctx.dequeued,
+                ctx.queue_depth,
+                ctx.batch_size,
+                ctx.model,
+                ctx.version,
+                ctx.detail,
+                ctx.trace,
+            )
+        )
         if len(pending) >= self._batch:
             self.flush()
 

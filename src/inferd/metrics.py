@@ -6,6 +6,9 @@ process. Labelled children are cached by the components that use them on the hot
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -15,7 +18,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-__all__ = ["LATENCY_BUCKETS", "Metrics"]
+__all__ = ["LATENCY_BUCKETS", "Deferred", "Metrics"]
 
 # Millisecond-scale buckets: the interesting region is 0.5 ms .. 100 ms (the deadline).
 LATENCY_BUCKETS = (
@@ -33,12 +36,50 @@ TOKEN_GAP_BUCKETS = (
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
+class Deferred:
+    """Increments and observations of the request path, applied to their metrics in batches.
+
+    A request notes ``(apply, value)`` (a labelled child's bound ``inc`` or ``observe``); the
+    notes are applied in one loop by :meth:`fold`: every 0.1 s, before every collection of
+    the registry (``/metrics``, peers) and every ``batch`` notes. Applied one at a time
+    between requests, prometheus-client's ``inc`` and ``observe`` (a lock each, a search of the
+    buckets) cost ~7 µs a request in a server at 50 connections; applied together, a fraction
+    of that. Only the event loop's thread notes and folds.
+    """
+
+    __slots__ = ("_batch", "_pending")
+
+    def __init__(self, batch: int = 1024) -> None:
+        self._pending: list[tuple[Callable[[Any], None], Any]] = []
+        self._batch = batch
+
+    def add(self, apply: Callable[[Any], None], value: Any) -> None:
+        pending = self._pending
+        pending.append((apply, value))
+        if len(pending) >= self._batch:
+            self.fold()
+
+    def fold(self) -> None:
+        pending = self._pending
+        if pending:
+            self._pending = []
+            for apply, value in pending:
+                apply(value)
+
+    def collect(self) -> list[Any]:
+        """A collector of no family: registered first, it folds before the others collect."""
+        self.fold()
+        return []
+
+
 class Metrics:
     """The metric families of one inferd process."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.deferred = Deferred()
+        r.register(self.deferred)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         mv = ("model", "version")

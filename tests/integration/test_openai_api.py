@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from tests.support.access import access_lines, capture_access_log
 from tests.support.textgen import write_text_model
 
 QUICK = " brown fox jumps over the lazy dog again."  # the tiny model after "the quick"
@@ -449,11 +450,11 @@ async def test_unloading_lets_running_generations_finish(serve: Callable[..., An
 # ---------------------------------------------------------------------------- observability
 async def test_metrics_and_access_log(serve: Callable[..., Any]) -> None:
     async with serve() as s:
-        lines: list[dict[str, Any]] = []
-        s.app.access_log.request = lambda **fields: lines.append(fields)
+        sink = capture_access_log(s.app)
         await s.client.post(COMPLETIONS, json={"model": "tiny", "prompt": "the quick"})
         await s.client.post(COMPLETIONS, json={"model": "tiny", "prompt": "x", "n": 3})
         metrics = (await s.client.get("/metrics")).text
+        lines = access_lines(s.app, sink)
     ok = next(x for x in lines if x["path"] == COMPLETIONS and x["status_code"] == 200)
     bad = next(x for x in lines if x["path"] == COMPLETIONS and x["status_code"] == 400)
     assert (ok["model"], ok["model_version"]) == ("tiny", "1")

@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import asyncio
-import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -17,6 +15,7 @@ from opentelemetry.trace import SpanKind
 
 from inferd import tracing
 from tests.integration.test_requests_api import fast, wait_terminal
+from tests.support.access import access_lines, capture_access_log
 from tests.support.models import write_scripted_model, write_streaming_model
 
 SETOSA = [5.1, 3.5, 1.4, 0.2]
@@ -32,17 +31,6 @@ def exporter() -> Iterator[InMemorySpanExporter]:
     tracing.configure(memory, batch=False)
     yield memory
     tracing.shutdown()
-
-
-def capture_access_log(app: Any) -> io.BytesIO:
-    sink = io.BytesIO()
-    app.access_log._sink._stream = sink
-    return sink
-
-
-def access_lines(app: Any, sink: io.BytesIO) -> list[dict[str, Any]]:
-    app.access_log.flush()
-    return [orjson.loads(line) for line in sink.getvalue().splitlines()]
 
 
 def children(spans: tuple[ReadableSpan, ...], parent: ReadableSpan) -> dict[str, ReadableSpan]:

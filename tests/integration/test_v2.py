@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from inferd.http.v2_codec import deserialize_bytes
+from tests.support.access import access_lines, capture_access_log
 from tests.support.models import write_scripted_model
 
 SETOSA = [5.1, 3.5, 1.4, 0.2]
@@ -526,10 +527,10 @@ async def test_scopes_budget_and_refund(serve: Callable[..., Any], models_dir: P
 
 async def test_access_log_and_metrics(serve: Callable[..., Any]) -> None:
     async with serve() as s:
-        lines: list[dict[str, Any]] = []
-        s.app.access_log.request = lambda **fields: lines.append(fields)
+        sink = capture_access_log(s.app)
         await s.client.post("/v2/models/iris/infer", json=infer_doc([SETOSA, VIRGINICA]))
         metrics = (await s.client.get("/metrics")).text
+        lines = access_lines(s.app, sink)
     line = next(x for x in lines if x["path"] == "/v2/models/iris/infer")
     assert line["status_code"] == 200
     assert line["model"] == "iris"

@@ -268,19 +268,20 @@ class RequestContextMiddleware:
             endpoint = getattr(route, "path", None) or "unmatched"
         status = ctx.status or 499  # client went away before any answer
         key = (endpoint, method, status)
+        add = self.metrics.deferred.add
         counter = self._children.get(key)
         if counter is None:
             counter = self._children[key] = self.metrics.requests.labels(
                 endpoint, method, str(status)
-            )
-        counter.inc()
+            ).inc
+        add(counter, 1)
         dkey = (endpoint, method)
         duration = self._durations.get(dkey)
         if duration is None:
             duration = self._durations[dkey] = self.metrics.request_duration.labels(
                 endpoint, method
-            )
-        duration.observe(elapsed)
+            ).observe
+        add(duration, elapsed)
         trace = ctx.trace
         if trace is not None:
             ctx.end_trace(

@@ -15,7 +15,7 @@ import numpy as np
 from inferd.batching import Batcher
 from inferd.concurrency import run_blocking
 from inferd.logs import get_logger
-from inferd.metrics import Metrics
+from inferd.metrics import Deferred, Metrics
 from inferd.models.base import FloatArray, Model, WarmsUp
 from inferd.models.repository import Fingerprint, ModelEntry
 from inferd.models.runtimes import (
@@ -254,20 +254,28 @@ def prepare(
         scheduler=scheduler,
     )
     if batcher is not None:
-        batcher.on_output = _output_hook(loaded, observe)
+        batcher.on_output = _output_hook(loaded, observe, m.deferred)
     return loaded
 
 
 def _output_hook(
-    loaded: LoadedModel, observe: Callable[[LoadedModel, Any, Any], None] | None
+    loaded: LoadedModel,
+    observe: Callable[[LoadedModel, Any, Any], None] | None,
+    deferred: Deferred,
 ) -> Callable[[Any, Any], None]:
     """What runs on each answered batch: ``prediction_value_distribution`` (one vectorized
-    pass per batch, not per request) and the drift monitor's ``observe``, if any."""
+    pass per batch, not per request, its observations applied with the other deferred ones)
+    and the drift monitor's ``observe``, if any."""
     record = loaded.metrics_children["prediction"].observe
 
-    def on_output(data: Any, output: Any) -> None:
-        for value in prediction_scores(output):
+    def record_all(values: list[float]) -> None:
+        for value in values:
             record(value)
+
+    note = deferred.add
+
+    def on_output(data: Any, output: Any) -> None:
+        note(record_all, prediction_scores(output))
         if observe is not None:
             observe(loaded, data, output)
 
