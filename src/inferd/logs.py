@@ -208,7 +208,7 @@ class AccessLog:
     """
 
     def __init__(
-        self, stream: Any = None, enabled: bool = True, level: str = "info", batch: int = 256
+        self, stream: Any = None, enabled: bool = True, level: str = "info", batch: int = 64
     ) -> None:
         self.enabled = enabled and _LEVELS.get(level, logging.INFO) <= logging.INFO
         self._sink = _BufferedSink(stream or _default_stream or sys.stdout)

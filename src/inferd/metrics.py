@@ -49,7 +49,7 @@ class Deferred:
 
     __slots__ = ("_batch", "_pending")
 
-    def __init__(self, batch: int = 1024) -> None:
+    def __init__(self, batch: int = 256) -> None:
         self._pending: list[tuple[Callable[[Any], None], Any]] = []
         self._batch = batch
 
