@@ -221,7 +221,7 @@ class AccessLog:
         pending = self._pending
         pending.append((time.time(), fields))
         if len(pending) >= self._batch:
-            self.flush()
+            self.format()
 
     def finished(self, ctx: Any, method: str, path: str, status: int, elapsed: float) -> None:
         """Note the access line of an HTTP request that ended with ``status`` after
@@ -247,10 +247,15 @@ class AccessLog:
             )
         )
         if len(pending) >= self._batch:
-            self.flush()
+            self.format()
 
     def flush(self) -> None:
-        """Format and write the noted lines."""
+        """Format the noted lines and write what is buffered."""
+        self.format()
+        self._sink.flush()
+
+    def format(self) -> None:
+        """Format the noted lines into the sink's buffer (written at 64 KiB or at flush)."""
         pending = self._pending
         if pending:
             self._pending = []
@@ -261,4 +266,3 @@ class AccessLog:
                 fields["level"] = "info"
                 fields["timestamp"] = stamp(at)
                 msg(dumps(fields, default=str))
-        self._sink.flush()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +145,35 @@ async def test_access_log_lines_carry_the_documented_fields(
     assert ok["latency_ms"] > 0
     assert bad["status_code"] == 422
     assert "expects 4" in bad["detail"]
+
+
+async def test_request_metrics_and_lines_wait_for_a_batch_only_under_load(
+    serve: Callable[..., Any],
+) -> None:
+    async with serve() as s:
+        app = s.app
+        served = app.metrics.requests.labels("/predict", "POST", "200")
+        await s.client.post("/predict", json={"features": SETOSA})
+        # Alone: applied as the request ended, without a collection or a flush.
+        assert served._value.get() == 1.0
+        assert app.access_log._pending == []
+
+        # Beside a request still being read: noted, applied in a batch (here: the collection).
+        release = asyncio.Event()
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b'{"features": '
+            await release.wait()
+            yield orjson.dumps(SETOSA) + b"}"
+
+        held = asyncio.create_task(
+            s.client.post("/predict", content=body(), headers={"content-type": "application/json"})
+        )
+        await asyncio.sleep(0.05)
+        await s.client.post("/predict", json={"features": SETOSA})
+        assert served._value.get() == 1.0
+        assert len(app.access_log._pending) == 1
+        release.set()
+        assert (await held).status_code == 200
+        text = (await s.client.get("/metrics")).text
+    assert 'inference_requests_total{endpoint="/predict",method="POST",status="200"} 3.0' in text

@@ -174,6 +174,7 @@ class RequestContextMiddleware:
         self.metrics = metrics
         self.access_log = access_log
         self._new_id = _RequestIds()
+        self._active = 0  # requests between their start and their access line
         self._children: dict[tuple[str, str, int], Any] = {}
         self._durations: dict[tuple[str, str], Any] = {}
 
@@ -195,6 +196,7 @@ class RequestContextMiddleware:
             if route is None:  # current for the routes under it (a job's submit stores it)
                 trace.attach()
             send = _TraceSender(send, trace)
+        self._active += 1
         try:
             if self.auth is not None:
                 if not await self._admit(scope, send, ctx):
@@ -213,6 +215,7 @@ class RequestContextMiddleware:
                 await send_with_id_error(_IdSender(send, ctx), ctx)
         finally:
             self._finish(scope, ctx)
+            self._active -= 1
             if ctx.trace is not None:
                 ctx.trace.detach()
 
@@ -295,6 +298,11 @@ class RequestContextMiddleware:
             )
         if self.access_log.enabled:
             self.access_log.finished(ctx, method, scope["path"], status, elapsed)
+        if self._active <= 1:
+            # Alone: write the noted lines and observations now, while the client reads the
+            # answer, instead of in a batch that a following request would wait behind.
+            self.access_log.format()
+            self.metrics.deferred.fold()
 
 
 async def send_with_id_error(send: Any, ctx: RequestContext) -> None:
