@@ -137,6 +137,9 @@ class Lease:
     parameters: dict[str, Any]
     trace_context: dict[str, str] | None = None
     """The submit's W3C trace context (``traceparent``, ``tracestate``), if it was traced."""
+    charged: bool = True
+    """Whether the request reserved budget that its end must settle (False: nothing to
+    settle, no need to look); a store that cannot tell says True."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -292,7 +292,7 @@ class Worker:
     # ------------------------------------------------------------------ one job
     async def _process(self, job: _Job) -> None:
         lease = job.lease
-        log.info(
+        log.debug(
             "job started",
             request_id=lease.request_id,
             model=lease.model,
