@@ -15,7 +15,6 @@ from inferd.errors import NotFound, QueueFull, TooManyQueued, ValidationFailed
 from inferd.jobs.follow import follow_events
 from inferd.jobs.runner import ModelExecutor
 from inferd.jobs.types import (
-    QUEUED_CHANNEL,
     Event,
     EventBus,
     Page,
@@ -78,7 +77,6 @@ class RequestService:
         self.metrics = metrics
         self._announcing: asyncio.Task[None] | None = None
         self._announce_again = False
-        self._announced = 0
 
     async def submit(
         self,
@@ -181,9 +179,9 @@ class RequestService:
         return record, created
 
     def _announce(self) -> None:
-        """Tell idle workers (of every process, through the bus) that a request is queued.
-        Announcements are coalesced: at most one publish is in flight, and the submits that
-        come during it share the next one."""
+        """Tell an idle worker (of any process, through the bus) that a request is queued.
+        Announcements are coalesced: at most one is in flight, and the submits that come
+        during it share the next one."""
         if self._announcing is not None:
             self._announce_again = True
             return
@@ -193,9 +191,8 @@ class RequestService:
         try:
             while True:
                 self._announce_again = False
-                self._announced += 1
                 try:
-                    await self.bus.publish(QUEUED_CHANNEL, self._announced)
+                    await self.bus.announce()
                 except Exception as exc:  # workers poll the queue anyway
                     log.warning("queue announcement failed: %r", exc)
                 if not self._announce_again:
