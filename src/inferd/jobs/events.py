@@ -318,7 +318,7 @@ class RedisEventBus(InProcessEventBus):
             return
         try:
             async with asyncio.timeout(self._timeout):
-                pipe = self._pub.pipeline(transaction=True)
+                pipe = self._pub.pipeline(transaction=False)  # two at once may leave two
                 pipe.lpush(self._queued, 1)
                 pipe.ltrim(self._queued, 0, 0)  # one announcement stands for any number
                 await pipe.execute()

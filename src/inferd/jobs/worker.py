@@ -199,9 +199,12 @@ class Worker:
                 if free <= 0:
                     await asyncio.wait(set(self._jobs), return_when=asyncio.FIRST_COMPLETED)
                     continue
-                if partial_at is not None and self.claim_interval > 0:
+                if partial_at is not None:
                     # Not again at once: the jobs queued meanwhile come in one claim.
-                    await asyncio.sleep(partial_at + self.claim_interval - loop.time())
+                    delay, partial_at = partial_at + self.claim_interval - loop.time(), None
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                        continue  # stopped meanwhile?
                 self._wake.clear()  # before the claim: an announcement during it is kept
                 # At most half the slots per claim: two groups of jobs, one claimed while
                 # the other one's writes are stored.
