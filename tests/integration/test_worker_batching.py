@@ -110,6 +110,54 @@ async def test_a_submit_wakes_one_of_several_idle_workers(
     assert claims == 1
 
 
+async def test_after_a_short_claim_the_next_one_waits_for_the_claim_interval(
+    parts: tuple[SqlStore, InProcessEventBus, ModelExecutor],
+) -> None:
+    # Requests arriving one by one are then taken together, in one claim transaction.
+    store, bus, executor = parts
+    claims: list[float] = []
+    claim_many = store.claim_many
+
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        claims.append(asyncio.get_running_loop().time())
+        return await claim_many(*args, **kwargs)
+
+    store.claim_many = timed  # type: ignore[method-assign]
+    worker = Worker(store, bus, executor, concurrency=8, poll_seconds=60.0, claim_interval=0.5)
+    task = await _run(worker)  # its first claim found nothing
+    service = RequestService(store, bus, executor)
+    try:
+        first, _ = await service.submit("alice", {"model": "iris", "input": IRIS})
+        await _wait_done(store, [first.id], within=5.0)  # claimed at once: the queue was idle
+        ids = [
+            (await service.submit("alice", {"model": "iris", "input": IRIS}))[0].id
+            for _ in range(3)
+        ]
+        await _wait_done(store, ids, within=5.0)
+    finally:
+        await worker.stop(grace=1)
+        await task
+    assert len(claims) == 3  # the idle one, the first request's, then the three together
+    assert claims[2] - claims[1] >= 0.5
+
+
+async def test_a_worker_stopped_between_claims_claims_no_more(
+    parts: tuple[SqlStore, InProcessEventBus, ModelExecutor],
+) -> None:
+    store, bus, executor = parts
+    worker = Worker(store, bus, executor, concurrency=8, poll_seconds=60.0, claim_interval=0.5)
+    task = await _run(worker)
+    service = RequestService(store, bus, executor)
+    first, _ = await service.submit("alice", {"model": "iris", "input": IRIS})
+    await _wait_done(store, [first.id], within=5.0)
+    second, _ = await service.submit("alice", {"model": "iris", "input": IRIS})
+    await asyncio.sleep(0.1)  # the worker waits out its claim interval
+    await worker.stop(grace=1)
+    await task
+    record = await store.get(second.id)
+    assert record is not None and record.status is RequestStatus.QUEUED
+
+
 async def test_concurrent_jobs_share_claims_and_write_transactions(
     parts: tuple[SqlStore, InProcessEventBus, ModelExecutor],
 ) -> None:
