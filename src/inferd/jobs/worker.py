@@ -215,7 +215,7 @@ class Worker:
                     self._start(lease)
                 if len(leases) >= wanted:  # there may be more: another idle worker helps
                     partial_at = None
-                    await self.bus.announce()
+                    await self._announce()
                     continue
                 partial_at = claimed_at
                 # The queue is empty for now: wait for an announcement (or the poll).
@@ -264,7 +264,13 @@ class Worker:
             if self._idle.is_set():
                 self._wake.set()
             else:  # busy since: an idle worker (if any) takes it instead
-                await self.bus.announce()
+                await self._announce()
+
+    async def _announce(self) -> None:
+        try:
+            await self.bus.announce()
+        except Exception as exc:  # the other workers' poll still finds the jobs
+            log.warning("announcement failed", worker=self.id, detail=repr(exc))
 
     async def run_burst(self) -> int:
         """Run jobs until none is claimable and none is running; return how many ran."""
