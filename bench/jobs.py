@@ -1,7 +1,7 @@
 """Long-running requests at scale: jobs/s, submit latency and chunk-to-client latency.
 
     python bench/jobs.py [--backends sqlite,postgres] [--workers 1,4] [--concurrency 16]
-                         [--jobs 3000] [--duration 20] [--clients 32] [--chunks 150]
+                         [--jobs 3000] [--rates 200,400] [--duration 20] [--chunks 150]
 
 For each database (a throwaway one), the bench first measures a *baseline*: the least a queue
 on that database can do per job, one ``FOR UPDATE SKIP LOCKED`` claim (on SQLite, the same
@@ -16,10 +16,13 @@ one API (``inferd serve --workers 0``) and that many worker processes (``inferd 
 * *drain*: ``--jobs`` iris requests are queued before the workers start; jobs/s between 5 %
   and 95 % of them done (every job: claimed, run through the model's batcher, its chunk and
   ``done`` event stored, followers woken);
-* *flow*: ``--clients`` HTTP clients submit iris requests back to back through the API for
-  ``--duration`` seconds: submits/s, jobs done/s over the last three quarters of the run,
-  ``POST /v1/requests`` p50/p99 (as the client sees it), and whether every request ends
-  ``succeeded``;
+* *flow*, at each of ``--rates``: iris requests are submitted through the API at that
+  constant rate for ``--duration`` seconds by ``bench/openloop.c`` (compiled here; one thread,
+  raw HTTP/1.1, ``--connections`` keep-alive connections, a request's latency counted from
+  when it was due, so a stalled server is charged for every request it delayed): jobs done/s
+  over the last three quarters of the run, the backlog (queued and running) when the
+  submits end, ``POST /v1/requests`` p50/p99, refusals, whether every request ends
+  ``succeeded``, and the CPU time per request of the API, the workers and the generator;
 * *chunk to client*, during that flow: a model yields a chunk every 20 ms (``--chunks`` of
   them); a separate client process follows its SSE stream and notes when each chunk arrives
   against the ``sent_at`` the worker stamped just before storing it (same machine, same
@@ -35,10 +38,12 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -356,74 +361,113 @@ async def drain(cluster: Cluster, workers: int, jobs: int) -> dict[str, Any]:
         await store.close()
 
 
-async def flow(cluster: Cluster, duration: float, clients: int, chunks: int) -> dict[str, Any]:
+def build_generator(folder: Path) -> Path:
+    """``bench/openloop.c``, compiled into ``folder``: the flow's load generator."""
+    binary = folder / "openloop"
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("a C compiler (cc) is needed to build bench/openloop.c")
+    subprocess.run([cc, "-O2", "-o", str(binary), str(ROOT / "bench" / "openloop.c")], check=True)
+    return binary
+
+
+def _open_loop(
+    generator: Path, base: str, rate: float, seconds: float, connections: int, out: Path
+) -> tuple[list[tuple[int, int, int]], float]:
+    """Submit iris requests at ``rate`` a second for ``seconds`` (blocking): each answer's
+    (due ns, latency ns from when it was due, status), and the generator's CPU seconds."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    cmd = [str(generator), "-a", host, "-p", port, "-u", "/v1/requests"]
+    cmd += ["-b", json.dumps(IRIS), "-c", str(connections), "-s", f"{rate:g}:{seconds:g}"]
+    cmd += ["-o", str(out), "-w", "30", "-t", "30"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stderr = proc.stderr.read().decode() if proc.stderr is not None else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"openloop failed ({proc.returncode}): {stderr}")
+    data = out.read_bytes()
+    records = [(due, latency, status) for due, latency, status, _ in _RECORD.iter_unpack(data)]
+    return records, usage.ru_utime + usage.ru_stime
+
+
+_RECORD = struct.Struct("<qqii")  # openloop's record: due ns, latency ns, status, phase
+
+
+async def flow(
+    cluster: Cluster,
+    generator: Path,
+    rate: float,
+    duration: float,
+    connections: int,
+    chunks: int,
+) -> dict[str, Any]:
+    """Submits at a constant ``rate`` for ``duration`` seconds (open loop, spread over the
+    APIs), with one ticker request followed over SSE meanwhile."""
     from inferd.jobs.sql import SqlStore
 
     store = SqlStore(cluster.url)
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    stop_at = time.perf_counter() + duration
     before = (await _counts(store))["succeeded"]
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+    out = cluster.work / f"flow-{rate:g}-{time.monotonic_ns()}"
 
-        async def submitter(n: int) -> None:
-            # Spread over the APIs; with several, a request is followed on another one.
-            submit_url = cluster.bases[n % len(cluster.bases)] + "/v1/requests"
-            while time.perf_counter() < stop_at:
-                started = time.perf_counter()
-                r = await client.post(submit_url, json=IRIS)
-                if r.status_code == 202:
-                    latencies.append(time.perf_counter() - started)
-                else:
-                    errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+    async def window() -> tuple[float, int, float, int, dict[str, int]]:
+        await asyncio.sleep(duration / 4)
+        t1, n1 = time.perf_counter(), (await _counts(store))["succeeded"]
+        await asyncio.sleep(max(0.0, started + duration - time.perf_counter()))
+        counts = await _counts(store)
+        return t1, n1, time.perf_counter(), counts["succeeded"], counts
 
-        async def window() -> tuple[float, int, float, int]:
-            await asyncio.sleep(duration / 4)
-            t1, n1 = time.perf_counter(), (await _counts(store))["succeeded"]
-            await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
-            t2, n2 = time.perf_counter(), (await _counts(store))["succeeded"]
-            return t1, n1, t2, n2
-
-        async def follower() -> dict[str, Any]:
-            await asyncio.sleep(duration / 4)
+    async def follower() -> dict[str, Any]:
+        await asyncio.sleep(duration / 4)
+        async with httpx.AsyncClient(timeout=30) as client:
             r = await client.post(
                 cluster.bases[0] + "/v1/requests",
                 json={"model": "ticker", "input": "go", "parameters": {"chunks": chunks}},
             )
-            follow = await asyncio.create_subprocess_exec(
-                sys.executable,
-                __file__,
-                "--follow",
-                cluster.bases[-1] + r.json()["events_url"],
-                stdout=asyncio.subprocess.PIPE,
-            )
-            out, _ = await follow.communicate()
-            delays: list[float] = json.loads(out)
-            return {
-                "chunks": len(delays),
-                "p50_ms": ms(statistics.median(delays)),
-                "p99_ms": ms(percentile(delays, 0.99)),
-                "max_ms": ms(max(delays)),
-            }
+        follow = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--follow",
+            cluster.bases[-1] + r.json()["events_url"],
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await follow.communicate()
+        delays: list[float] = json.loads(out)
+        return {
+            "chunks": len(delays),
+            "p50_ms": ms(statistics.median(delays)),
+            "p99_ms": ms(percentile(delays, 0.99)),
+            "max_ms": ms(max(delays)),
+        }
 
-        started = time.perf_counter()
-        cpu_before = {
-            "api": sum(_cpu_seconds(p.pid) for p in cluster.apis),
-            "workers": sum(_cpu_seconds(p.pid) for p in cluster.workers),
-            "load_generator": time.process_time(),
-        }
-        timing = asyncio.ensure_future(window())
-        following = asyncio.ensure_future(follower())
-        await asyncio.gather(*(submitter(n) for n in range(clients)))
-        submitted_in = time.perf_counter() - started
-        cpu_after = {
-            "api": sum(_cpu_seconds(p.pid) for p in cluster.apis),
-            "workers": sum(_cpu_seconds(p.pid) for p in cluster.workers),
-            "load_generator": time.process_time(),
-        }
-        (t1, n1, t2, n2), chunk = await timing, await following
-    submitted = len(latencies)
+    share = rate / len(cluster.bases)
+    per_api = max(1, connections // len(cluster.bases))
+    cpu_before = {
+        "api": sum(_cpu_seconds(p.pid) for p in cluster.apis),
+        "workers": sum(_cpu_seconds(p.pid) for p in cluster.workers),
+    }
+    started = time.perf_counter()
+    timing = asyncio.ensure_future(window())
+    following = asyncio.ensure_future(follower())
+    runs = await asyncio.gather(
+        *(
+            asyncio.to_thread(
+                _open_loop, generator, base, share, duration, per_api, out.with_suffix(f".{n}")
+            )
+            for n, base in enumerate(cluster.bases)
+        )
+    )
+    cpu_after = {
+        "api": sum(_cpu_seconds(p.pid) for p in cluster.apis),
+        "workers": sum(_cpu_seconds(p.pid) for p in cluster.workers),
+    }
+    (t1, n1, t2, n2, at_end), chunk = await timing, await following
+    records = [record for records, _ in runs for record in records]
+    accepted = [latency / 1e9 for _, latency, status in records if status == 202]
+    others: dict[str, int] = {}
+    for _, _, status in records:
+        if status != 202:
+            others[str(status)] = others.get(str(status), 0) + 1
     # Every accepted request must end succeeded (and no other way): wait for the backlog.
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -433,22 +477,27 @@ async def flow(cluster: Cluster, duration: float, clients: int, chunks: int) -> 
         await asyncio.sleep(0.1)
     counts = await _counts(store)
     await store.close()
+    submitted = len(accepted)
     return {
-        "clients": clients,
+        "offered_per_s": rate,
         "seconds": duration,
+        "connections": connections,
         "submitted": submitted,
-        "submits_per_s": round(submitted / submitted_in, 1),
+        "not_accepted": others,  # status: count (0: failed or timed out, -1: never sent)
         "jobs_per_s": round((n2 - n1) / (t2 - t1), 1),
-        "submit_p50_ms": ms(statistics.median(latencies)),
-        "submit_p99_ms": ms(percentile(latencies, 0.99)),
-        "refused": errors,
+        "backlog_at_end": at_end["queued"] + at_end["running"],
+        "submit_p50_ms": ms(statistics.median(accepted)) if accepted else None,
+        "submit_p99_ms": ms(percentile(accepted, 0.99)) if accepted else None,
         "all_succeeded": counts["succeeded"] - before == submitted + 1
         and sum(counts.values()) == counts["succeeded"],
         "chunk_to_client": chunk,
-        # CPU time per submitted request during the flow (all cores): where the time goes.
+        # CPU time per accepted request during the flow (all cores): where the time goes.
         "cpu_ms_per_request": {
-            name: round(1000 * (cpu_after[name] - cpu_before[name]) / max(1, len(latencies)), 2)
-            for name in cpu_before
+            **{
+                name: round(1000 * (cpu_after[name] - cpu_before[name]) / max(1, submitted), 3)
+                for name in cpu_before
+            },
+            "load_generator": round(1000 * sum(cpu for _, cpu in runs) / max(1, submitted), 3),
         },
     }
 
@@ -471,7 +520,12 @@ def follow(events_url: str) -> None:
 
 
 def run_cluster(
-    backend: str, tmp: Path, models_dir: Path, workers: int, args: argparse.Namespace
+    backend: str,
+    tmp: Path,
+    models_dir: Path,
+    generator: Path,
+    workers: int,
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     work = tmp / f"{backend}-{args.apis}-{workers}"
     work.mkdir()
@@ -482,7 +536,12 @@ def run_cluster(
         for _ in range(args.apis):
             cluster.start_api()
         drained = asyncio.run(drain(cluster, workers, args.jobs))
-        flowed = asyncio.run(flow(cluster, args.duration, args.clients, args.chunks))
+        flowed = [
+            asyncio.run(
+                flow(cluster, generator, rate, args.duration, args.connections, args.chunks)
+            )
+            for rate in (float(r) for r in args.rates.split(","))
+        ]
     finally:
         cluster.close()
         drop()
@@ -503,10 +562,16 @@ def main() -> None:
     parser.add_argument("--apis", type=int, default=1, help="API processes")
     parser.add_argument("--jobs", type=int, default=3000, help="jobs of the drain")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of flow")
-    parser.add_argument("--clients", type=int, default=32, help="concurrent HTTP submitters")
+    parser.add_argument(
+        "--rates", default="200,400", help="submits/s offered by the flows, comma-separated"
+    )
+    parser.add_argument(
+        "--connections", type=int, default=256, help="the load generator's connections"
+    )
     parser.add_argument("--chunks", type=int, default=150, help="chunks of the followed job")
     parser.add_argument("--baseline-jobs", type=int, default=5000)
     parser.add_argument("--baseline-claimers", type=int, default=4)
+    parser.add_argument("--skip-baseline", action="store_true", help="no baseline, no queue alone")
     parser.add_argument("--follow", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.follow:
@@ -522,32 +587,36 @@ def main() -> None:
         tmp = Path(tmp_name)
         models_dir = tmp / "models"
         train_demo(models_dir)
+        generator = build_generator(tmp)
         (models_dir / "ticker" / "1").mkdir(parents=True)
         (models_dir / "ticker" / "model.toml").write_text(
             'runtime = "python"\nclass = "bench_ticker:Ticker"\ntask = "text-generation"\n'
             '[input]\ntype = "text"\n'
         )
         for backend in args.backends.split(","):
-            url, drop = database(backend, tmp)
-            try:
-                base = baseline(backend, url, args.baseline_jobs, args.baseline_claimers)
-            finally:
-                drop()
-            print(f"{backend} baseline: {json.dumps(base)}", flush=True)
-            url, drop = database(backend, tmp)
-            try:
-                alone = asyncio.run(queue_only(url, models_dir, args.jobs, args.concurrency))
-            finally:
-                drop()
-            alone["x_baseline"] = round(alone["jobs_per_s"] / base["jobs_per_s"], 3)
-            print(f"{backend} queue alone: {json.dumps(alone)}", flush=True)
+            base: dict[str, Any] = {"jobs_per_s": None}
+            alone: dict[str, Any] = {"jobs_per_s": None}
+            if not args.skip_baseline:
+                url, drop = database(backend, tmp)
+                try:
+                    base = baseline(backend, url, args.baseline_jobs, args.baseline_claimers)
+                finally:
+                    drop()
+                print(f"{backend} baseline: {json.dumps(base)}", flush=True)
+                url, drop = database(backend, tmp)
+                try:
+                    alone = asyncio.run(queue_only(url, models_dir, args.jobs, args.concurrency))
+                finally:
+                    drop()
+                alone["x_baseline"] = round(alone["jobs_per_s"] / base["jobs_per_s"], 3)
+                print(f"{backend} queue alone: {json.dumps(alone)}", flush=True)
             runs = []
             for workers in (int(n) for n in args.workers.split(",")):
-                run = run_cluster(backend, tmp, models_dir, workers, args)
-                run["drain"]["x_baseline"] = round(
-                    run["drain"]["jobs_per_s"] / base["jobs_per_s"], 3
-                )
-                run["flow"]["x_baseline"] = round(run["flow"]["jobs_per_s"] / base["jobs_per_s"], 3)
+                run = run_cluster(backend, tmp, models_dir, generator, workers, args)
+                if base["jobs_per_s"]:
+                    run["drain"]["x_baseline"] = round(
+                        run["drain"]["jobs_per_s"] / base["jobs_per_s"], 3
+                    )
                 print(f"{backend} {workers} worker(s): {json.dumps(run)}", flush=True)
                 runs.append(run)
             results[backend] = {"baseline": base, "queue_alone": alone, "runs": runs}

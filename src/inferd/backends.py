@@ -125,6 +125,7 @@ class Backends:
             lease_seconds=settings.lease_seconds,
             heartbeat_seconds=settings.heartbeat_seconds,
             poll_seconds=settings.poll_seconds,
+            claim_interval=settings.claim_interval_seconds,
             on_outcome=count,
             on_terminal=settle,
         )

@@ -347,8 +347,13 @@ class Settings(BaseSettings):
     """Longest retry delay."""
 
     poll_seconds: float = Field(default=0.5, gt=0)
-    """How often an idle worker looks for queued jobs (in-process workers are also woken at
-    once when this process accepts a request)."""
+    """How often an idle worker looks for queued jobs when no announcement of queued
+    requests wakes it (a lost announcement, a retry whose back-off ended)."""
+
+    claim_interval_seconds: float = Field(default=0.005, ge=0, le=1)
+    """The least time between two claims of a worker whose last claim found fewer jobs than
+    it had room for: the jobs queued meanwhile are then taken in one claim (one transaction)
+    instead of one each. It delays a job's start by at most this much; 0: claim at once."""
 
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     """On SIGTERM, how long running jobs may take to finish before they are handed back to the

@@ -144,6 +144,32 @@ async def _count_is(url: str, request_id: str, expected: int) -> bool:
     return await numsub(url, request_id) == expected
 
 
+async def test_an_announcement_wakes_one_idle_worker_of_all_processes(redis_url: str) -> None:
+    prefix = f"{rid()}:"
+    opened = [RedisEventBus(redis_url, prefix=prefix) for _ in range(3)]
+    try:
+        waiters = [asyncio.ensure_future(bus.wait_announced(1.0)) for bus in opened]
+        await asyncio.sleep(0.1)  # all three block in BLPOP
+        await opened[0].announce()
+        assert sorted(await asyncio.gather(*waiters)) == [False, False, True]
+        await opened[0].announce()  # no one waits: kept for the next one
+        await opened[0].announce()  # coalesced
+        assert await opened[1].wait_announced(0.1) is True
+        assert await opened[2].wait_announced(0.1) is False
+    finally:
+        for bus in opened:
+            await bus.close()
+
+
+async def test_announcements_without_redis_do_not_raise() -> None:
+    bus = RedisEventBus(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+    try:
+        await bus.announce()
+        assert await bus.wait_announced(0.05) is False
+    finally:
+        await bus.close()
+
+
 async def test_publish_to_unreachable_redis_does_not_raise() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     async with buses(url, 1, timeout=0.5) as (bus,), asyncio.timeout(2):

@@ -315,6 +315,15 @@ async def test_concurrent_claimers_take_each_job_exactly_once(store: SqlStore) -
     assert sorted(taken) == sorted(ids)
 
 
+async def test_a_lease_says_whether_its_request_reserved_budget(store: SqlStore) -> None:
+    # The worker settles a budget only for a charged request: the others cost no lookup.
+    plain = await submit(store)
+    reserved = {"key_id": "k1", "user_id": "alice", "day": "2026-01-01", "reserved": 3}
+    charged = await submit(store, charge=reserved)
+    leases = await store.claim_many("worker-1", 30, 10)
+    assert {lease.request_id: lease.charged for lease in leases} == {plain: False, charged: True}
+
+
 async def test_claim_can_be_restricted_to_models(store: SqlStore) -> None:
     a = await submit(store, model="a")
     b = await submit(store, model="b")

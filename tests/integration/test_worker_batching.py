@@ -16,7 +16,7 @@ from inferd.jobs.events import InProcessEventBus
 from inferd.jobs.runner import ModelExecutor
 from inferd.jobs.service import RequestService
 from inferd.jobs.sql import SqlStore
-from inferd.jobs.types import QUEUED_CHANNEL, RequestStatus
+from inferd.jobs.types import RequestStatus
 from inferd.jobs.worker import Worker
 from inferd.metrics import Metrics
 from inferd.models.registry import ModelRegistry
@@ -46,11 +46,11 @@ async def parts(
 
 async def _run(worker: Worker) -> asyncio.Task[None]:
     task = asyncio.get_running_loop().create_task(worker.run())
-    for _ in range(500):  # until the worker listens for announcements
-        if worker.bus.subscriber_count(QUEUED_CHANNEL):  # type: ignore[attr-defined]
+    for _ in range(500):  # until the worker's claim found nothing and it waits for news
+        if worker._idle.is_set():
             return task
         await asyncio.sleep(0.01)
-    raise AssertionError("the worker never subscribed to the queue announcements")
+    raise AssertionError("the worker never waited for announcements")
 
 
 async def _wait_done(store: SqlStore, ids: list[str], within: float) -> list[Any]:
@@ -78,6 +78,84 @@ async def test_an_idle_worker_is_woken_by_a_submit_not_by_its_poll(
         await task
     assert done.status is RequestStatus.SUCCEEDED
     assert done.result["predictions"]
+
+
+async def test_a_submit_wakes_one_of_several_idle_workers(
+    parts: tuple[SqlStore, InProcessEventBus, ModelExecutor],
+) -> None:
+    # Each claim is a write transaction; on a broadcast, every idle worker would claim and
+    # all but one would find nothing.
+    store, bus, executor = parts
+    claims = 0
+    claim_many = store.claim_many
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal claims
+        claims += 1
+        return await claim_many(*args, **kwargs)
+
+    workers = [Worker(store, bus, executor, concurrency=4, poll_seconds=60.0) for _ in range(4)]
+    tasks = [await _run(worker) for worker in workers]  # each claimed once, found nothing
+    store.claim_many = counted  # type: ignore[method-assign]
+    service = RequestService(store, bus, executor)
+    record, _ = await service.submit("alice", {"model": "iris", "input": IRIS})
+    try:
+        (done,) = await _wait_done(store, [record.id], within=10.0)
+        await asyncio.sleep(0.1)  # time for any other woken worker to claim
+    finally:
+        for worker in workers:
+            await worker.stop(grace=1)
+        await asyncio.gather(*tasks)
+    assert done.status is RequestStatus.SUCCEEDED
+    assert claims == 1
+
+
+async def test_after_a_short_claim_the_next_one_waits_for_the_claim_interval(
+    parts: tuple[SqlStore, InProcessEventBus, ModelExecutor],
+) -> None:
+    # Requests arriving one by one are then taken together, in one claim transaction.
+    store, bus, executor = parts
+    claims: list[float] = []
+    claim_many = store.claim_many
+
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        claims.append(asyncio.get_running_loop().time())
+        return await claim_many(*args, **kwargs)
+
+    store.claim_many = timed  # type: ignore[method-assign]
+    worker = Worker(store, bus, executor, concurrency=8, poll_seconds=60.0, claim_interval=0.5)
+    task = await _run(worker)  # its first claim found nothing
+    service = RequestService(store, bus, executor)
+    try:
+        first, _ = await service.submit("alice", {"model": "iris", "input": IRIS})
+        await _wait_done(store, [first.id], within=5.0)  # claimed at once: the queue was idle
+        ids = [
+            (await service.submit("alice", {"model": "iris", "input": IRIS}))[0].id
+            for _ in range(3)
+        ]
+        await _wait_done(store, ids, within=5.0)
+    finally:
+        await worker.stop(grace=1)
+        await task
+    assert len(claims) == 3  # the idle one, the first request's, then the three together
+    assert claims[2] - claims[1] >= 0.5
+
+
+async def test_a_worker_stopped_between_claims_claims_no_more(
+    parts: tuple[SqlStore, InProcessEventBus, ModelExecutor],
+) -> None:
+    store, bus, executor = parts
+    worker = Worker(store, bus, executor, concurrency=8, poll_seconds=60.0, claim_interval=0.5)
+    task = await _run(worker)
+    service = RequestService(store, bus, executor)
+    first, _ = await service.submit("alice", {"model": "iris", "input": IRIS})
+    await _wait_done(store, [first.id], within=5.0)
+    second, _ = await service.submit("alice", {"model": "iris", "input": IRIS})
+    await asyncio.sleep(0.1)  # the worker waits out its claim interval
+    await worker.stop(grace=1)
+    await task
+    record = await store.get(second.id)
+    assert record is not None and record.status is RequestStatus.QUEUED
 
 
 async def test_concurrent_jobs_share_claims_and_write_transactions(

@@ -54,6 +54,26 @@ async def test_bad_submits_are_refused_and_store_nothing(
     assert store.records == {}
 
 
+async def test_only_a_models_own_check_runs_off_the_event_loop(
+    service: RequestService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A thread hop costs more than parsing a few rows; a model's own check may tokenize.
+    import inferd.jobs.service
+
+    hops: list[Any] = []
+    run_blocking = inferd.jobs.service.run_blocking
+
+    async def counted(fn: Any, *args: Any) -> Any:
+        hops.append(fn)
+        return await run_blocking(fn, *args)
+
+    monkeypatch.setattr(inferd.jobs.service, "run_blocking", counted)
+    await service.submit("alice", {"model": TABULAR, "input": {"features": [1, 2, 3, 4]}})
+    assert hops == []
+    await service.submit("alice", {"model": STREAMER, "input": "x"})
+    assert len(hops) == 1
+
+
 async def test_unknown_model_is_a_404(service: RequestService, store: MemoryStore) -> None:
     with pytest.raises(ModelNotFound):
         await service.submit("alice", {"model": "nope", "input": "x"})

@@ -309,6 +309,22 @@ async def test_close_ends_subscriptions(bus: InProcessEventBus) -> None:
         await anext(bus.subscribe("r1"))  # subscribing to a closed bus ends at once
 
 
+async def test_an_announcement_wakes_one_idle_worker(bus: InProcessEventBus) -> None:
+    waiters = [asyncio.ensure_future(bus.wait_announced(0.3)) for _ in range(3)]
+    await asyncio.sleep(0)
+    await bus.announce()
+    await bus.announce()
+    assert sorted(await asyncio.gather(*waiters)) == [False, True, True]  # one each
+
+
+async def test_an_announcement_waits_for_a_worker(bus: InProcessEventBus) -> None:
+    await bus.announce()
+    await bus.announce()  # coalesced with the first one
+    assert await bus.wait_announced(0.05) is True
+    assert await bus.wait_announced(0.05) is False
+    assert not bus._idle  # the waiter that timed out left
+
+
 def test_factory_picks_the_bus() -> None:
     assert isinstance(create_event_bus(None), InProcessEventBus)
     assert isinstance(create_event_bus(""), InProcessEventBus)

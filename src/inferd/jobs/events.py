@@ -1,8 +1,16 @@
-"""Event buses: tell SSE followers that a request has new events.
+"""Event buses: tell SSE followers that a request has new events, and idle workers that
+requests were queued.
 
 A bus only wakes followers up; the store stays the source of truth and followers re-read it,
 so a bus may coalesce or drop notifications. :class:`InProcessEventBus` serves one process;
 :class:`RedisEventBus` spans processes through Redis pub/sub.
+
+Queued requests are announced differently: an announcement wakes *one* idle worker (the one
+that takes it), not every worker, and waits for a taker if none is idle. Every worker that
+claims on a broadcast costs a transaction, and most of them find nothing. A worker that
+claims a full batch announces again, so that another idle worker joins in while there is
+more. In one process: a pending flag and a line of waiters; through Redis: a list of at most
+one element, pushed by ``announce`` and popped (``BLPOP``) by idle workers.
 
 Redis outages: ``publish`` never raises (it logs once per outage, counts each failure in
 ``publish_errors`` and still wakes this process's own subscribers). Subscriptions survive a
@@ -14,6 +22,7 @@ it was away are lost, which followers cover by polling the store.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -22,7 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from inferd.errors import ConfigError
-from inferd.jobs.types import EventBus
+from inferd.jobs.types import QUEUED_CHANNEL, EventBus
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -106,12 +115,41 @@ class Subscription(AsyncIterator[int]):
 
 
 class InProcessEventBus:
-    """An :class:`~inferd.jobs.types.EventBus` for followers in this process."""
+    """An :class:`~inferd.jobs.types.EventBus` for followers and workers in this process."""
 
     def __init__(self) -> None:
         self._slots: dict[str, set[_Slot]] = {}
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._announced = False  # an announcement no worker has taken yet
+        self._idle: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def announce(self) -> None:
+        """Requests were queued: wake one idle worker, or the next one to wait."""
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._announced = True
+
+    async def wait_announced(self, seconds: float) -> bool:
+        """Wait at most ``seconds`` to take an announcement; whether one was taken."""
+        if self._announced:
+            self._announced = False
+            return True
+        if self._closed:
+            await asyncio.sleep(seconds)
+            return False
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle.append(waiter)
+        try:
+            await asyncio.wait((waiter,), timeout=seconds)  # does not cancel the waiter
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                self._idle.remove(waiter)
+        return not waiter.cancelled()
 
     async def publish(self, request_id: str, seq: int) -> None:
         """Wake every current subscriber of ``request_id``."""
@@ -221,6 +259,11 @@ class RedisEventBus(InProcessEventBus):
         self._confirmed: dict[str, asyncio.Event] = {}  # set once Redis acknowledged it
         self._dirty = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
+        self._queued = prefix + QUEUED_CHANNEL  # the list of (at most one) announcement
+        # Idle workers block in BLPOP: a connection of their own, without a read timeout.
+        self._doorbell: Redis = Redis.from_url(
+            url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=timeout
+        )
         self._publish_down, self._publish_retry_at = False, 0.0
         self._unreachable = False  # the last connection attempt failed, or the connection died
         self.connected = False
@@ -267,6 +310,36 @@ class RedisEventBus(InProcessEventBus):
             if self._publish_down:
                 log.info("event bus: publishing to Redis again")
             self._publish_down = False
+
+    async def announce(self) -> None:
+        """Requests were queued: push the announcement, which one idle worker (of any
+        process) takes. Never raises: workers poll the queue anyway."""
+        if self._closed:
+            return
+        try:
+            async with asyncio.timeout(self._timeout):
+                pipe = self._pub.pipeline(transaction=False)  # two at once may leave two
+                pipe.lpush(self._queued, 1)
+                pipe.ltrim(self._queued, 0, 0)  # one announcement stands for any number
+                await pipe.execute()
+        except Exception as exc:
+            log.debug("event bus: announcement failed: %s", _why(exc))
+
+    async def wait_announced(self, seconds: float) -> bool:
+        """Wait at most ``seconds`` to take an announcement (``BLPOP``); whether one was
+        taken. Without Redis, waits ``seconds`` and says no."""
+        if self._closed:
+            await asyncio.sleep(seconds)
+            return False
+        try:
+            async with asyncio.timeout(seconds + self._timeout):
+                # BLPOP's timeout: whole seconds on Redis < 6, fractions since.
+                taken = await self._doorbell.blpop([self._queued], timeout=seconds)
+        except Exception as exc:
+            log.debug("event bus: waiting for announcements failed: %s", _why(exc))
+            await asyncio.sleep(seconds)
+            return False
+        return taken is not None
 
     async def _ready(self, request_id: str) -> None:
         confirmed = self._confirmed.get(request_id)
@@ -387,6 +460,7 @@ class RedisEventBus(InProcessEventBus):
             self._reader = None
         await self._sub.aclose()
         await self._pub.aclose()
+        await self._doorbell.aclose()
 
 
 def create_event_bus(redis_url: str | None) -> EventBus:

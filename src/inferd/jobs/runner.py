@@ -89,6 +89,13 @@ class ModelExecutor:
             return 1
         return int(self._rows(loaded, input, parameters).shape[0])
 
+    def validates_on_loop(self, name: str) -> bool:
+        """Whether :meth:`validate` is cheap enough for the event loop: parsing a tabular
+        request's rows is (the synchronous routes parse them there too); a model's own check
+        (a text model tokenizes its prompt) is not."""
+        loaded = self.registry.find(name)
+        return loaded is None or not loaded.model.capabilities.validates_requests
+
     def validate(self, name: str, input: Any, parameters: dict[str, Any]) -> None:
         """Raise a 4xx error now rather than fail the request later (404, 422)."""
         loaded = self._loaded(name)

@@ -15,7 +15,6 @@ from inferd.errors import NotFound, QueueFull, TooManyQueued, ValidationFailed
 from inferd.jobs.follow import follow_events
 from inferd.jobs.runner import ModelExecutor
 from inferd.jobs.types import (
-    QUEUED_CHANNEL,
     Event,
     EventBus,
     Page,
@@ -78,7 +77,6 @@ class RequestService:
         self.metrics = metrics
         self._announcing: asyncio.Task[None] | None = None
         self._announce_again = False
-        self._announced = 0
 
     async def submit(
         self,
@@ -109,8 +107,10 @@ class RequestService:
         if idempotency_key is not None and not 0 < len(idempotency_key) <= _MAX_KEY:
             raise ValidationFailed(f"Idempotency-Key must be 1 to {_MAX_KEY} characters")
         ttl, expires_at = _deadline(body)
-        # Off the loop: a text model's check tokenizes the prompt.
-        await run_blocking(self.executor.validate, model, body["input"], parameters)
+        if self.executor.validates_on_loop(model):  # no thread hop for a few rows
+            self.executor.validate(model, body["input"], parameters)
+        else:  # off the loop: a text model's check tokenizes the prompt
+            await run_blocking(self.executor.validate, model, body["input"], parameters)
         if idempotency_key is not None:
             existing = await self.store.replayed(
                 user, idempotency_key, model, body["input"], parameters
@@ -181,9 +181,9 @@ class RequestService:
         return record, created
 
     def _announce(self) -> None:
-        """Tell idle workers (of every process, through the bus) that a request is queued.
-        Announcements are coalesced: at most one publish is in flight, and the submits that
-        come during it share the next one."""
+        """Tell an idle worker (of any process, through the bus) that a request is queued.
+        Announcements are coalesced: at most one is in flight, and the submits that come
+        during it share the next one."""
         if self._announcing is not None:
             self._announce_again = True
             return
@@ -193,9 +193,8 @@ class RequestService:
         try:
             while True:
                 self._announce_again = False
-                self._announced += 1
                 try:
-                    await self.bus.publish(QUEUED_CHANNEL, self._announced)
+                    await self.bus.announce()
                 except Exception as exc:  # workers poll the queue anyway
                     log.warning("queue announcement failed: %r", exc)
                 if not self._announce_again:

@@ -493,6 +493,10 @@ class SqlStore:
                     requests.c.input,
                     requests.c.parameters,
                     requests.c.trace_context,
+                    select(charges.c.request_id)
+                    .where(charges.c.request_id == requests.c.id)
+                    .exists()
+                    .label("charged"),
                 )
             )
             rows = sorted((await tx.conn.execute(started)).all(), key=lambda row: row.id)
@@ -530,6 +534,7 @@ class SqlStore:
                 input=row.input,
                 parameters=row.parameters,
                 trace_context=row.trace_context,
+                charged=bool(row.charged),
             )
             for row in rows
         ]

@@ -137,6 +137,9 @@ class Lease:
     parameters: dict[str, Any]
     trace_context: dict[str, str] | None = None
     """The submit's W3C trace context (``traceparent``, ``tracestate``), if it was traced."""
+    charged: bool = True
+    """Whether the request reserved budget that its end must settle (False: nothing to
+    settle, no need to look); a store that cannot tell says True."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,8 +301,8 @@ class JobQueue(Protocol):
 
 
 QUEUED_CHANNEL = "_queued"
-"""The bus channel (in place of a request id) on which the API says that it queued requests:
-idle workers subscribe to it and claim at once instead of at their next poll."""
+"""The name (in place of a request id) under which a bus keeps its announcements of queued
+requests (:meth:`EventBus.announce`)."""
 
 
 class EventBus(Protocol):
@@ -314,6 +317,13 @@ class EventBus(Protocol):
 
     def subscribe(self, request_id: str) -> AsyncIterator[int]:
         """Yield the ``seq`` of each publish for ``request_id`` until the iterator is closed."""
+
+    async def announce(self) -> None:
+        """Requests were queued: wake one idle worker (of any process), or, if none waits,
+        the next one to wait. Announcements coalesce; never raises."""
+
+    async def wait_announced(self, seconds: float) -> bool:
+        """Wait at most ``seconds`` to take an announcement; whether one was taken."""
 
     async def close(self) -> None:
         """Release connections."""

@@ -20,7 +20,10 @@ __all__ = ["settle_usage", "tokens_processed"]
 async def settle_usage(
     enforcer: Enforcer, executor: ModelExecutor, lease: Lease, event: Event, chunks: list[Any]
 ) -> None:
-    """Settle the reservation of ``lease``'s request, which ended with ``event``."""
+    """Settle the reservation of ``lease``'s request, which ended with ``event`` (nothing to
+    do, and no transaction, for a request that reserved nothing)."""
+    if not lease.charged:
+        return
     streams = executor.streams(lease.model)
     actual = len(chunks) if streams else None
     served = event.kind is EventKind.DONE

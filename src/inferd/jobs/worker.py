@@ -6,8 +6,13 @@ chunk is stored (fenced by the lease token) before followers are woken, and a he
 extends the lease. Writes go through a group commit: the chunks and completions that the
 jobs ask for while one transaction runs are stored together in the next one, each still
 fenced on its own lease, and followers are woken for all of them in one publish. An idle
-worker waits for the API's announcement of new requests on the bus (``QUEUED_CHANNEL``),
-polling the queue every ``poll_seconds`` as well in case an announcement is lost.
+worker waits for the API's announcement of new requests on the bus, which wakes one idle
+worker, not all of them (:meth:`~inferd.jobs.types.EventBus.announce`); a worker that
+claimed as many jobs as it asked for announces again, so that another one joins in. It
+polls the queue every ``poll_seconds`` as well in case an announcement is lost. After a
+claim that found fewer jobs than asked for, a worker claims again no sooner than
+``claim_interval`` seconds later, so that the jobs queued meanwhile come in one claim (one
+transaction) rather than one each.
 
 When a heartbeat is refused (the request was cancelled, or the lease was lost to another
 worker) the model is asked to stop between chunks, and whatever the worker writes afterwards
@@ -35,7 +40,7 @@ from inferd import tracing
 from inferd.concurrency import run_blocking
 from inferd.errors import InferdError
 from inferd.jobs.runner import ModelExecutor
-from inferd.jobs.types import QUEUED_CHANNEL, Event, EventBus, EventKind, JobQueue, JobWrite, Lease
+from inferd.jobs.types import Event, EventBus, EventKind, JobQueue, JobWrite, Lease
 from inferd.logs import get_logger
 
 __all__ = ["Worker"]
@@ -153,6 +158,7 @@ class Worker:
         on_outcome: Callable[[str, str, float], None] | None = None,
         on_terminal: Callable[[Lease, Event, list[Any]], Awaitable[None]] | None = None,
         max_batch: int = 256,
+        claim_interval: float = 0.005,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -168,7 +174,9 @@ class Worker:
         self.processed = 0
         self.on_outcome = on_outcome
         self.on_terminal = on_terminal
+        self.claim_interval = claim_interval
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()  # set while the claim loop waits for news
         self._closing = False
         self._jobs: dict[asyncio.Task[None], _Job] = {}
         self._writer = _Writer(queue, bus, max_batch)
@@ -182,24 +190,41 @@ class Worker:
         """Claim and run jobs until :meth:`stop`."""
         log.info("worker started", worker=self.id, concurrency=self.concurrency)
         await self._warm()
-        listener = asyncio.get_running_loop().create_task(self._listen(), name="worker-listen")
+        loop = asyncio.get_running_loop()
+        listener = loop.create_task(self._listen(), name="worker-listen")
+        partial_at: float | None = None  # when the last claim that found too few began
         try:
             while not self._closing:
                 free = self.concurrency - len(self._jobs)
                 if free <= 0:
                     await asyncio.wait(set(self._jobs), return_when=asyncio.FIRST_COMPLETED)
                     continue
+                if partial_at is not None:
+                    # Not again at once: the jobs queued meanwhile come in one claim.
+                    delay, partial_at = partial_at + self.claim_interval - loop.time(), None
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                        continue  # stopped meanwhile?
                 self._wake.clear()  # before the claim: an announcement during it is kept
                 # At most half the slots per claim: two groups of jobs, one claimed while
                 # the other one's writes are stored.
                 wanted = min(free, max(1, self.concurrency // 2))
+                claimed_at = loop.time()
                 leases = await self._claim(wanted)
                 for lease in leases:
                     self._start(lease)
-                if len(leases) < wanted:  # the queue is empty for now: wait for news
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+                if len(leases) >= wanted:  # there may be more: another idle worker helps
+                    partial_at = None
+                    await self._announce()
+                    continue
+                partial_at = claimed_at
+                # The queue is empty for now: wait for an announcement (or the poll).
+                self._idle.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+                self._idle.clear()
         finally:
+            self._idle.clear()
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
@@ -223,20 +248,29 @@ class Worker:
             log.warning("could not warm up", worker=self.id, detail=repr(exc))
 
     async def _listen(self) -> None:
-        """Wake the claim loop whenever the API announces queued requests."""
+        """While the claim loop waits for news, take announcements of queued requests for
+        it: each one wakes a single idle worker of all processes (see
+        :mod:`inferd.jobs.events`)."""
         while not self._closing:
-            subscription = self.bus.subscribe(QUEUED_CHANNEL)
+            await self._idle.wait()
             try:
-                async for _ in subscription:
-                    self._wake.set()
+                taken = await self.bus.wait_announced(self.poll_seconds)
             except Exception as exc:  # the poll still finds the jobs
                 log.warning("queue announcements lost", worker=self.id, detail=repr(exc))
-            finally:
-                aclose = getattr(subscription, "aclose", None)
-                if aclose is not None:
-                    with contextlib.suppress(Exception):
-                        await aclose()
-            await asyncio.sleep(self.poll_seconds)
+                await asyncio.sleep(self.poll_seconds)
+                continue
+            if not taken:
+                continue
+            if self._idle.is_set():
+                self._wake.set()
+            else:  # busy since: an idle worker (if any) takes it instead
+                await self._announce()
+
+    async def _announce(self) -> None:
+        try:
+            await self.bus.announce()
+        except Exception as exc:  # the other workers' poll still finds the jobs
+            log.warning("announcement failed", worker=self.id, detail=repr(exc))
 
     async def run_burst(self) -> int:
         """Run jobs until none is claimable and none is running; return how many ran."""
@@ -292,7 +326,7 @@ class Worker:
     # ------------------------------------------------------------------ one job
     async def _process(self, job: _Job) -> None:
         lease = job.lease
-        log.info(
+        log.debug(
             "job started",
             request_id=lease.request_id,
             model=lease.model,
