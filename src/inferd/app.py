@@ -34,7 +34,11 @@ from inferd.http.hotpath import HotPath
 from inferd.http.openai_api import OpenAIErrorShape, build_openai_router
 from inferd.http.openapi import install_contract
 from inferd.http.peers import PeerRoutes, Peers
-from inferd.http.requests_api import build_dead_letter_router, build_requests_router
+from inferd.http.requests_api import (
+    LeanSubmit,
+    build_dead_letter_router,
+    build_requests_router,
+)
 from inferd.http.v2 import build_v2_router
 from inferd.http.vision_api import VisionService, build_vision_router
 from inferd.http.ws import build_requests_ws_router
@@ -119,6 +123,7 @@ class InferdApp:
             retry_after=settings.retry_after_s,
             metrics=self.metrics,
         )
+        self.hot.submit = LeanSubmit(self.requests, settings.max_body_bytes)
         self.maintenance = self.backends.maintenance(settings)
         self.api: FastAPI = build_api(self.registry, self.metrics, self._lifespan)
         self.api.include_router(

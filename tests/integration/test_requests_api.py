@@ -122,6 +122,41 @@ async def test_resume_with_last_event_id(serve: Callable[..., Any], models_dir: 
     assert bad.status_code == 400
 
 
+async def test_the_submit_is_answered_in_front_of_the_framework_as_the_route_would(
+    serve: Callable[..., Any], models_dir: Path
+) -> None:
+    write_streaming_model(models_dir)
+    body = {"model": "streamer", "input": "same"}
+    key = {"Idempotency-Key": "k1"}
+    async with serve(**fast()) as s:
+        hot = s.app.hot
+        assert hot.match({"method": "POST", "path": "/v1/requests"}) is hot.submit
+        lean = await s.client.post("/v1/requests", json=body, headers=key)
+        lean_bad = await s.client.post(
+            "/v1/requests", content=b"{", headers={"content-type": "text/plain"}
+        )
+        hot.submit = None  # the documented FastAPI route alone
+        framework = await s.client.post("/v1/requests", json=body, headers=key)
+        framework_bad = await s.client.post(
+            "/v1/requests", content=b"{", headers={"content-type": "text/plain"}
+        )
+        metrics = (await s.client.get("/metrics")).text
+    assert lean.status_code == framework.status_code == 202
+    assert framework.json()["id"] == lean.json()["id"]
+    assert framework.headers["idempotent-replayed"] == "true"
+    assert (
+        lean.headers["location"]
+        == framework.headers["location"]
+        == (f"/v1/requests/{lean.json()['id']}")
+    )
+    assert set(lean.json()) == set(framework.json())
+    assert lean_bad.status_code == framework_bad.status_code == 415
+    assert lean_bad.json() == framework_bad.json()
+    assert 'inference_requests_total{endpoint="/v1/requests",method="POST",status="202"} 2.0' in (
+        metrics
+    )
+
+
 async def test_idempotency_key(serve: Callable[..., Any], models_dir: Path) -> None:
     write_streaming_model(models_dir)
     body = {"model": "streamer", "input": "same"}

@@ -193,8 +193,8 @@ class RequestContextMiddleware:
             trace = ctx.trace = tracing.RequestTrace.server(
                 scope["method"], scope["headers"], started
             )
-            if route is None:  # current for the routes under it (a job's submit stores it)
-                trace.attach()
+            if route is None or getattr(route, "attach_trace", False):
+                trace.attach()  # current for the routes under it (a job's submit stores it)
             send = _TraceSender(send, trace)
         self._active += 1
         try:

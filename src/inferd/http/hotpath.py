@@ -21,7 +21,7 @@ from inferd.errors import InferdError, UnsupportedMediaType, ValidationFailed
 from inferd.http.body import check_length, read_body, whole_body
 from inferd.http.context import disconnect_probe, request_timeout, watch_disconnect
 from inferd.http.responses import error_body, send_answer
-from inferd.http.routes import LEAN_ROUTES, LeanRoute, match_lean
+from inferd.http.routes import LEAN_ROUTES, match_lean
 from inferd.http.v2 import OpenInference
 from inferd.models.registry import LoadedModel
 from inferd.serving import ClientGone, DataPlane, Decoded, RequestContext
@@ -42,22 +42,32 @@ class HotPath:
         self.max_instances = settings.max_instances
         self.timeout = settings.request_timeout_ms / 1000.0
         self.v2 = OpenInference(plane, settings)
+        self.submit: Any = None
+        """``POST /v1/requests`` at the ASGI level (:class:`~inferd.http.requests_api.LeanSubmit`),
+        once the app has its request service."""
 
-    def match(self, scope: dict[str, Any]) -> tuple[LeanRoute, dict[str, Any]] | None:
+    def match(self, scope: dict[str, Any]) -> Any:
         if scope["method"] != "POST":
             return None
-        return match_lean("POST", scope["path"])
+        path = scope["path"]
+        submit = self.submit
+        if submit is not None and path == submit.path:
+            return submit
+        return match_lean("POST", path)
 
     def serve(
         self,
         scope: dict[str, Any],
         receive: Any,
         send: Any,
-        route: tuple[LeanRoute, dict[str, Any]],
+        route: Any,
         ctx: RequestContext,
     ) -> Awaitable[None]:
         """Answer one prediction request (await it): the coroutine of its protocol's route,
-        without one of this method's own."""
+        without one of this method's own; or a long-running request's submit."""
+        if route is self.submit:
+            ctx.endpoint = route.path
+            return route.serve(scope, receive, send, ctx)  # type: ignore[no-any-return]
         lean, params = route
         ctx.endpoint = lean.path
         if lean.protocol == "v2":
