@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -56,6 +55,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from overload import build_generator  # bench/overload.py: builds bench/openloop.c
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -359,16 +360,6 @@ async def drain(cluster: Cluster, workers: int, jobs: int) -> dict[str, Any]:
         return {"jobs": jobs, "jobs_per_s": round((n_high - n_low) / (t_high - t_low), 1)}
     finally:
         await store.close()
-
-
-def build_generator(folder: Path) -> Path:
-    """``bench/openloop.c``, compiled into ``folder``: the flow's load generator."""
-    binary = folder / "openloop"
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise SystemExit("a C compiler (cc) is needed to build bench/openloop.c")
-    subprocess.run([cc, "-O2", "-o", str(binary), str(ROOT / "bench" / "openloop.c")], check=True)
-    return binary
 
 
 def _open_loop(

@@ -177,6 +177,7 @@ class RequestContextMiddleware:
         self._active = 0  # requests between their start and their access line
         self._children: dict[tuple[str, str, int], Any] = {}
         self._durations: dict[tuple[str, str], Any] = {}
+        self._note = metrics.deferred.add
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -271,7 +272,7 @@ class RequestContextMiddleware:
             endpoint = getattr(route, "path", None) or "unmatched"
         status = ctx.status or 499  # client went away before any answer
         key = (endpoint, method, status)
-        add = self.metrics.deferred.add
+        add = self._note
         counter = self._children.get(key)
         if counter is None:
             counter = self._children[key] = self.metrics.requests.labels(
