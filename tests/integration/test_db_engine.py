@@ -1,0 +1,117 @@
+"""The store's engine on a real PostgreSQL: pooled connections the server closed are replaced
+at checkout, without a ping before every transaction; statements are planned for the tables
+as they are now, not as they were when first prepared."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from inferd.db.migrate import migrate
+from inferd.jobs.sql import SqlStore
+
+from tests.integration.conftest import PostgresServer, _dsn
+
+
+@pytest.fixture
+async def database(postgres_server: PostgresServer) -> AsyncIterator[str]:
+    name = await postgres_server.create_database()
+    try:
+        url = postgres_server.url(name)
+        await migrate(url)
+        yield url
+    finally:
+        await postgres_server.drop_database(name)
+
+
+async def _terminate_backends(postgres_server: PostgresServer, url: str) -> int:
+    database = url.rsplit("/", 1)[1]
+    conn = await asyncpg.connect(_dsn(postgres_server.admin))
+    try:
+        killed = await conn.fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = $1 AND pid <> pg_backend_pid()",
+            database,
+        )
+    finally:
+        await conn.close()
+    return len(killed)
+
+
+async def test_connections_the_server_closed_are_replaced_without_a_failure(
+    postgres_server: PostgresServer, database: str
+) -> None:
+    store = await SqlStore.connect(database, pool_size=3)
+    try:
+        await store.warm(3)
+        record, _ = await store.create(user="alice", model="echo", input="hi", parameters={})
+        assert await _terminate_backends(postgres_server, database) == 3
+        await asyncio.sleep(0.2)  # the pooled connections see their sockets close
+        for _ in range(4):  # every pooled connection, and then some
+            assert (await store.get(record.id)) is not None
+        again, _ = await store.create(user="alice", model="echo", input="hi", parameters={})
+        assert again.id != record.id
+    finally:
+        await store.close()
+
+
+async def test_a_transaction_costs_no_ping(database: str) -> None:
+    """A read is BEGIN, its statement and COMMIT: no ping's BEGIN, query and ROLLBACK before
+    it (three round trips, more than the statement itself)."""
+    store = await SqlStore.connect(database, pool_size=1)
+    try:
+        await store.warm(1)
+        record, _ = await store.create(user="alice", model="echo", input="hi", parameters={})
+        sent: list[str] = []
+        async with store.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            driver.add_query_logger(lambda query: sent.append(query.query))
+        await store.events(record.id)
+        await store.get(record.id)
+        # The queries the driver sent: no bare ";" ping among them.
+        assert sent, "the query logger saw nothing"
+        assert all(query.strip() not in ("", ";") for query in sent), sent
+    finally:
+        await store.close()
+
+
+async def test_statements_are_planned_for_the_tables_as_they_are_now(database: str) -> None:
+    """A statement prepared while a table was small must not keep the generic plan chosen
+    then: run six times on an analyzed one-row table (PostgreSQL switches a prepared
+    statement to a generic plan after five runs), then, once the table holds 50,000 rows
+    (not analyzed again, as between two autovacuum rounds), a lookup of eight keys must use
+    the primary key's index, not scan the table."""
+    store = await SqlStore.connect(database, pool_size=1)
+    try:
+        async with store.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            await driver.execute("CREATE TEMP TABLE grow (id varchar PRIMARY KEY, n int)")
+            await driver.execute("INSERT INTO grow VALUES ('a', 1)")
+            await driver.execute("ANALYZE grow")
+            params = ", ".join(["varchar"] * 8)
+            keys = ", ".join(f"${i}" for i in range(1, 9))  # as the store's batches look
+            await driver.execute(
+                f"PREPARE lookup({params}) AS SELECT n FROM grow WHERE id IN ({keys})"
+            )
+            small = ", ".join(f"'{key}'" for key in "abcdefgh")
+            for _ in range(6):
+                await driver.execute(f"EXECUTE lookup({small})")
+            await driver.execute(
+                "INSERT INTO grow SELECT 'k' || i, i FROM generate_series(1, 50000) AS i"
+            )
+            large = ", ".join(f"'k{i}'" for i in range(8))
+            plan = "\n".join(
+                row[0] for row in await driver.fetch(f"EXPLAIN EXECUTE lookup({large})")
+            )
+            assert "grow_pkey" in plan and "Seq Scan" not in plan, plan
+            await driver.execute("DEALLOCATE lookup")
+            await driver.execute("DROP TABLE grow")
+    finally:
+        await store.close()
