@@ -24,9 +24,11 @@ one API (``inferd serve --workers 0``) and that many worker processes (``inferd 
   submits end, ``POST /v1/requests`` p50/p99, refusals, whether every request ends
   ``succeeded``, and the CPU time per request of the API, the workers and the generator;
 * *chunk to client*, during that flow: a model yields a chunk every 20 ms (``--chunks`` of
-  them); a separate client process follows its SSE stream and notes when each chunk arrives
-  against the ``sent_at`` the worker stamped just before storing it (same machine, same
-  clock): the database write, the wake-up through Redis, the API's read and the SSE write.
+  them); a separate client process submits it to the first API, follows its SSE stream on the
+  last one at once and notes when each chunk arrives against the ``sent_at`` the worker
+  stamped just before storing it (same machine, same clock): the database write, the wake-up
+  through Redis, the API's read and the SSE write. Chunks stored before the stream opened
+  are replayed from the store, not delivered live: they are counted (``replayed``), not timed.
 
 Everything (load generator included) shares the machine's cores: the figures are those of the
 whole system on this machine, not of the database alone.
@@ -410,22 +412,19 @@ async def flow(
 
     async def follower() -> dict[str, Any]:
         await asyncio.sleep(duration / 4)
-        async with httpx.AsyncClient(timeout=30) as client:
-            r = await client.post(
-                cluster.bases[0] + "/v1/requests",
-                json={"model": "ticker", "input": "go", "parameters": {"chunks": chunks}},
-            )
         follow = await asyncio.create_subprocess_exec(
             sys.executable,
             __file__,
             "--follow",
-            cluster.bases[-1] + r.json()["events_url"],
+            json.dumps([cluster.bases[0], cluster.bases[-1], chunks]),
             stdout=asyncio.subprocess.PIPE,
         )
         out, _ = await follow.communicate()
-        delays: list[float] = json.loads(out)
+        seen: dict[str, Any] = json.loads(out)
+        delays: list[float] = seen["live"]
         return {
             "chunks": len(delays),
+            "replayed": seen["replayed"],
             "p50_ms": ms(statistics.median(delays)),
             "p99_ms": ms(percentile(delays, 0.99)),
             "max_ms": ms(max(delays)),
@@ -493,21 +492,38 @@ async def flow(
     }
 
 
-def follow(events_url: str) -> None:
-    """Follow one SSE stream; print the delay of every ``response`` chunk (seconds)."""
-    delays: list[float] = []
-    with httpx.stream("GET", events_url, timeout=120) as stream:
-        event = None
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                event = line.split(":", 1)[1].strip()
-            elif line.startswith("data:") and event == "response":
-                seen = time.time()
-                sent = datetime.fromisoformat(json.loads(line[5:])["sent_at"]).timestamp()
-                delays.append(seen - sent)
-            elif line.startswith("data:") and event in ("done", "error"):
-                break
-    print(json.dumps(delays))
+def follow(spec: str) -> None:
+    """Submit a ticker request to one API and follow its SSE stream on another (the last);
+    print the delay of every ``response`` chunk stored after the stream was open (seconds),
+    and how many were stored before it (replayed from the store: not live delivery)."""
+    submit_to, follow_on, chunks = json.loads(spec)
+    live: list[float] = []
+    replayed = 0
+    with httpx.Client(timeout=120) as client:
+        # Both connections are open before the request exists, so the first chunks are live.
+        client.get(follow_on + "/health")
+        client.get(submit_to + "/health")
+        r = client.post(
+            submit_to + "/v1/requests",
+            json={"model": "ticker", "input": "go", "parameters": {"chunks": chunks}},
+        )
+        r.raise_for_status()
+        with client.stream("GET", follow_on + r.json()["events_url"]) as stream:
+            opened = time.time()  # the response head: the API has subscribed and replays
+            event = None
+            for line in stream.iter_lines():
+                if line.startswith("event:"):
+                    event = line.split(":", 1)[1].strip()
+                elif line.startswith("data:") and event == "response":
+                    seen = time.time()
+                    sent = datetime.fromisoformat(json.loads(line[5:])["sent_at"]).timestamp()
+                    if sent < opened:
+                        replayed += 1
+                    else:
+                        live.append(seen - sent)
+                elif line.startswith("data:") and event in ("done", "error"):
+                    break
+    print(json.dumps({"live": live, "replayed": replayed}))
 
 
 def run_cluster(
