@@ -12,7 +12,6 @@ import pytest
 
 from inferd.db.migrate import migrate
 from inferd.jobs.sql import SqlStore
-
 from tests.integration.conftest import PostgresServer, _dsn
 
 
