@@ -11,6 +11,7 @@ import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 
 import pytest
 import redis
@@ -18,7 +19,7 @@ import redis.asyncio
 
 from inferd.http.sse import follow
 from inferd.jobs.events import RedisEventBus, create_event_bus
-from inferd.jobs.types import EventKind
+from inferd.jobs.types import Event, EventKind
 from tests.support.memory_store import MemoryStore
 from tests.unit.test_sse import collect
 
@@ -108,6 +109,29 @@ async def test_channel_and_payload_on_the_wire(redis_url: str) -> None:
     finally:
         await pubsub.aclose()
         await raw.aclose()
+
+
+async def test_published_events_reach_another_bus_themselves(redis_url: str) -> None:
+    """publish_events carries the events: a follower in another process gets them equal to
+    what was stored, and needs no read of the store."""
+    request_id = rid()
+    at = datetime(2026, 12, 7, 6, 0, 0, 123456, tzinfo=UTC)
+    stored = [
+        Event(request_id, 3, EventKind.RESPONSE, {"response": "tick-0", "x": [1.5]}, 1, at),
+        Event(request_id, 4, EventKind.DONE, {"status": "succeeded", "result": None}, 1, at),
+    ]
+    async with buses(redis_url, 2) as (worker, api), asyncio.timeout(2):
+        sub = api.subscribe(request_id)
+        await sub.ready()
+        await worker.publish_events(stored)
+        assert await anext(sub) == 4
+        assert sub.take(2, 4) == stored
+        # Too big to carry (a large result): only the seq goes, the follower reads the store.
+        big = Event(request_id, 5, EventKind.RESPONSE, {"response": "x" * 70_000}, 1, at)
+        await worker.publish_events([big])
+        assert await anext(sub) == 5
+        assert sub.take(4, 5) == []
+        assert worker.publish_errors == 0
 
 
 async def test_many_subscribers_share_one_connection(redis_url: str) -> None:

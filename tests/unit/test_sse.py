@@ -328,3 +328,63 @@ async def test_an_announcement_waits_for_a_worker(bus: InProcessEventBus) -> Non
 def test_factory_picks_the_bus() -> None:
     assert isinstance(create_event_bus(None), InProcessEventBus)
     assert isinstance(create_event_bus(""), InProcessEventBus)
+
+
+# --- events carried by the bus ----------------------------------------------------------------
+
+
+async def test_events_the_bus_carries_are_not_read_back_from_the_store(
+    store: MemoryStore, bus: InProcessEventBus
+) -> None:
+    stream = follow(store, bus, "r1", poll=5, keepalive=5)
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.01)  # subscribed, and the (empty) history replayed
+    reads = store.event_reads
+    store.push("r1", EventKind.RESPONSE, {"response": "a"})
+    store.push("r1", EventKind.RESPONSE, {"response": "b"})
+    await bus.publish_events(store.log["r1"][0:2])
+    assert parse(await first)["data"] == {"response": "a"}
+    assert parse(await anext(stream))["data"] == {"response": "b"}
+    store.push("r1", EventKind.DONE, {"status": "succeeded"})
+    await bus.publish_events(store.log["r1"][2:])
+    rest = await collect(stream)
+    assert [(f["id"], f["event"]) for f in rest] == [("3", "done")]
+    assert store.event_reads == reads  # all three came with their announcements
+
+
+async def test_a_gap_in_what_the_bus_carried_is_read_from_the_store(
+    store: MemoryStore, bus: InProcessEventBus
+) -> None:
+    stream = follow(store, bus, "r1", poll=5, keepalive=5)
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.01)
+    reads = store.event_reads
+    store.push("r1", EventKind.RESPONSE, {"response": "a"})
+    await bus.publish("r1", 1)  # announced without the event (a seq-only publisher)
+    assert parse(await first)["data"] == {"response": "a"}
+    assert store.event_reads == reads + 1
+    store.push("r1", EventKind.RESPONSE, {"response": "b"})
+    store.push("r1", EventKind.DONE, {"status": "succeeded"})
+    await bus.publish_events(store.log["r1"][2:])  # seq 3 carried, seq 2 not: a gap
+    rest = await collect(stream)
+    assert [(f["id"], f["event"]) for f in rest] == [("2", "response"), ("3", "done")]
+    assert store.event_reads == reads + 2
+
+
+async def test_a_follower_far_behind_drops_what_the_bus_carried(
+    store: MemoryStore, bus: InProcessEventBus
+) -> None:
+    """A subscription holds a bounded number of carried events for a reader that does not
+    take them (a slow client): past the bound it drops them, and the reader reads the store."""
+    subscription = bus.subscribe("r1")
+    for _ in range(600):
+        store.push("r1", EventKind.RESPONSE)
+    log = store.log["r1"]
+    for event in log[:200]:
+        await bus.publish_events([event])
+    assert [event.seq for event in subscription.take(0, 200)] == list(range(1, 201))
+    for event in log[200:600]:  # 400 more, none taken
+        await bus.publish_events([event])
+    assert subscription.take(200, 600) == []
+    assert subscription.take(200, 600) == []  # and nothing is kept for later
+    await subscription.aclose()

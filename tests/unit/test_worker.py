@@ -30,6 +30,7 @@ class RecordingBus(InProcessEventBus):
     def __init__(self) -> None:
         super().__init__()
         self.published: list[tuple[str, int]] = []
+        self.carried: list[Event] = []  # the events published themselves
 
     async def publish(self, request_id: str, seq: int) -> None:
         self.published.append((request_id, seq))
@@ -38,6 +39,11 @@ class RecordingBus(InProcessEventBus):
     async def publish_many(self, items: Sequence[tuple[str, int]]) -> None:
         self.published.extend(items)
         await super().publish_many(items)
+
+    async def publish_events(self, events: Sequence[Event]) -> None:
+        self.published.extend((event.request_id, event.seq) for event in events)
+        self.carried.extend(events)
+        await super().publish_events(events)
 
 
 @pytest.fixture
@@ -108,6 +114,8 @@ async def test_streaming_job_stores_every_chunk_then_done(
     assert chunks == ["hi-0", "hi-1", "hi-2"]
     # Followers are woken for each chunk and for the end, with the seq just stored.
     assert [seq for rid, seq in bus.published if rid == request_id] == [3, 4, 5, 6]
+    # ... with the events themselves, as stored: followers need not read them back.
+    assert [e for e in bus.carried if e.request_id == request_id] == store.log[request_id][2:]
     assert outcomes == [(STREAMER, "succeeded")]
 
 

@@ -1,9 +1,12 @@
 """Event buses: tell SSE followers that a request has new events, and idle workers that
 requests were queued.
 
-A bus only wakes followers up; the store stays the source of truth and followers re-read it,
-so a bus may coalesce or drop notifications. :class:`InProcessEventBus` serves one process;
-:class:`RedisEventBus` spans processes through Redis pub/sub.
+A bus wakes followers up; the store stays the source of truth, so a bus may coalesce or drop
+notifications. Workers publish the events they stored themselves (:meth:`publish_events`),
+and a follower that finds on its subscription every event up to the one announced delivers
+them without reading the store (on a gap, or for a payload too big to carry, it reads the
+store). :class:`InProcessEventBus` serves one process; :class:`RedisEventBus` spans processes
+through Redis pub/sub.
 
 Queued requests are announced differently: an announcement wakes *one* idle worker (the one
 that takes it), not every worker, and waits for a taker if none is idle. Every worker that
@@ -28,10 +31,13 @@ import logging
 import random
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import orjson
+
 from inferd.errors import ConfigError
-from inferd.jobs.types import QUEUED_CHANNEL, EventBus
+from inferd.jobs.types import QUEUED_CHANNEL, Event, EventBus, EventKind
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -42,6 +48,7 @@ __all__ = [
     "RedisEventBus",
     "Subscription",
     "SupportsReady",
+    "SupportsTake",
     "create_event_bus",
 ]
 
@@ -56,20 +63,59 @@ class SupportsReady(Protocol):
         """Return once publishes are delivered, or after a bounded wait if they cannot be."""
 
 
-class _Slot:
-    """One subscriber's mailbox: only the highest seq is kept, so a lagging reader costs O(1)."""
+_HELD = 256  # events a subscription keeps for its reader; one further behind reads the store
+_CARRIED_BYTES = 64 * 1024  # a larger publish to Redis carries only its seq
 
-    __slots__ = ("closed", "latest", "wake")
+
+@runtime_checkable
+class SupportsTake(Protocol):
+    """A subscription that hands over the events the bus carried (see :meth:`Subscription.take`)."""
+
+    def take(self, after: int, upto: int) -> list[Event]:
+        """The events ``after + 1`` to ``upto`` if the bus carried every one, else none."""
+
+
+class _Slot:
+    """One subscriber's mailbox: the highest seq announced, and the events carried by the
+    bus that the reader has not taken yet (at most ``_HELD``: a reader further behind drops
+    them and reads the store)."""
+
+    __slots__ = ("closed", "held", "latest", "wake")
 
     def __init__(self) -> None:
         self.latest: int | None = None
         self.closed = False
         self.wake = asyncio.Event()
+        self.held: dict[int, Event] = {}
 
-    def offer(self, seq: int) -> None:
+    def offer(self, seq: int, events: Sequence[Event] = ()) -> None:
+        if events:
+            if len(self.held) + len(events) > _HELD:
+                self.held.clear()
+            else:
+                for event in events:
+                    self.held[event.seq] = event
         if self.latest is None or seq > self.latest:
             self.latest = seq
         self.wake.set()
+
+    def take(self, after: int, upto: int) -> list[Event]:
+        """The carried events ``after + 1`` to ``upto``, or none unless the bus carried every
+        one of them."""
+        held = self.held
+        if not held:
+            return []
+        for seq in [seq for seq in held if seq <= after]:
+            del held[seq]
+        run: list[Event] = []
+        seq = after + 1
+        while seq <= upto and seq in held:
+            run.append(held.pop(seq))
+            seq += 1
+        if seq <= upto:  # a gap: the store has them all
+            held.clear()
+            return []
+        return run
 
     def close(self) -> None:
         self.closed = True
@@ -106,6 +152,11 @@ class Subscription(AsyncIterator[int]):
         """Return once publishes reach this subscription (a bounded wait)."""
         if not self._slot.closed:
             await self._bus._ready(self.request_id)
+
+    def take(self, after: int, upto: int) -> list[Event]:
+        """The events ``after + 1`` to ``upto`` as the bus carried them (in seq order), or an
+        empty list unless it carried every one: then read them from the store."""
+        return self._slot.take(after, upto)
 
     async def aclose(self) -> None:
         """End the iteration and leave the bus."""
@@ -160,6 +211,13 @@ class InProcessEventBus:
         for request_id, seq in items:
             self._wake(request_id, seq)
 
+    async def publish_events(self, events: Sequence[Event]) -> None:
+        """Publish stored events themselves (each request's in seq order): like
+        :meth:`publish` of each request's last seq, and a follower that holds every event up
+        to it delivers them without reading the store."""
+        for request_id, carried in _by_request(events):
+            self._wake(request_id, carried[-1].seq, carried)
+
     def subscribe(self, request_id: str) -> Subscription:
         """Subscribe now (call on the event loop); iterate the result to receive seqs."""
         return Subscription(self, request_id)
@@ -177,9 +235,9 @@ class InProcessEventBus:
             for slot in list(slots):
                 self._discard(request_id, slot)
 
-    def _wake(self, request_id: str, seq: int) -> None:
+    def _wake(self, request_id: str, seq: int, events: Sequence[Event] = ()) -> None:
         for slot in tuple(self._slots.get(request_id, ())):
-            slot.offer(seq)
+            slot.offer(seq, events)
 
     def _add(self, request_id: str, slot: _Slot) -> None:
         if self._closed:
@@ -221,9 +279,52 @@ class InProcessEventBus:
         pass
 
 
+def _by_request(events: Sequence[Event]) -> list[tuple[str, list[Event]]]:
+    grouped: dict[str, list[Event]] = {}
+    for event in events:
+        grouped.setdefault(event.request_id, []).append(event)
+    return list(grouped.items())
+
+
+def _encode(seq: int, events: Sequence[Event]) -> bytes:
+    """A publish's payload: the seq as text, or, to carry the events, a JSON object (``seq``
+    and ``events``, each ``[seq, kind, attempt, created_at, data]``) of at most
+    ``_CARRIED_BYTES``."""
+    if events:
+        try:
+            payload = orjson.dumps(
+                {
+                    "seq": seq,
+                    "events": [
+                        [e.seq, e.kind.value, e.attempt, e.created_at, e.data] for e in events
+                    ],
+                }
+            )
+        except TypeError:  # data the store encodes its own way: followers read it there
+            pass
+        else:
+            if len(payload) <= _CARRIED_BYTES:
+                return payload
+    return b"%d" % seq
+
+
+def _decode(request_id: str, payload: bytes) -> tuple[int, list[Event]]:
+    """(seq, carried events) of a payload made by :func:`_encode` (or by a process that
+    sends only seqs)."""
+    if not payload.startswith(b"{"):
+        return int(payload), []
+    body = orjson.loads(payload)
+    events = [
+        Event(request_id, seq, EventKind(kind), data, attempt, datetime.fromisoformat(created))
+        for seq, kind, attempt, created, data in body["events"]
+    ]
+    return int(body["seq"]), events
+
+
 class RedisEventBus(InProcessEventBus):
     """An :class:`~inferd.jobs.types.EventBus` across processes: channel
-    ``<prefix><request_id>``, payload the seq as text. One connection publishes; one pub/sub
+    ``<prefix><request_id>``, payload the seq as text, or the seq and the events themselves as
+    JSON (:meth:`publish_events`, up to 64 KiB). One connection publishes; one pub/sub
     connection, owned by a reader task, carries every channel this process follows.
 
     A subscription's ``ready()`` waits (at most ``timeout``) until Redis acknowledged its
@@ -277,35 +378,47 @@ class RedisEventBus(InProcessEventBus):
 
     async def publish_many(self, items: Sequence[tuple[str, int]]) -> None:
         """:meth:`publish` each (request id, seq), in one round trip to Redis (a pipeline)."""
-        if self._closed or not items:
+        await self._send([(request_id, seq, b"%d" % seq, ()) for request_id, seq in items])
+
+    async def publish_events(self, events: Sequence[Event]) -> None:
+        """Publish stored events themselves, each request's in one message (its seq alone
+        when they encode to more than 64 KiB), all in one round trip to Redis."""
+        messages = []
+        for request_id, carried in _by_request(events):
+            seq = carried[-1].seq
+            messages.append((request_id, seq, _encode(seq, carried), carried))
+        await self._send(messages)
+
+    async def _send(self, messages: Sequence[tuple[str, int, bytes, Sequence[Event]]]) -> None:
+        if self._closed or not messages:
             return
         loop = asyncio.get_running_loop()
         if self._publish_down and loop.time() < self._publish_retry_at:
             # Redis failed moments ago: do not make every chunk wait for it to fail again.
-            self.publish_errors += len(items)
-            for request_id, seq in items:
-                self._wake(request_id, seq)
+            self.publish_errors += len(messages)
+            for request_id, seq, _, events in messages:
+                self._wake(request_id, seq, events)
             return
         try:
             async with asyncio.timeout(self._timeout):
-                if len(items) == 1:
-                    request_id, seq = items[0]
-                    await self._pub.publish(self._prefix + request_id, str(seq))
+                if len(messages) == 1:
+                    request_id, _, payload, _ = messages[0]
+                    await self._pub.publish(self._prefix + request_id, payload)
                 else:
                     pipe = self._pub.pipeline(transaction=False)
-                    for request_id, seq in items:
-                        pipe.publish(self._prefix + request_id, str(seq))
+                    for request_id, _, payload, _ in messages:
+                        pipe.publish(self._prefix + request_id, payload)
                     await pipe.execute()
         except Exception as exc:  # best effort by design: the store is the source of truth
-            self.publish_errors += len(items)
+            self.publish_errors += len(messages)
             self._publish_retry_at = loop.time() + self._delays[0]
             if not self._publish_down:
                 log.warning(
                     "event bus: publish to Redis failed; followers will poll: %s", _why(exc)
                 )
             self._publish_down = True
-            for request_id, seq in items:
-                self._wake(request_id, seq)
+            for request_id, seq, _, events in messages:
+                self._wake(request_id, seq, events)
         else:
             if self._publish_down:
                 log.info("event bus: publishing to Redis again")
@@ -442,9 +555,11 @@ class RedisEventBus(InProcessEventBus):
         request_id = channel[len(prefix) :].decode()
         if message["type"] == "message":
             try:
-                self._wake(request_id, int(message["data"]))
-            except (TypeError, ValueError):
-                log.debug("event bus: ignoring payload %r on %r", message["data"], channel)
+                seq, events = _decode(request_id, message["data"])
+            except (TypeError, ValueError, KeyError, orjson.JSONDecodeError):
+                log.debug("event bus: ignoring payload %r on %r", message["data"][:80], channel)
+            else:
+                self._wake(request_id, seq, events)
         elif message["type"] == "subscribe" and request_id in self._active:
             # An acknowledgement from before an UNSUBSCRIBE/SUBSCRIBE pair may land here; the
             # newer SUBSCRIBE is already on the wire, so at worst one publish waits for a poll.

@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from inferd.errors import NotFound
-from inferd.jobs.events import SupportsReady
+from inferd.jobs.events import SupportsReady, SupportsTake
 from inferd.jobs.types import Event, EventBus, EventKind, RequestStore
 
 __all__ = ["follow_events"]
@@ -34,6 +34,12 @@ class _Listener:
     async def ready(self) -> None:
         if isinstance(self._sub, SupportsReady):
             await self._sub.ready()
+
+    def take(self, after: int, upto: int) -> list[Event]:
+        """The events ``after + 1`` to ``upto`` if the bus carried every one, else none."""
+        if isinstance(self._sub, SupportsTake):
+            return self._sub.take(after, upto)
+        return []
 
     async def wait(self, within: float) -> int | None:
         """The next announced seq, or None after ``within`` seconds (or early, once the bus
@@ -82,7 +88,9 @@ async def follow_events(
     """The events of ``request_id`` with ``seq > after``, then live ones, until the end.
 
     Subscribes first, then replays the store, so nothing published in between is missed.
-    Each event is yielded once, in seq order. Waits for the bus, but re-reads the store every
+    Each event is yielded once, in seq order. Events the bus carried (published by
+    ``publish_events``) are yielded as they came when every one up to the announced seq is
+    there; otherwise they are read from the store. Waits for the bus, but re-reads the store every
     ``poll`` seconds anyway (a lost notification only delays delivery), and yields ``None``
     after ``keepalive`` seconds without an event (a transport sends a keep-alive then). Ends
     after a ``done`` or ``error`` event, or once a terminal request has nothing more to send.
@@ -100,8 +108,10 @@ async def follow_events(
     try:
         await listener.ready()
         last_sent = loop.time()
+        carried: list[Event] = []
         while True:
-            events = await store.events(request_id, last, _PAGE)
+            events = carried or await store.events(request_id, last, _PAGE)
+            carried = []
             for event in events:
                 if event.seq <= last:
                     continue  # a store that ignored ``after``: never send an id twice
@@ -132,6 +142,7 @@ async def follow_events(
                 else:
                     seq = await listener.wait(min(read_at + poll, last_sent + keepalive) - now)
                     if seq is not None and seq > last:
+                        carried = listener.take(last, seq)  # none: read the store
                         break  # a seq already sent (replayed, then announced) needs no read
     finally:
         await listener.close()

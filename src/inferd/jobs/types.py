@@ -315,6 +315,11 @@ class EventBus(Protocol):
     async def publish_many(self, items: Sequence[tuple[str, int]]) -> None:
         """:meth:`publish` each (request id, seq), at once where the bus can."""
 
+    async def publish_events(self, events: Sequence[Event]) -> None:
+        """Publish stored events themselves (each request's in seq order), at once where the
+        bus can: at least a :meth:`publish` of each request's last seq; a bus that carries
+        them lets followers deliver them without reading the store."""
+
     def subscribe(self, request_id: str) -> AsyncIterator[int]:
         """Yield the ``seq`` of each publish for ``request_id`` until the iterator is closed."""
 

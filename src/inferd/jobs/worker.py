@@ -115,10 +115,10 @@ class _Writer:
             for _, future in batch:
                 future.cancel()
             raise
-        latest = [events[-1] for events in results if events]
-        if latest:
-            try:
-                await _publish_many(self.bus, [(e.request_id, e.seq) for e in latest])
+        stored = [event for events in results if events for event in events]
+        if stored:
+            try:  # the events themselves: followers need not read them back from the store
+                await self.bus.publish_events(stored)
             except Exception as exc:  # followers re-read the store; a lost wake-up only delays
                 log.warning("publish failed", detail=repr(exc))
         for (_, future), events in zip(batch, results, strict=True):
@@ -134,10 +134,6 @@ class _Writer:
         for _, future in self._pending:
             future.cancel()
         self._pending.clear()
-
-
-async def _publish_many(bus: EventBus, items: list[tuple[str, int]]) -> None:
-    await bus.publish_many(items)
 
 
 class Worker:
