@@ -27,8 +27,9 @@ one API (``inferd serve --workers 0``) and that many worker processes (``inferd 
   them); a separate client process submits it to the first API, follows its SSE stream on the
   last one at once and notes when each chunk arrives against the ``sent_at`` the worker
   stamped just before storing it (same machine, same clock): the database write, the wake-up
-  through Redis, the API's read and the SSE write. Chunks stored before the stream opened
-  are replayed from the store, not delivered live: they are counted (``replayed``), not timed.
+  through Redis (which carries the event itself) and the SSE write. Chunks stored before the
+  stream opened are replayed from the store, not delivered live: they are counted
+  (``replayed``), not timed.
 
 Everything (load generator included) shares the machine's cores: the figures are those of the
 whole system on this machine, not of the database alone.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ import pytest
 
 from inferd.jobs.events import InProcessEventBus
 from inferd.jobs.runner import ModelExecutor
-from inferd.jobs.types import Event, Lease, RequestStatus
-from inferd.jobs.worker import Worker
+from inferd.jobs.types import Event, JobWrite, Lease, RequestStatus
+from inferd.jobs.worker import Worker, _Writer
 from tests.support.executor import STREAMER, TABULAR, executor_on
 from tests.support.memory_store import MemoryStore
 from tests.support.models import BATCHES
@@ -301,3 +302,55 @@ async def test_concurrency_bounds_the_jobs_held_at_once(
 def test_concurrency_must_be_positive(store: MemoryStore) -> None:
     with pytest.raises(ValueError, match="concurrency"):
         Worker(store, InProcessEventBus(), None, concurrency=0)  # type: ignore[arg-type]
+
+
+class _HeldWrites:
+    """A queue whose ``write`` blocks until released, one release per batch, in order."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.release: list[asyncio.Event] = []
+
+    async def write(self, writes: Sequence[JobWrite]) -> list[list[Event] | None]:
+        self.batches.append([w.lease.request_id for w in writes])
+        gate = asyncio.Event()
+        self.release.append(gate)
+        await gate.wait()
+        return [[] for _ in writes]
+
+
+def _lease(request_id: str) -> Lease:
+    return Lease(request_id, "token", 1, datetime.now(UTC), "m", None, {})
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+async def test_a_write_waits_for_a_batch_in_flight_only_without_a_second_lane(
+    lanes: int, bus: RecordingBus
+) -> None:
+    queue = _HeldWrites()
+    writer = _Writer(queue, bus, max_batch=64, lanes=lanes)  # type: ignore[arg-type]
+    try:
+        first = asyncio.ensure_future(writer.write(JobWrite(_lease("a"))))
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(writer.write(JobWrite(_lease("b"))))
+        await asyncio.sleep(0.01)
+        if lanes == 1:  # b waits for a's transaction to end before its own begins
+            assert queue.batches == [["a"]]
+            queue.release[0].set()
+            await first
+            await asyncio.sleep(0.01)
+        assert queue.batches == [["a"], ["b"]]
+        queue.release[-1].set()
+        await second
+        queue.release[0].set()
+        await first
+    finally:
+        await writer.close()
+
+
+async def test_a_postgres_store_lets_a_worker_write_in_two_lanes(tmp_path: Path) -> None:
+    from inferd.db.engine import sqlite_url
+    from inferd.jobs.sql import SqlStore
+
+    assert SqlStore(sqlite_url(tmp_path / "q.db")).write_lanes == 1  # one writer: no use
+    assert SqlStore("postgresql+asyncpg://nobody@127.0.0.1:1/none").write_lanes == 2

@@ -170,6 +170,9 @@ class SqlStore:
         self._write_lock: contextlib.AbstractAsyncContextManager[Any] = (
             contextlib.nullcontext() if self._postgres else asyncio.Lock()
         )
+        # Write transactions a worker may run at once (PostgreSQL's row locks let them; on
+        # SQLite a second one would only wait for the write lock with a smaller batch).
+        self.write_lanes = 2 if self._postgres else 1
 
     @classmethod
     async def connect(cls, url: str | URL, **options: Any) -> SqlStore:

@@ -72,13 +72,18 @@ _Result = asyncio.Future[list[Event] | None]
 
 
 class _Writer:
-    """Group commit: writes asked for while one batch is being stored go in the next one."""
+    """Group commit: writes asked for while a batch is being stored go in the next one. Up to
+    ``lanes`` batches are stored at once (each its own transaction): with two, a streamed
+    chunk waits for at most one batch in flight to be taken, not for it to be stored. A
+    lease has at most one write pending (its job awaits each), so batches never share one."""
 
-    def __init__(self, queue: JobQueue, bus: EventBus, max_batch: int) -> None:
+    def __init__(self, queue: JobQueue, bus: EventBus, max_batch: int, lanes: int = 1) -> None:
         self.queue, self.bus, self.max_batch = queue, bus, max_batch
         self._pending: list[tuple[JobWrite, _Result]] = []
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._lanes = asyncio.Semaphore(lanes)
+        self._flushing: set[asyncio.Task[None]] = set()
         self.batches = 0  # transactions run
         self.writes = 0  # writes stored in them
 
@@ -93,13 +98,24 @@ class _Writer:
         return await future
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._kick.wait()
             self._kick.clear()
             while self._pending:
+                await self._lanes.acquire()
+                if not self._pending:
+                    self._lanes.release()
+                    break
                 batch = self._pending[: self.max_batch]
                 del self._pending[: self.max_batch]
-                await self._flush(batch)
+                task = loop.create_task(self._flush(batch), name="job-write")
+                self._flushing.add(task)
+                task.add_done_callback(self._flushed)
+
+    def _flushed(self, task: asyncio.Task[None]) -> None:
+        self._flushing.discard(task)
+        self._lanes.release()
 
     async def _flush(self, batch: list[tuple[JobWrite, _Result]]) -> None:
         self.batches += 1
@@ -131,6 +147,10 @@ class _Writer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for task in list(self._flushing):
+            task.cancel()
+        if self._flushing:
+            await asyncio.wait(list(self._flushing))
         for _, future in self._pending:
             future.cancel()
         self._pending.clear()
@@ -175,7 +195,9 @@ class Worker:
         self._idle = asyncio.Event()  # set while the claim loop waits for news
         self._closing = False
         self._jobs: dict[asyncio.Task[None], _Job] = {}
-        self._writer = _Writer(queue, bus, max_batch)
+        # Transactions of writes in flight at once: on PostgreSQL, a chunk need not wait for
+        # the batch of completions being stored (the store says; SQLite has one writer).
+        self._writer = _Writer(queue, bus, max_batch, getattr(queue, "write_lanes", 1))
 
     # ------------------------------------------------------------------ running
     def wake(self) -> None:
