@@ -332,7 +332,9 @@ def test_bad_input_is_refused_clearly(cluster: Cluster) -> None:
 
 
 def test_sigterm_hands_running_jobs_back_without_burning_an_attempt(cluster: Cluster) -> None:
-    cluster.write_config(shutdown_grace_seconds=0.3)
+    # A lease long enough that the second worker's run cannot lose it to a stall of the
+    # machine (a second attempt this test is not about); expiry has tests of its own.
+    cluster.write_config(shutdown_grace_seconds=0.3, lease_seconds=10.0, heartbeat_seconds=0.5)
     api = cluster.api()
     leaving = cluster.worker()
     request_id = submit(api, "term", chunks=12)
