@@ -11,7 +11,9 @@ by one worker of ``--concurrency`` slots in the bench's own process (inferd's cl
 batcher and fenced writes, no HTTP, no other process). Then, for each worker count, it starts
 the real processes:
 one API (``inferd serve --workers 0``) and that many worker processes (``inferd worker -n
---concurrency``), sharing the database and Redis (127.0.0.1:6379), and measures:
+--concurrency``), sharing the database and Redis (127.0.0.1:6379); a worker count of 0 is the
+embedded default instead: one ``inferd serve --workers <concurrency>`` that runs the jobs
+itself, with the in-process event bus and no Redis. It measures:
 
 * *drain*: ``--jobs`` iris requests are queued before the workers start; jobs/s between 5 %
   and 95 % of them done (every job: claimed, run through the model's batcher, its chunk and
@@ -262,19 +264,24 @@ def _source() -> str:
 
 
 class Cluster:
-    """One API process and ``workers`` worker processes on one database and Redis."""
+    """API processes and worker processes on one database and Redis; or, ``in_process``,
+    the embedded default: one ``inferd serve`` whose own workers run the jobs, no Redis."""
 
-    def __init__(self, work: Path, models_dir: Path, url: str, concurrency: int) -> None:
+    def __init__(
+        self, work: Path, models_dir: Path, url: str, concurrency: int, in_process: bool = False
+    ) -> None:
         self.work, self.url, self.concurrency = work, url, concurrency
+        self.in_process = in_process
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("INFERD_")}
         self.env.update(
             PYTHONPATH=os.pathsep.join([_source(), str(work)]),
             INFERD_DATABASE_URL=url,
-            INFERD_REDIS_URL=REDIS_URL,
             INFERD_MODELS_DIR=str(models_dir),
             INFERD_MODELS="iris,ticker",
             INFERD_ACCESS_LOG="false",
         )
+        if not in_process:
+            self.env["INFERD_REDIS_URL"] = REDIS_URL
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
         self.bases: list[str] = []
@@ -296,7 +303,8 @@ class Cluster:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         base = f"http://127.0.0.1:{port}"
-        api = self._spawn(["serve", "--workers", "0", "--port", str(port)], f"api-{port}")
+        workers = str(self.concurrency if self.in_process else 0)
+        api = self._spawn(["serve", "--workers", workers, "--port", str(port)], f"api-{port}")
         self.bases.append(base)
         self.apis.append(api)
         for _ in range(600):
@@ -311,6 +319,9 @@ class Cluster:
         raise RuntimeError("the API did not become ready")
 
     def start_workers(self, count: int) -> None:
+        if self.in_process:  # the API's own workers: it starts once the jobs are queued
+            self.start_api()
+            return
         for n in range(count):
             self.workers.append(self._spawn(["worker", "-n", str(self.concurrency)], f"worker-{n}"))
 
@@ -535,13 +546,14 @@ def run_cluster(
     workers: int,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
+    in_process = workers == 0
     work = tmp / f"{backend}-{args.apis}-{workers}"
     work.mkdir()
     (work / "bench_ticker.py").write_text(TICKER)
     url, drop = database(backend, work)
-    cluster = Cluster(work, models_dir, url, args.concurrency)
+    cluster = Cluster(work, models_dir, url, args.concurrency, in_process)
     try:
-        for _ in range(args.apis):
+        for _ in range(0 if in_process else args.apis):
             cluster.start_api()
         drained = asyncio.run(drain(cluster, workers, args.jobs))
         flowed = [
@@ -554,8 +566,8 @@ def run_cluster(
         cluster.close()
         drop()
     return {
-        "apis": args.apis,
-        "workers": workers,
+        "apis": 1 if in_process else args.apis,
+        "workers": "in-process" if in_process else workers,
         "concurrency": args.concurrency,
         "drain": drained,
         "flow": flowed,
@@ -565,7 +577,12 @@ def run_cluster(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="sqlite,postgres")
-    parser.add_argument("--workers", default="1,4", help="worker processes, comma-separated")
+    parser.add_argument(
+        "--workers",
+        default="1,4",
+        help="worker processes, comma-separated; 0: the embedded default (one `inferd serve` "
+        "running the jobs itself with --concurrency workers, in-process bus, no Redis)",
+    )
     parser.add_argument("--concurrency", type=int, default=16, help="slots per worker")
     parser.add_argument("--apis", type=int, default=1, help="API processes")
     parser.add_argument("--jobs", type=int, default=3000, help="jobs of the drain")
@@ -625,7 +642,7 @@ def main() -> None:
                     run["drain"]["x_baseline"] = round(
                         run["drain"]["jobs_per_s"] / base["jobs_per_s"], 3
                     )
-                print(f"{backend} {workers} worker(s): {json.dumps(run)}", flush=True)
+                print(f"{backend} {run['workers']} worker(s): {json.dumps(run)}", flush=True)
                 runs.append(run)
             results[backend] = {"baseline": base, "queue_alone": alone, "runs": runs}
     print(json.dumps(results, indent=2))
