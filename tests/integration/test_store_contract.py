@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection, column, select, table, text
+from sqlalchemy import Connection, column, event, select, table, text
 
 from inferd.db.engine import sqlite_url
 from inferd.db.migrate import migrate
@@ -444,6 +444,85 @@ async def test_a_batch_write_is_fenced_per_lease(store: SqlStore, clock: Clock) 
         await store.write([JobWrite(fresh), JobWrite(fresh)])
 
 
+async def test_a_batch_write_that_waits_for_a_lock_follows_what_committed_meanwhile(
+    store: SqlStore,
+) -> None:
+    """A write held up by another transaction on its job (a cancel, say) takes its seqs after
+    the events that transaction stored, and sees its changes."""
+    request_id = await submit(store)
+    lease = await claim(store, 60)
+    async with store.engine.connect() as other:
+        transaction = await other.begin()
+        await other.execute(
+            text("SELECT request_id FROM inferd_jobs WHERE request_id = :id FOR UPDATE")
+            if store.engine.dialect.name == "postgresql"
+            else text("SELECT request_id FROM inferd_jobs WHERE request_id = :id"),
+            {"id": request_id},
+        )
+        seq = (
+            await other.execute(
+                text(
+                    "UPDATE inferd_requests SET last_seq = last_seq + 1, cancel_requested = :yes"
+                    " WHERE id = :id RETURNING last_seq"
+                ),
+                {"id": request_id, "yes": True},
+            )
+        ).scalar_one()
+        await other.execute(
+            text(
+                "INSERT INTO inferd_events (request_id, seq, kind, attempt, data, created_at)"
+                " VALUES (:id, :seq, 'status', 1, '{}', 0)"
+            ),
+            {"id": request_id, "seq": seq},
+        )
+        writing = asyncio.create_task(store.write([JobWrite(lease, ({"response": "x"},))]))
+        await asyncio.sleep(0.3)
+        assert not writing.done()  # it waits for the lock
+        await transaction.commit()
+    (written,) = await asyncio.wait_for(writing, 10)
+    assert written is not None and [e.seq for e in written] == [seq + 1]
+    record = await fetch(store, request_id)
+    assert (record.last_seq, record.cancel_requested) == (seq + 1, True)
+    assert [e.seq for e in await store.events(request_id)] == list(range(1, seq + 2))
+
+
+async def test_a_claim_and_a_batch_write_are_one_statement_each_on_postgresql(
+    store: SqlStore,
+) -> None:
+    """On PostgreSQL a claim and a group write are one round trip each: no BEGIN, no COMMIT,
+    one statement."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite runs in-process: its statements are not round trips")
+    first, second = await submit(store, input="a"), await submit(store, input="b")
+    seen: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(store.engine.sync_engine, "before_cursor_execute", note)
+    try:
+        leases = await store.claim_many("w", 60, 2)
+        claimed, seen[:] = list(seen), []
+        leases.sort(key=lambda lease: lease.input != "a")
+        results = await store.write(
+            [
+                JobWrite(leases[0], ({"response": "a"},)),
+                JobWrite(leases[1], ({"response": "b"},), done=True, result=[1, 2]),
+            ]
+        )
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", note)
+    assert len(claimed) == 1 and "BEGIN" not in claimed[0].upper()
+    assert len(seen) == 1 and "BEGIN" not in seen[0].upper()
+    assert [(lease.input, lease.attempt, lease.charged) for lease in leases] == [
+        ("a", 1, False),
+        ("b", 1, False),
+    ]
+    assert [[e.seq for e in r] for r in results if r is not None] == [[3], [3, 4]]
+    assert (await fetch(store, first)).status is RequestStatus.RUNNING
+    assert (await fetch(store, second)).result == [1, 2]
+
+
 async def test_heartbeat_extends_the_lease(store: SqlStore, clock: Clock) -> None:
     await submit(store)
     lease = await claim(store, 10)
@@ -719,6 +798,28 @@ async def test_the_queue_of_a_model_is_bounded(store: SqlStore) -> None:
     await store.complete(lease, "ok")
     for request_id in ids[1:]:
         assert (await fetch(store, request_id)).status is RequestStatus.QUEUED
+
+
+async def test_submits_stored_together_past_a_bound_store_what_fits(store: SqlStore) -> None:
+    """Creates that arrive together are stored in one batch; when the batch would go past a
+    bound, each is counted on its own: as many as fit are stored, the others refused."""
+    limits = QueueLimits(max_queued=3, max_queued_per_key=5, key_id="k1")
+    charge = {"key_id": "k1", "user_id": "alice", "day": "2026-01-01", "reserved": 3}
+    outcomes = await asyncio.gather(
+        *(submit(store, input=n, limits=limits) for n in range(5)), return_exceptions=True
+    )
+    refused = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(refused) == 2 and all(isinstance(o, QueueFull) for o in refused)
+    assert (await store.counts())["queued"] == 3
+    # Below the bounds, a batch with other models and a budget charge is stored whole.
+    others = await asyncio.gather(
+        submit(store, model="a", limits=limits, charge=charge),
+        submit(store, model="b", limits=QueueLimits(max_queued=1)),
+        submit(store, model="b"),
+    )
+    assert len(set(others)) == 3 and (await store.counts())["queued"] == 6
+    leases = await store.claim_many("w", 30, 10, models=["a", "b"])
+    assert sorted(lease.charged for lease in leases) == [False, False, True]
 
 
 async def test_the_queued_requests_of_a_key_are_bounded(store: SqlStore) -> None:

@@ -12,7 +12,11 @@
   writers of other processes wait in the busy timeout.
 * PostgreSQL through asyncpg. Claims use ``SELECT ... FOR UPDATE SKIP LOCKED`` so workers
   never wait on each other. Every transaction that changes a request first locks its job
-  row, then its request row: one lock order, so concurrent changes cannot deadlock.
+  row, then its request row: one lock order, so concurrent changes cannot deadlock. The
+  statements run most often (the API's group commit of new requests, a worker's claim and
+  its group write of chunks and completions) are one statement each, one round trip, in
+  :mod:`inferd.jobs.pg`; the same steps written statement by statement here serve SQLite,
+  and PostgreSQL for everything else.
 
 Fencing: each worker-side write first locks the job row *if* it is still running with the
 lease's token and an unexpired lease; if not, nothing is written. On PostgreSQL the
@@ -67,6 +71,7 @@ from inferd.errors import (
     StoreUnavailable,
     TooManyQueued,
 )
+from inferd.jobs import pg
 from inferd.jobs.ids import decode_cursor, encode_cursor, new_request_id
 from inferd.jobs.rows import body_hash, iso, to_datetime, to_event, to_record
 from inferd.jobs.types import (
@@ -122,6 +127,10 @@ class _Create:
     expires_at: float | None = None
     ttl_seconds: float | None = None
     limits: QueueLimits | None = None
+
+
+class _Refused(Exception):
+    """A batch of creates would exceed a queue bound: stored one at a time instead."""
 
 
 _Row: TypeAlias = "Row[*tuple[Any, ...]]"  # any row (a string: Row is variadic on 2.1 only)
@@ -223,6 +232,14 @@ class SqlStore:
         async with self._available(), self._write_lock, self._engine.begin() as conn:
             # The time is read once the write lock is held: leases are judged at that instant.
             yield _Tx(conn, round(self._clock() * _US), self._postgres)
+
+    @contextlib.asynccontextmanager
+    async def _one_statement(self) -> AsyncIterator[AsyncConnection]:
+        """A connection outside any transaction, for a statement atomic by itself (the
+        statements of :mod:`inferd.jobs.pg`): no BEGIN and no COMMIT round trip."""
+        async with self._available(), self._engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
 
     @contextlib.asynccontextmanager
     async def _read(self) -> AsyncIterator[_Tx]:
@@ -339,8 +356,12 @@ class SqlStore:
             batch = self._creates[:_CREATE_BATCH]
             del self._creates[:_CREATE_BATCH]
             try:
-                async with self._write() as tx:
-                    await tx.insert_created([pending for pending, _ in batch])
+                if self._postgres:
+                    if not await self._insert_created_postgres([pending for pending, _ in batch]):
+                        raise _Refused
+                else:
+                    async with self._write() as tx:
+                        await tx.insert_created([pending for pending, _ in batch])
             except StoreUnavailable as exc:
                 for *_, done in batch:
                     if not done.done():
@@ -368,6 +389,43 @@ class SqlStore:
                 for *_, done in batch:
                     if not done.done():
                         done.set_result(None)
+
+    async def _insert_created_postgres(self, items: Sequence[_Create]) -> bool:
+        """:meth:`_Tx.insert_created` on PostgreSQL in one statement
+        (:func:`inferd.jobs.pg.create`); False, with nothing stored, if a queue bound would be
+        exceeded."""
+        adding: dict[tuple[str, str | None], tuple[QueueLimits, int]] = {}
+        for item in items:
+            if item.limits is not None:
+                key = (item.row["model"], item.limits.key_id)
+                limits, n = adding.get(key, (item.limits, 0))
+                adding[key] = (limits, n + 1)
+        model_bounds: dict[str, tuple[int, int]] = {}
+        key_bounds: list[tuple[str, int, int]] = []
+        for (model, key_id), (limits, n) in adding.items():
+            if limits.max_queued is not None:
+                bound, added = model_bounds.get(model, (limits.max_queued, 0))
+                model_bounds[model] = (min(bound, limits.max_queued), added + n)
+            if limits.max_queued_per_key is not None and key_id is not None:
+                key_bounds.append((key_id, limits.max_queued_per_key, n))
+        async with self._one_statement() as conn:
+            now = round(self._clock() * _US)
+            for item in items:
+                item.row.update(
+                    id=new_request_id(now // 1000),
+                    created_at=now,
+                    updated_at=now,
+                    expires_at=_expiry(now, item.expires_at, item.ttl_seconds),
+                )
+            return await pg.create(
+                conn,
+                [item.row for item in items],
+                [{"request_id": item.row["id"], **item.charge} for item in items if item.charge],
+                key_ids=[item.limits.key_id if item.limits else None for item in items],
+                model_bounds=[(m, bound, n) for m, (bound, n) in model_bounds.items()],
+                key_bounds=key_bounds,
+                now=now,
+            )
 
     async def _find_idempotent(self, user: str, key: str, digest: str) -> RequestRecord | None:
         query = select(requests).where(
@@ -457,6 +515,8 @@ class SqlStore:
         if limit < 1 or (models is not None and not models):
             return []
         token = secrets.token_urlsafe(24)
+        if self._postgres:
+            return await self._claim_postgres(worker_id, lease_seconds, limit, models, token)
         async with self._write() as tx:
             await tx.reap()
             expires = tx.now + round(lease_seconds * _US)
@@ -468,13 +528,8 @@ class SqlStore:
             take = update(jobs).values(
                 state=_RUNNING, lease_token=token, lease_expires_at=expires, worker_id=worker_id
             )
-            if self._postgres:
-                # Lock the candidates, skipping rows other claimers hold: no claimer waits.
-                chosen = due.with_for_update(skip_locked=True).cte("chosen")
-                take = take.where(jobs.c.request_id == chosen.c.request_id)
-            else:
-                # BEGIN IMMEDIATE holds the database's write lock: one statement suffices.
-                take = take.where(jobs.c.request_id.in_(due.scalar_subquery()))
+            # BEGIN IMMEDIATE holds the database's write lock: one statement suffices.
+            take = take.where(jobs.c.request_id.in_(due.scalar_subquery()))
             taken = list((await tx.conn.execute(take.returning(jobs.c.request_id))).scalars())
             if not taken:
                 return []
@@ -527,20 +582,47 @@ class SqlStore:
                     .where(jobs.c.request_id.in_(taken))
                     .values(lease_expires_at=expires)
                 )
-        return [
-            Lease(
-                request_id=row.id,
-                token=token,
-                attempt=row.attempts,
-                expires_at=to_datetime(expires),
-                model=row.model,
-                input=row.input,
-                parameters=row.parameters,
-                trace_context=row.trace_context,
-                charged=bool(row.charged),
-            )
-            for row in rows
-        ]
+        return _leases(rows, token, expires)
+
+    async def _claim_postgres(
+        self,
+        worker_id: str,
+        lease_seconds: float,
+        limit: int,
+        models: list[str] | None,
+        token: str,
+    ) -> list[Lease]:
+        """:meth:`claim_many` on PostgreSQL: one statement (:func:`inferd.jobs.pg.claim`);
+        when it finds an expired lease, a reap and a second claim for the slots left."""
+        leases: list[Lease] = []
+        for _ in range(2):
+            async with self._one_statement() as conn:
+                now = round(self._clock() * _US)
+                expires = now + round(lease_seconds * _US)
+                claimed = await pg.claim(
+                    conn,
+                    worker_id=worker_id,
+                    token=token,
+                    now=now,
+                    expires=expires,
+                    limit=limit - len(leases),
+                    models=models,
+                )
+                late = round(self._clock() * _US)
+                if claimed.rows and late - now > _SLOW_CLAIM:
+                    # A slow claim (see claim_many): the leases count from now.
+                    expires = late + round(lease_seconds * _US)
+                    taken = [row.id for row in claimed.rows]
+                    await conn.execute(
+                        update(jobs)
+                        .where(jobs.c.request_id.in_(taken), jobs.c.lease_token == token)
+                        .values(lease_expires_at=expires)
+                    )
+            leases.extend(_leases(claimed.rows, token, expires))
+            if not claimed.overdue or len(leases) >= limit:
+                break
+            await self.reap_expired()
+        return leases
 
     async def write(self, writes: Sequence[JobWrite]) -> list[list[Event] | None]:
         """Apply the writes of several leases in one transaction (group commit): a constant
@@ -552,6 +634,9 @@ class SqlStore:
         ids = [w.lease.request_id for w in writes]
         if len(set(ids)) != len(ids):
             raise ValueError("at most one write per lease in a batch")
+        if self._postgres:  # one statement, one round trip (see inferd.jobs.pg)
+            async with self._one_statement() as conn:
+                return await pg.group_write(conn, writes, round(self._clock() * _US))
         async with self._write() as tx:
             keys = [(w.lease.request_id, w.lease.token) for w in writes]
             valid = (
@@ -566,7 +651,7 @@ class SqlStore:
             held = set((await tx.conn.execute(valid.with_for_update())).scalars())
             if not held:
                 return [None] * len(writes)
-            # A separate statement: on PostgreSQL it sees what committed while we waited.
+            # The seqs to continue from (the write lock is held: nothing changes them now).
             state = select(requests.c.id, requests.c.last_seq, requests.c.attempts).where(
                 requests.c.id.in_(sorted(held))
             )
@@ -1243,6 +1328,25 @@ class _Tx:
             else:
                 await self.requeue(request_id, self.now, "lease expired")
         return len(request_ids)
+
+
+def _leases(rows: Sequence[Any], token: str, expires: int) -> list[Lease]:
+    """The leases of the requests a claim started (rows of their id, attempts, model, input,
+    parameters, trace_context and whether they are charged)."""
+    return [
+        Lease(
+            request_id=row.id,
+            token=token,
+            attempt=row.attempts,
+            expires_at=to_datetime(expires),
+            model=row.model,
+            input=row.input,
+            parameters=row.parameters,
+            trace_context=row.trace_context,
+            charged=bool(row.charged),
+        )
+        for row in rows
+    ]
 
 
 def _startable(now: int) -> ColumnElement[bool]:
