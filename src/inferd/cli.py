@@ -215,7 +215,6 @@ def worker(
     ] = False,
 ) -> None:
     """Run long-running requests from the shared queue (scale these out)."""
-    import asyncio
 
     settings = _settings(
         config, models_dir=models_dir, database_url=database_url, redis_url=redis_url
@@ -224,10 +223,11 @@ def worker(
 
     configure_logging(settings.log_level, settings.log_format)
     _sync_remote(settings)
+    from inferd.concurrency import run_main
     from inferd.worker_process import run_worker
 
     try:
-        ran = asyncio.run(run_worker(settings, concurrency or max(settings.workers, 1), burst))
+        ran = run_main(run_worker(settings, concurrency or max(settings.workers, 1), burst))
     except InferdError as exc:
         raise _fail(exc.message, 2) from None
     if burst:

@@ -4,6 +4,7 @@ requests call (submit, read, list, cancel, follow)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 
 from inferd.errors import IdempotencyConflict, ModelNotFound, NotFound, ValidationFailed
 from inferd.jobs.events import InProcessEventBus
-from inferd.jobs.service import RequestService
+from inferd.jobs.service import ANNOUNCE_SPACING, RequestService
 from inferd.jobs.types import Event, EventKind, RequestStatus
 from tests.support.executor import STREAMER, TABULAR, executor_on
 from tests.support.memory_store import MemoryStore
@@ -108,6 +109,43 @@ async def test_submit_stores_queued_with_the_serving_version(
     assert (record.model, record.version, record.max_attempts) == (STREAMER, "1", 4)
     assert record.parameters == {"chunks": 2}
     assert store.kinds(record.id) == ["status"]
+
+
+class CountingBus(InProcessEventBus):
+    """An in-process bus that notes when each announcement was made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.announced: list[float] = []
+
+    async def announce(self) -> None:
+        self.announced.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(0.0005)  # a round trip to Redis
+        await super().announce()
+
+
+async def test_announcements_are_coalesced_and_spaced_and_the_last_submit_is_announced(
+    tmp_path: Path, store: MemoryStore
+) -> None:
+    bus = CountingBus()
+    body = {"model": STREAMER, "input": "x"}
+    async with executor_on(tmp_path) as executor:
+        service = RequestService(store, bus, executor)
+        await service.submit("alice", body)  # a lone submit: announced at once
+        await asyncio.sleep(0.01)
+        assert len(bus.announced) == 1
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for _ in range(20):  # a steady flow, five submits every ~0.5 ms
+            last_started = loop.time()
+            await asyncio.gather(*(service.submit("alice", body) for _ in range(5)))
+            await asyncio.sleep(0.0005)
+        await asyncio.sleep(0.05)
+    flow = [at for at in bus.announced if at >= started]
+    gaps = [b - a for a, b in itertools.pairwise(flow)]
+    assert len(flow) >= 2 and min(gaps) >= ANNOUNCE_SPACING
+    assert flow[-1] >= last_started  # the submits of the end were announced too
+    await bus.close()
 
 
 async def test_idempotent_replay_returns_the_same_request(

@@ -32,6 +32,9 @@ __all__ = ["ControlledStore", "RequestService"]
 _MAX_KEY = 255
 _FIELDS = ("model", "input", "parameters", "ttl_seconds", "expires_at")
 _MAX_TTL = 10 * 366 * 86_400  # ten years: longer is a mistake (and overflows the column)
+ANNOUNCE_SPACING = 0.002
+"""Seconds between two announcements of queued requests at the most (see
+:meth:`RequestService._announce`)."""
 
 
 class ControlledStore(RequestStore, QueueControls, Protocol):
@@ -77,6 +80,7 @@ class RequestService:
         self.metrics = metrics
         self._announcing: asyncio.Task[None] | None = None
         self._announce_again = False
+        self._announced_at = -ANNOUNCE_SPACING  # the loop's time of the last announcement
 
     async def submit(
         self,
@@ -183,16 +187,24 @@ class RequestService:
     def _announce(self) -> None:
         """Tell an idle worker (of any process, through the bus) that a request is queued.
         Announcements are coalesced: at most one is in flight, and the submits that come
-        during it share the next one."""
+        during it share the next one, sent ``ANNOUNCE_SPACING`` after the last at the
+        earliest. A lone submit is announced at once; under a steady flow the workers are
+        busy claiming anyway, and an announcement per submit or so (a Redis round trip each)
+        cost the API ~5 % of its CPU at 1,000 submits/s."""
         if self._announcing is not None:
             self._announce_again = True
             return
         self._announcing = asyncio.get_running_loop().create_task(self._announce_loop())
 
     async def _announce_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
+                wait = self._announced_at + ANNOUNCE_SPACING - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 self._announce_again = False
+                self._announced_at = loop.time()
                 try:
                     await self.bus.announce()
                 except Exception as exc:  # workers poll the queue anyway
