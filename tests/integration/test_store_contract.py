@@ -486,13 +486,13 @@ async def test_a_batch_write_that_waits_for_a_lock_follows_what_committed_meanwh
     assert [e.seq for e in await store.events(request_id)] == list(range(1, seq + 2))
 
 
+@pytest.mark.parametrize("store_url", ["postgres"], indirect=True)  # SQLite: no round trips
 async def test_a_claim_and_a_batch_write_are_one_statement_each_on_postgresql(
     store: SqlStore,
 ) -> None:
     """On PostgreSQL a claim and a group write are one round trip each: no BEGIN, no COMMIT,
     one statement."""
-    if store.engine.dialect.name != "postgresql":
-        pytest.skip("SQLite runs in-process: its statements are not round trips")
+    assert store.engine.dialect.name == "postgresql"
     first, second = await submit(store, input="a"), await submit(store, input="b")
     seen: list[str] = []
 
@@ -521,6 +521,39 @@ async def test_a_claim_and_a_batch_write_are_one_statement_each_on_postgresql(
     assert [[e.seq for e in r] for r in results if r is not None] == [[3], [3, 4]]
     assert (await fetch(store, first)).status is RequestStatus.RUNNING
     assert (await fetch(store, second)).result == [1, 2]
+
+
+async def test_a_slow_claim_counts_the_lease_from_its_end(
+    make_store: Callable[..., Any], store_url: str
+) -> None:
+    """A claim that took long (a busy machine) gives leases that start when it ended, not
+    when it began: the job does not start with part of its lease already spent."""
+    store: SqlStore = await make_store()
+    request_id = await submit(store)
+    ticks = iter(range(1000))
+    start = time.time()
+
+    def slow_clock() -> float:  # every reading is 50 ms after the one before
+        return start + 0.05 * next(ticks)
+
+    slow = await SqlStore.connect(store_url, clock=slow_clock)
+    try:
+        (lease,) = await slow.claim_many("w", 10, 1)
+    finally:
+        await slow.close()
+    assert lease.request_id == request_id
+    read = next(ticks)  # the clock's next reading: the claim read it ``read`` times
+    assert read >= 2
+    claimed_at = start + 0.05 * (read - 1)  # its last reading, once the statement had run
+    assert abs(lease.expires_at.timestamp() - (claimed_at + 10)) < 1e-5
+    async with store.engine.connect() as conn:
+        stored = (
+            await conn.execute(
+                text("SELECT lease_expires_at FROM inferd_jobs WHERE request_id = :id"),
+                {"id": request_id},
+            )
+        ).scalar_one()
+    assert stored == round((claimed_at + 10) * 1_000_000)
 
 
 async def test_heartbeat_extends_the_lease(store: SqlStore, clock: Clock) -> None:

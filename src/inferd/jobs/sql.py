@@ -610,14 +610,17 @@ class SqlStore:
                 )
                 late = round(self._clock() * _US)
                 if claimed.rows and late - now > _SLOW_CLAIM:
-                    # A slow claim (see claim_many): the leases count from now.
-                    expires = late + round(lease_seconds * _US)
+                    # A slow claim (see claim_many): the leases count from now. The claim
+                    # has committed: if this fails, the leases stand as they were claimed.
+                    later = late + round(lease_seconds * _US)
                     taken = [row.id for row in claimed.rows]
-                    await conn.execute(
-                        update(jobs)
-                        .where(jobs.c.request_id.in_(taken), jobs.c.lease_token == token)
-                        .values(lease_expires_at=expires)
-                    )
+                    with contextlib.suppress(*UNAVAILABLE_ERRORS):
+                        await conn.execute(
+                            update(jobs)
+                            .where(jobs.c.request_id.in_(taken), jobs.c.lease_token == token)
+                            .values(lease_expires_at=later)
+                        )
+                        expires = later
             leases.extend(_leases(claimed.rows, token, expires))
             if not claimed.overdue or len(leases) >= limit:
                 break
