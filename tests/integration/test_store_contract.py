@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -1219,6 +1220,35 @@ async def test_sqlite_connections_are_configured(tmp_path: Path, sqlite_template
     finally:
         await store.close()
     assert pragmas == ["wal", 2500, 1, 1]
+
+
+async def test_a_sqlite_group_write_waits_for_another_writer_then_says_unavailable(
+    tmp_path: Path, sqlite_template: Path
+) -> None:
+    """The group write (its own connection, see inferd.jobs.lite) waits for another process's
+    write lock for the busy timeout, then fails as StoreUnavailable, having written nothing."""
+    path = tmp_path / "inferd.db"
+    shutil.copyfile(sqlite_template, path)
+    store = await SqlStore.connect(sqlite_url(path), busy_timeout=0.3)
+    try:
+        request_id = await submit(store)
+        lease = await claim(store)
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process's writer
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable) as info:
+                await store.write([JobWrite(lease, ({"response": "x"},), done=True, result=1)])
+            assert time.monotonic() - started >= 0.25 and info.value.status_code == 503
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert (await fetch(store, request_id)).status is RequestStatus.RUNNING
+        (written,) = await store.write([JobWrite(lease, ({"response": "x"},), done=True)])
+        assert written is not None and [e.seq for e in written] == [3, 4]
+        assert (await fetch(store, request_id)).status is RequestStatus.SUCCEEDED
+    finally:
+        await store.close()
 
 
 def _closed_port() -> int:

@@ -73,6 +73,7 @@ from inferd.errors import (
 )
 from inferd.jobs import pg
 from inferd.jobs.ids import decode_cursor, encode_cursor, new_request_id
+from inferd.jobs.lite import LiteWriter
 from inferd.jobs.rows import body_hash, iso, to_datetime, to_event, to_record
 from inferd.jobs.types import (
     TERMINAL,
@@ -182,6 +183,12 @@ class SqlStore:
         # Write transactions a worker may run at once (PostgreSQL's row locks let them; on
         # SQLite a second one would only wait for the write lock with a smaller batch).
         self.write_lanes = 2 if self._postgres else 1
+        # SQLite: a worker's group write in one hand-off to a thread (see inferd.jobs.lite).
+        self._lite: LiteWriter | None = None
+        if not self._postgres:
+            database = self._engine.url.database
+            assert database is not None  # create_engine refuses the in-memory forms
+            self._lite = LiteWriter(database, busy_timeout)
 
     @classmethod
     async def connect(cls, url: str | URL, **options: Any) -> SqlStore:
@@ -214,6 +221,8 @@ class SqlStore:
 
     async def close(self) -> None:
         """Close every pooled connection."""
+        if self._lite is not None:
+            await self._lite.close()
         await self._engine.dispose()
 
     # --- transactions -------------------------------------------------------------------------
@@ -640,6 +649,9 @@ class SqlStore:
         if self._postgres:  # one statement, one round trip (see inferd.jobs.pg)
             async with self._one_statement() as conn:
                 return await pg.group_write(conn, writes, round(self._clock() * _US))
+        if self._lite is not None:  # one hand-off to a thread (see inferd.jobs.lite)
+            async with self._write_lock:
+                return await self._lite.write(writes, round(self._clock() * _US))
         async with self._write() as tx:
             keys = [(w.lease.request_id, w.lease.token) for w in writes]
             valid = (
