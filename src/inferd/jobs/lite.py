@@ -1,15 +1,21 @@
-"""A worker's group write on SQLite, as one hand-off to a thread.
+"""The hot transactions on SQLite (a group of submits, a claim, a group write), each as one
+hand-off to a thread.
 
 aiosqlite runs each call on a SQLite connection in a thread of its own, and SQLAlchemy makes
 several calls per statement (open a cursor, execute, fetch, close): the group write of
 :meth:`inferd.jobs.sql.SqlStore.write` (BEGIN IMMEDIATE, lock check, seqs, updates, inserts,
-COMMIT) crossed between the event loop and that thread some twenty times. Each crossing
+COMMIT) crossed between the event loop and that thread some twenty times, a claim or a group
+of submits as many. Each crossing
 waits for a turn of the event loop, which in the embedded default is also serving HTTP: at
 300 submits/s a streamed chunk's transaction took 20-30 ms, against ~4 ms for the same
 write on PostgreSQL. The statements themselves take microseconds.
 
-:class:`LiteWriter` runs the whole transaction in one call on a thread that owns a
-connection of its own: the same statements in plain SQL, one hand-off there and one back.
+:class:`LiteWriter` runs each of these transactions in one call on a thread that owns a
+connection of its own: the same statements in plain SQL, one hand-off there and one back. A
+claim also says whether some running job's lease has expired; the caller then reaps (a
+transaction of the general path, rare) and claims again, as on PostgreSQL
+(:mod:`inferd.jobs.pg`). A group of submits that would pass a queue bound stores nothing and
+says so: the caller stores its requests one at a time, each getting its own answer.
 Writers of the store's process still take its asyncio write lock first (see
 :class:`inferd.jobs.sql.SqlStore`), so this connection never waits for another writer of
 the process; other processes' writers are waited for in SQLite's busy timeout, as with
@@ -21,17 +27,21 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
-from inferd.db.schema import events, jobs, requests
+from inferd.db.schema import charges, events, jobs, requests
 from inferd.errors import StoreUnavailable
 from inferd.jobs.rows import iso, to_datetime
 from inferd.jobs.types import Event, EventKind, JobWrite, RequestStatus
 
-__all__ = ["LiteWriter"]
+__all__ = ["Claimed", "LiteWriter"]
 
+T = TypeVar("T")
+_US = 1_000_000
+_SLOW_CLAIM = 20_000  # µs: as in inferd.jobs.sql
+_QUEUED = RequestStatus.QUEUED.value
 _RUNNING = RequestStatus.RUNNING.value
 _SUCCEEDED = RequestStatus.SUCCEEDED.value
 
@@ -46,10 +56,68 @@ _ENDED = (
     "updated_at = ?, last_seq = ? WHERE id = ?"
 )
 _MOVED = f"UPDATE {requests.name} SET updated_at = ?, last_seq = ? WHERE id = ?"
+_OVERDUE = f"SELECT EXISTS (SELECT 1 FROM {jobs.name} WHERE state = ? AND lease_expires_at <= ?)"
+_TAKE = (
+    f"UPDATE {jobs.name} SET state = ?, lease_token = ?, lease_expires_at = ?, worker_id = ? "
+    f"WHERE request_id IN (SELECT request_id FROM {jobs.name} "
+    "WHERE state = ? AND run_at <= ? AND (expires_at IS NULL OR expires_at > ?){models} "
+    "ORDER BY run_at, request_id LIMIT ?) RETURNING request_id"
+)
+_START = (
+    f"UPDATE {requests.name} SET status = ?, attempts = attempts + 1, "
+    "started_at = coalesce(started_at, ?), updated_at = ?, last_seq = last_seq + 1 "
+    "WHERE id IN ({ids}) "
+    "RETURNING id, last_seq, attempts, model, input, parameters, trace_context, "
+    f"EXISTS (SELECT 1 FROM {charges.name} AS c WHERE c.request_id = {requests.name}.id)"
+)
+_RELEASE_LATE = f"UPDATE {jobs.name} SET lease_expires_at = ? WHERE request_id IN ({{ids}})"
+_QUEUED_OF_MODEL = (
+    f"SELECT count(*) FROM (SELECT 1 FROM {jobs.name} WHERE model = ? AND state = ? LIMIT ?)"
+)
+_QUEUED_OF_KEY = (
+    f"SELECT count(*) FROM (SELECT 1 FROM {jobs.name} WHERE key_id = ? AND state = ? LIMIT ?)"
+)
+_NEW_REQUEST = (
+    f"INSERT INTO {requests.name} (id, user_id, model, version, input, parameters, body_hash, "
+    "idempotency_key, status, attempts, max_attempts, result, error, cancel_requested, "
+    "last_seq, created_at, updated_at, started_at, finished_at, trace_context, expires_at, "
+    "dedup_hash, dedup_of) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, 0, ?, NULL, NULL, 0, 1, ?, ?, NULL, NULL, ?, ?, "
+    "NULL, NULL)"
+)
+_NEW_JOB = (
+    f"INSERT INTO {jobs.name} (request_id, model, state, run_at, expires_at, key_id) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+_NEW_CHARGE = (
+    f"INSERT INTO {charges.name} (request_id, key_id, user_id, day, reserved) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
 _STORED = (
     f"INSERT INTO {events.name} (request_id, seq, kind, attempt, data, created_at) "
     "VALUES (?, ?, ?, ?, ?, ?)"
 )
+
+
+class Claimed(NamedTuple):
+    """What one claim did: the requests it started (rows with ``id``, ``last_seq``,
+    ``attempts``, ``model``, ``input``, ``parameters``, ``trace_context``, ``charged``, by id),
+    their lease expiry (µs), and whether some running job's lease had expired."""
+
+    rows: list[Any]
+    expires: int
+    overdue: bool
+
+
+class _Started(NamedTuple):
+    id: str
+    last_seq: int
+    attempts: int
+    model: str
+    input: Any
+    parameters: Any
+    trace_context: Any
+    charged: bool
 
 
 class LiteWriter:
@@ -65,9 +133,42 @@ class LiteWriter:
     async def write(self, writes: Sequence[JobWrite], now: int) -> list[list[Event] | None]:
         """:meth:`inferd.jobs.sql.SqlStore.write` at ``now`` (µs); the caller holds the
         process's write lock. StoreUnavailable when the database cannot be written."""
+        return await self._call(self._write, writes, now)
+
+    async def claim(
+        self,
+        *,
+        worker_id: str,
+        token: str,
+        lease_seconds: float,
+        limit: int,
+        models: Sequence[str] | None,
+        clock: Callable[[], float],
+    ) -> Claimed:
+        """Take up to ``limit`` of the oldest due jobs (of ``models`` if given) with a lease
+        of ``token``; the caller holds the process's write lock. The time is read on the
+        thread once the database's write lock is held, and again at the end: a slow claim's
+        leases count from its end (see :meth:`inferd.jobs.sql.SqlStore.claim_many`)."""
+        return await self._call(self._claim, worker_id, token, lease_seconds, limit, models, clock)
+
+    async def create(
+        self,
+        rows: Sequence[dict[str, Any]],
+        charged: Sequence[dict[str, Any]],
+        *,
+        key_ids: Sequence[str | None],
+        model_bounds: Sequence[tuple[str, int, int]],
+        key_bounds: Sequence[tuple[str, int, int]],
+        now: int,
+    ) -> bool:
+        """Store new requests as :func:`inferd.jobs.pg.create` does; the caller holds the
+        process's write lock. True if stored, False (nothing stored) if a bound is reached."""
+        return await self._call(self._create, rows, charged, key_ids, model_bounds, key_bounds, now)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._thread, self._write, writes, now)
+            return await loop.run_in_executor(self._thread, fn, *args)
         except sqlite3.OperationalError as exc:  # locked past the busy timeout, disk, ...
             raise StoreUnavailable(
                 "the request store is unavailable; try again later", retry_after=1
@@ -93,6 +194,152 @@ class LiteWriter:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def _claim(
+        self,
+        worker_id: str,
+        token: str,
+        lease_seconds: float,
+        limit: int,
+        models: Sequence[str] | None,
+        clock: Callable[[], float],
+    ) -> Claimed:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            now = round(clock() * _US)
+            expires = now + round(lease_seconds * _US)
+            overdue = bool(conn.execute(_OVERDUE, (_RUNNING, now)).fetchone()[0])
+            only = "" if models is None else f" AND model IN ({', '.join('?' * len(models))})"
+            taken = [
+                rid
+                for (rid,) in conn.execute(
+                    _TAKE.format(models=only),
+                    (
+                        _RUNNING,
+                        token,
+                        expires,
+                        worker_id,
+                        _QUEUED,
+                        now,
+                        now,
+                        *(models or ()),
+                        limit,
+                    ),
+                )
+            ]
+            if not taken:
+                conn.execute("COMMIT")
+                return Claimed([], expires, overdue)
+            ids = ", ".join("?" * len(taken))
+            started = sorted(
+                (
+                    _Started(
+                        rid,
+                        seq,
+                        attempts,
+                        model,
+                        _json(input),
+                        _json(parameters),
+                        _json(trace),
+                        bool(charged),
+                    )
+                    for rid, seq, attempts, model, input, parameters, trace, charged in (
+                        conn.execute(_START.format(ids=ids), (_RUNNING, now, now, *taken))
+                    )
+                ),
+                key=lambda row: row.id,
+            )
+            conn.executemany(
+                _STORED,
+                [
+                    (
+                        row.id,
+                        row.last_seq,
+                        EventKind.STATUS.value,
+                        row.attempts,
+                        json.dumps({"status": _RUNNING, "attempt": row.attempts}),
+                        now,
+                    )
+                    for row in started
+                ],
+            )
+            late = round(clock() * _US)
+            if late - now > _SLOW_CLAIM:
+                expires = late + round(lease_seconds * _US)
+                conn.execute(_RELEASE_LATE.format(ids=ids), (expires, *taken))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return Claimed(list(started), expires, overdue)
+
+    def _create(
+        self,
+        rows: Sequence[dict[str, Any]],
+        charged: Sequence[dict[str, Any]],
+        key_ids: Sequence[str | None],
+        model_bounds: Sequence[tuple[str, int, int]],
+        key_bounds: Sequence[tuple[str, int, int]],
+        now: int,
+    ) -> bool:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for count, bounds in ((_QUEUED_OF_MODEL, model_bounds), (_QUEUED_OF_KEY, key_bounds)):
+                for what, bound, adding in bounds:
+                    queued = conn.execute(count, (what, _QUEUED, bound)).fetchone()[0]
+                    if queued + adding > bound:
+                        conn.execute("ROLLBACK")
+                        return False
+            conn.executemany(
+                _NEW_REQUEST,
+                [
+                    (
+                        row["id"],
+                        row["user_id"],
+                        row["model"],
+                        row["version"],
+                        json.dumps(row["input"]),
+                        json.dumps(row["parameters"]),
+                        row["body_hash"],
+                        _QUEUED,
+                        row["max_attempts"],
+                        now,
+                        now,
+                        json.dumps(row["trace_context"]),
+                        row["expires_at"],
+                    )
+                    for row in rows
+                ],
+            )
+            conn.executemany(
+                _NEW_JOB,
+                [
+                    (row["id"], row["model"], _QUEUED, now, row["expires_at"], key_id)
+                    for row, key_id in zip(rows, key_ids, strict=True)
+                ],
+            )
+            first = json.dumps({"status": _QUEUED, "attempt": 0})
+            conn.executemany(
+                _STORED,
+                [(row["id"], 1, EventKind.STATUS.value, 0, first, now) for row in rows],
+            )
+            if charged:
+                conn.executemany(
+                    _NEW_CHARGE,
+                    [
+                        (c["request_id"], c["key_id"], c["user_id"], c["day"], c["reserved"])
+                        for c in charged
+                    ],
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return True
 
     def _write(self, writes: Sequence[JobWrite], now: int) -> list[list[Event] | None]:
         conn = self._connection()
@@ -167,3 +414,9 @@ def _event(
     return Event(
         request_id=request_id, seq=seq, kind=kind, data=data, attempt=attempt, created_at=at
     )
+
+
+def _json(stored: Any) -> Any:
+    """A stored JSON column's value: SQL NULL as None, and a number as itself (a column of
+    SQLite's type JSON has numeric affinity: the text of a JSON number is stored as one)."""
+    return json.loads(stored) if isinstance(stored, str) else stored

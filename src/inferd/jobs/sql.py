@@ -365,12 +365,8 @@ class SqlStore:
             batch = self._creates[:_CREATE_BATCH]
             del self._creates[:_CREATE_BATCH]
             try:
-                if self._postgres:
-                    if not await self._insert_created_postgres([pending for pending, _ in batch]):
-                        raise _Refused
-                else:
-                    async with self._write() as tx:
-                        await tx.insert_created([pending for pending, _ in batch])
+                if not await self._insert_created_at_once([pending for pending, _ in batch]):
+                    raise _Refused
             except StoreUnavailable as exc:
                 for *_, done in batch:
                     if not done.done():
@@ -399,9 +395,10 @@ class SqlStore:
                     if not done.done():
                         done.set_result(None)
 
-    async def _insert_created_postgres(self, items: Sequence[_Create]) -> bool:
-        """:meth:`_Tx.insert_created` on PostgreSQL in one statement
-        (:func:`inferd.jobs.pg.create`); False, with nothing stored, if a queue bound would be
+    async def _insert_created_at_once(self, items: Sequence[_Create]) -> bool:
+        """:meth:`_Tx.insert_created` in one statement on PostgreSQL
+        (:func:`inferd.jobs.pg.create`), in one hand-off to the writer thread on SQLite
+        (:mod:`inferd.jobs.lite`); False, with nothing stored, if a queue bound would be
         exceeded."""
         adding: dict[tuple[str, str | None], tuple[QueueLimits, int]] = {}
         for item in items:
@@ -417,8 +414,10 @@ class SqlStore:
                 model_bounds[model] = (min(bound, limits.max_queued), added + n)
             if limits.max_queued_per_key is not None and key_id is not None:
                 key_bounds.append((key_id, limits.max_queued_per_key, n))
-        async with self._one_statement() as conn:
-            now = round(self._clock() * _US)
+        key_ids = [item.limits.key_id if item.limits else None for item in items]
+        bounds = [(m, bound, n) for m, (bound, n) in model_bounds.items()]
+
+        def stamp(now: int) -> list[dict[str, Any]]:
             for item in items:
                 item.row.update(
                     id=new_request_id(now // 1000),
@@ -426,12 +425,30 @@ class SqlStore:
                     updated_at=now,
                     expires_at=_expiry(now, item.expires_at, item.ttl_seconds),
                 )
+            return [{"request_id": item.row["id"], **item.charge} for item in items if item.charge]
+
+        rows = [item.row for item in items]
+        if self._lite is not None:
+            async with self._available(), self._write_lock:
+                now = round(self._clock() * _US)
+                owed = stamp(now)
+                return await self._lite.create(
+                    rows,
+                    owed,
+                    key_ids=key_ids,
+                    model_bounds=bounds,
+                    key_bounds=key_bounds,
+                    now=now,
+                )
+        async with self._one_statement() as conn:
+            now = round(self._clock() * _US)
+            owed = stamp(now)
             return await pg.create(
                 conn,
-                [item.row for item in items],
-                [{"request_id": item.row["id"], **item.charge} for item in items if item.charge],
-                key_ids=[item.limits.key_id if item.limits else None for item in items],
-                model_bounds=[(m, bound, n) for m, (bound, n) in model_bounds.items()],
+                rows,
+                owed,
+                key_ids=key_ids,
+                model_bounds=bounds,
                 key_bounds=key_bounds,
                 now=now,
             )
@@ -526,6 +543,8 @@ class SqlStore:
         token = secrets.token_urlsafe(24)
         if self._postgres:
             return await self._claim_postgres(worker_id, lease_seconds, limit, models, token)
+        if self._lite is not None:
+            return await self._claim_lite(worker_id, lease_seconds, limit, models, token)
         async with self._write() as tx:
             await tx.reap()
             expires = tx.now + round(lease_seconds * _US)
@@ -592,6 +611,35 @@ class SqlStore:
                     .values(lease_expires_at=expires)
                 )
         return _leases(rows, token, expires)
+
+    async def _claim_lite(
+        self,
+        worker_id: str,
+        lease_seconds: float,
+        limit: int,
+        models: list[str] | None,
+        token: str,
+    ) -> list[Lease]:
+        """:meth:`claim_many` on SQLite: one hand-off to the writer thread
+        (:mod:`inferd.jobs.lite`); when it finds an expired lease, a reap and a second claim
+        for the slots left."""
+        assert self._lite is not None
+        leases: list[Lease] = []
+        for _ in range(2):
+            async with self._available(), self._write_lock:
+                claimed = await self._lite.claim(
+                    worker_id=worker_id,
+                    token=token,
+                    lease_seconds=lease_seconds,
+                    limit=limit - len(leases),
+                    models=models,
+                    clock=self._clock,
+                )
+            leases.extend(_leases(claimed.rows, token, claimed.expires))
+            if not claimed.overdue or len(leases) >= limit:
+                break
+            await self.reap_expired()
+        return leases
 
     async def _claim_postgres(
         self,
