@@ -36,11 +36,12 @@ from inferd.errors import StoreUnavailable
 from inferd.jobs.rows import iso, to_datetime
 from inferd.jobs.types import Event, EventKind, JobWrite, RequestStatus
 
-__all__ = ["Claimed", "LiteWriter"]
+__all__ = ["SLOW_CLAIM_US", "Claimed", "LiteWriter"]
 
 T = TypeVar("T")
 _US = 1_000_000
-_SLOW_CLAIM = 20_000  # µs: as in inferd.jobs.sql
+SLOW_CLAIM_US = 20_000
+"""A claim slower than this (µs) restarts its leases when it ends, on both databases."""
 _QUEUED = RequestStatus.QUEUED.value
 _RUNNING = RequestStatus.RUNNING.value
 _SUCCEEDED = RequestStatus.SUCCEEDED.value
@@ -265,7 +266,7 @@ class LiteWriter:
                 ],
             )
             late = round(clock() * _US)
-            if late - now > _SLOW_CLAIM:
+            if late - now > SLOW_CLAIM_US:
                 expires = late + round(lease_seconds * _US)
                 conn.execute(_RELEASE_LATE.format(ids=ids), (expires, *taken))
             conn.execute("COMMIT")

@@ -28,7 +28,8 @@ release would put it back in the queue, it becomes ``cancelled`` instead.
 
 Queue controls (the bounded queue, expiry, deduplication, dead letters, retention) are their
 own statements, below the workers' side: a claim only skips jobs past their ``expires_at``
-(:func:`_startable`), and a sweep (:meth:`SqlStore.expire_due`) ends them.
+(in its statement, :mod:`inferd.jobs.pg` and :mod:`inferd.jobs.lite`), and a sweep
+(:meth:`SqlStore.expire_due`) ends them.
 
 The schema is created by the migrations (:func:`inferd.db.migrate.migrate`), not here.
 """
@@ -46,9 +47,7 @@ from typing import Any, TypeAlias
 
 from sqlalchemy import (
     URL,
-    ColumnElement,
     Row,
-    bindparam,
     delete,
     func,
     literal,
@@ -73,7 +72,7 @@ from inferd.errors import (
 )
 from inferd.jobs import pg
 from inferd.jobs.ids import decode_cursor, encode_cursor, new_request_id
-from inferd.jobs.lite import LiteWriter
+from inferd.jobs.lite import SLOW_CLAIM_US, LiteWriter
 from inferd.jobs.rows import body_hash, iso, to_datetime, to_event, to_record
 from inferd.jobs.types import (
     TERMINAL,
@@ -96,7 +95,6 @@ _US = 1_000_000
 _MAX_PAGE = 100
 _REAP_BATCH = 100  # expired leases taken back per claim; the rest wait for the next one
 _CREATE_BATCH = 500  # creates stored in one transaction at most
-_SLOW_CLAIM = 20_000  # µs: a claim slower than this restarts its leases when it ends
 _QUEUED = RequestStatus.QUEUED.value
 _RUNNING = RequestStatus.RUNNING.value
 _SUCCEEDED = RequestStatus.SUCCEEDED.value
@@ -533,9 +531,10 @@ class SqlStore:
     async def claim_many(
         self, worker_id: str, lease_seconds: float, limit: int, models: list[str] | None = None
     ) -> list[Lease]:
-        """Take up to ``limit`` of the oldest due jobs after reaping expired leases: four
-        statements in one transaction, however many jobs. The leases of one claim share a
-        fresh token (the fence is the pair of request id and token)."""
+        """Take up to ``limit`` of the oldest due jobs, and reap expired leases when there are
+        any: one statement on PostgreSQL, one transaction on SQLite, however many jobs. The
+        leases of one claim share a fresh token (the fence is the pair of request id and
+        token)."""
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be positive")
         if limit < 1 or (models is not None and not models):
@@ -543,74 +542,7 @@ class SqlStore:
         token = secrets.token_urlsafe(24)
         if self._postgres:
             return await self._claim_postgres(worker_id, lease_seconds, limit, models, token)
-        if self._lite is not None:
-            return await self._claim_lite(worker_id, lease_seconds, limit, models, token)
-        async with self._write() as tx:
-            await tx.reap()
-            expires = tx.now + round(lease_seconds * _US)
-            due = select(jobs.c.request_id).where(jobs.c.state == _QUEUED, jobs.c.run_at <= tx.now)
-            due = due.where(_startable(tx.now))  # past expires_at: left to expire_due
-            if models is not None:
-                due = due.where(jobs.c.model.in_(models))
-            due = due.order_by(jobs.c.run_at, jobs.c.request_id).limit(limit)
-            take = update(jobs).values(
-                state=_RUNNING, lease_token=token, lease_expires_at=expires, worker_id=worker_id
-            )
-            # BEGIN IMMEDIATE holds the database's write lock: one statement suffices.
-            take = take.where(jobs.c.request_id.in_(due.scalar_subquery()))
-            taken = list((await tx.conn.execute(take.returning(jobs.c.request_id))).scalars())
-            if not taken:
-                return []
-            started = (
-                update(requests)
-                .where(requests.c.id.in_(taken))
-                .values(
-                    status=_RUNNING,
-                    attempts=requests.c.attempts + 1,
-                    started_at=func.coalesce(requests.c.started_at, tx.now),
-                    updated_at=tx.now,
-                    last_seq=requests.c.last_seq + 1,
-                )
-                .returning(
-                    requests.c.id,
-                    requests.c.last_seq,
-                    requests.c.attempts,
-                    requests.c.model,
-                    requests.c.input,
-                    requests.c.parameters,
-                    requests.c.trace_context,
-                    select(charges.c.request_id)
-                    .where(charges.c.request_id == requests.c.id)
-                    .exists()
-                    .label("charged"),
-                )
-            )
-            rows = sorted((await tx.conn.execute(started)).all(), key=lambda row: row.id)
-            await tx.conn.execute(
-                events.insert(),
-                [
-                    tx.event_row(
-                        row.id,
-                        row.last_seq,
-                        row.attempts,
-                        EventKind.STATUS,
-                        {"status": _RUNNING, "attempt": row.attempts},
-                    )
-                    for row in rows
-                ],
-            )
-            late = round(self._clock() * _US)
-            if late - tx.now > _SLOW_CLAIM:
-                # The claim itself was slow (a busy machine, a first run): the lease counts
-                # from now, not from when the claim began, or the job could start with
-                # little of it left and lose it before its first heartbeat.
-                expires = late + round(lease_seconds * _US)
-                await tx.conn.execute(
-                    update(jobs)
-                    .where(jobs.c.request_id.in_(taken))
-                    .values(lease_expires_at=expires)
-                )
-        return _leases(rows, token, expires)
+        return await self._claim_lite(worker_id, lease_seconds, limit, models, token)
 
     async def _claim_lite(
         self,
@@ -623,7 +555,7 @@ class SqlStore:
         """:meth:`claim_many` on SQLite: one hand-off to the writer thread
         (:mod:`inferd.jobs.lite`); when it finds an expired lease, a reap and a second claim
         for the slots left."""
-        assert self._lite is not None
+        assert self._lite is not None  # every SQLite store has one
         leases: list[Lease] = []
         for _ in range(2):
             async with self._available(), self._write_lock:
@@ -666,7 +598,7 @@ class SqlStore:
                     models=models,
                 )
                 late = round(self._clock() * _US)
-                if claimed.rows and late - now > _SLOW_CLAIM:
+                if claimed.rows and late - now > SLOW_CLAIM_US:
                     # A slow claim (see claim_many): the leases count from now. The claim
                     # has committed: if this fails, the leases stand as they were claimed.
                     later = late + round(lease_seconds * _US)
@@ -697,78 +629,9 @@ class SqlStore:
         if self._postgres:  # one statement, one round trip (see inferd.jobs.pg)
             async with self._one_statement() as conn:
                 return await pg.group_write(conn, writes, round(self._clock() * _US))
-        if self._lite is not None:  # one hand-off to a thread (see inferd.jobs.lite)
-            async with self._write_lock:
-                return await self._lite.write(writes, round(self._clock() * _US))
-        async with self._write() as tx:
-            keys = [(w.lease.request_id, w.lease.token) for w in writes]
-            valid = (
-                select(jobs.c.request_id)
-                .where(
-                    tuple_(jobs.c.request_id, jobs.c.lease_token).in_(keys),
-                    jobs.c.state == _RUNNING,
-                    jobs.c.lease_expires_at > tx.now,
-                )
-                .order_by(jobs.c.request_id)  # one lock order between batches
-            )
-            held = set((await tx.conn.execute(valid.with_for_update())).scalars())
-            if not held:
-                return [None] * len(writes)
-            # The seqs to continue from (the write lock is held: nothing changes them now).
-            state = select(requests.c.id, requests.c.last_seq, requests.c.attempts).where(
-                requests.c.id.in_(sorted(held))
-            )
-            seqs = {row.id: (row.last_seq, row.attempts) for row in await tx.conn.execute(state)}
-            results: list[list[Event] | None] = []
-            new_events: list[dict[str, Any]] = []
-            moved: list[dict[str, Any]] = []
-            ended: list[dict[str, Any]] = []
-            for w in writes:
-                rid = w.lease.request_id
-                if rid not in held:
-                    results.append(None)
-                    continue
-                seq, attempt = seqs[rid]
-                rows: list[dict[str, Any]] = []
-                for data in w.responses:
-                    seq += 1
-                    payload = {"sent_at": iso(tx.now)} | data
-                    rows.append(tx.event_row(rid, seq, attempt, EventKind.RESPONSE, payload))
-                if w.done:
-                    seq += 1
-                    data = {"status": RequestStatus.SUCCEEDED.value, "result": w.result}
-                    rows.append(tx.event_row(rid, seq, attempt, EventKind.DONE, data))
-                    ended.append({"b_id": rid, "b_seq": seq, "b_result": w.result})
-                elif rows:
-                    moved.append({"b_id": rid, "b_seq": seq})
-                new_events.extend(rows)
-                results.append([to_event(row) for row in rows])
-            if ended:
-                gone = [row["b_id"] for row in ended]
-                await tx.conn.execute(jobs.delete().where(jobs.c.request_id.in_(gone)))
-                await tx.conn.execute(
-                    update(requests)
-                    .where(requests.c.id == bindparam("b_id"))
-                    .values(
-                        status=RequestStatus.SUCCEEDED.value,
-                        result=bindparam("b_result", type_=requests.c.result.type),
-                        error=None,
-                        finished_at=tx.now,
-                        updated_at=tx.now,
-                        last_seq=bindparam("b_seq"),
-                    ),
-                    ended,
-                )
-            if moved:
-                await tx.conn.execute(
-                    update(requests)
-                    .where(requests.c.id == bindparam("b_id"))
-                    .values(updated_at=tx.now, last_seq=bindparam("b_seq")),
-                    moved,
-                )
-            if new_events:
-                await tx.conn.execute(events.insert(), new_events)
-        return results
+        assert self._lite is not None  # SQLite: one hand-off to a thread (inferd.jobs.lite)
+        async with self._write_lock:
+            return await self._lite.write(writes, round(self._clock() * _US))
 
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
         """Extend the lease. False if it was lost, or if the request was cancelled (then the
@@ -1410,11 +1273,6 @@ def _leases(rows: Sequence[Any], token: str, expires: int) -> list[Lease]:
         )
         for row in rows
     ]
-
-
-def _startable(now: int) -> ColumnElement[bool]:
-    """A queued job that may still start at ``now``: no ``expires_at``, or a later one."""
-    return or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > now)
 
 
 def _expiry(now: int, expires_at: float | None, ttl_seconds: float | None) -> int | None:
