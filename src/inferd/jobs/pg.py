@@ -227,8 +227,8 @@ async def group_write(
 ) -> list[list[Event] | None]:
     """Apply ``writes`` (at most one per lease) at ``now`` (µs) in one statement on ``conn``,
     which must not be inside a transaction of its own; the events stored for each write, or
-    None where its lease was no longer valid. Same effects as the statement-by-statement
-    write of :class:`inferd.jobs.sql.SqlStore` on SQLite."""
+    None where its lease was no longer valid. Same effects as the SQLite group write
+    (:meth:`inferd.jobs.lite.LiteWriter.write`)."""
     sent_at = iso(now)
     planned: list[list[tuple[EventKind, dict[str, Any]]]] = []
     e_ids: list[str] = []

@@ -15,8 +15,8 @@
   row, then its request row: one lock order, so concurrent changes cannot deadlock. The
   statements run most often (the API's group commit of new requests, a worker's claim and
   its group write of chunks and completions) are one statement each, one round trip, in
-  :mod:`inferd.jobs.pg`; the same steps written statement by statement here serve SQLite,
-  and PostgreSQL for everything else.
+  :mod:`inferd.jobs.pg`; on SQLite they are one call each to a writer thread
+  (:mod:`inferd.jobs.lite`). Everything else is written here, for both databases.
 
 Fencing: each worker-side write first locks the job row *if* it is still running with the
 lease's token and an unexpired lease; if not, nothing is written. On PostgreSQL the
