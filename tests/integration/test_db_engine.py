@@ -47,7 +47,8 @@ async def test_connections_the_server_closed_are_replaced_without_a_failure(
     try:
         await store.warm(3)
         record, _ = await store.create(user="alice", model="echo", input="hi", parameters={})
-        assert await _terminate_backends(postgres_server, database) == 3
+        # Three of each pool: the hot statements (the create below) have their own.
+        assert await _terminate_backends(postgres_server, database) == 6
         await asyncio.sleep(0.2)  # the pooled connections see their sockets close
         for _ in range(4):  # every pooled connection, and then some
             assert (await store.get(record.id)) is not None
@@ -112,5 +113,101 @@ async def test_statements_are_planned_for_the_tables_as_they_are_now(database: s
             assert "grow_pkey" in plan and "Seq Scan" not in plan, plan
             await driver.execute("DEALLOCATE lookup")
             await driver.execute("DROP TABLE grow")
+    finally:
+        await store.close()
+
+
+def _literal(value: object) -> str:
+    """A parameter of EXECUTE as SQL text (strings, integers, booleans, lists of them)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        items = ",".join(
+            "NULL" if item is None else '"' + str(item).replace('"', '\\"') + '"' for item in value
+        )
+        return "'{" + items + "}'"
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+async def test_the_hot_statements_generic_plans_follow_the_tables(database: str) -> None:
+    """The claim, the group write and the group of submits run with generic plans
+    (inferd.jobs.pg). Made while the
+    tables are empty, those plans are made again once the tables have grown and been
+    analyzed (as autovacuum does), and then use the tables' indexes: no scan of the whole
+    queue or of every request."""
+    from sqlalchemy.dialects import postgresql
+
+    from inferd.jobs import pg
+
+    store = await SqlStore.connect(database, pool_size=1)
+    dialect = postgresql.asyncpg.dialect()  # type: ignore[attr-defined]
+    now = 1_800_000_000_000_000
+    arguments = {
+        "claim": {
+            "now": now, "expires": now + 60_000_000, "token": "t", "worker": "w", "limit": 32,
+            "models": None,
+        },
+        "write": {
+            "ids": ["r1", "r2"], "tokens": ["t", "t"], "counts": [1, 2],
+            "done": [False, True], "results": [None, "1"], "e_ids": ["r1", "r2", "r2"],
+            "e_offs": [1, 1, 2], "e_kinds": ["response", "response", "done"],
+            "e_data": ["{}", "{}", "{}"], "now": now,
+        },
+        "create": {
+            "first": "{}", "now": now, "mb_models": ["m"], "mb_bounds": [10000],
+            "mb_adding": [1], "kb_keys": ["k"], "kb_bounds": [100], "kb_adding": [1],
+            "ids": ["n1"], "users": ["u"], "models": ["m"], "versions": [None],
+            "inputs": ["1"], "parameters": ["{}"], "hashes": ["h"], "max_attempts": [3],
+            "traces": ["null"], "expires": [None], "key_ids": ["k"], "c_ids": [],
+            "c_keys": [], "c_users": [], "c_days": [], "c_reserved": [],
+        },
+    }  # fmt: skip
+    try:
+        async with store.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            await driver.execute("SET plan_cache_mode = force_generic_plan")
+            statements = {"claim": pg._CLAIM, "write": pg._STATEMENT, "create": pg._CREATE}
+            for name, statement in statements.items():
+                compiled = statement.compile(dialect=dialect)
+                order = compiled.positiontup
+                assert order is not None
+                await driver.execute(f"PREPARE hot_{name} AS {compiled.string}")
+                values = ", ".join(_literal(arguments[name][key]) for key in order)
+                await driver.execute(f"BEGIN; EXECUTE hot_{name}({values}); ROLLBACK")
+            await driver.execute(
+                """
+                INSERT INTO inferd_requests (id, user_id, model, parameters, body_hash, status,
+                    attempts, max_attempts, cancel_requested, last_seq, created_at, updated_at)
+                SELECT 'r' || i, 'u', 'm', '{}', 'h', 'queued', 0, 3, false, 1, i, i
+                FROM generate_series(1, 20000) AS i;
+                INSERT INTO inferd_jobs (request_id, model, state, run_at)
+                SELECT 'r' || i, 'm', 'queued', i FROM generate_series(1, 20000) AS i;
+                INSERT INTO inferd_events (request_id, seq, kind, attempt, data, created_at)
+                SELECT 'r' || i, 1, 'status', 0, '{}', i FROM generate_series(1, 20000) AS i;
+                ANALYZE inferd_requests; ANALYZE inferd_jobs; ANALYZE inferd_events;
+                """
+            )
+            for name, statement in statements.items():
+                order = statement.compile(dialect=dialect).positiontup
+                assert order is not None
+                values = ", ".join(_literal(arguments[name][key]) for key in order)
+                plan = "\n".join(
+                    row[0] for row in await driver.fetch(f"EXPLAIN EXECUTE hot_{name}({values})")
+                )
+                # The tables that grow with every request. (The group of submits counts the
+                # queued jobs of a model up to its bound: where, as here, every job is one,
+                # the first rows of any scan are the answer, with either kind of plan.)
+                tables = ["inferd_requests", "inferd_events"]
+                if name != "create":
+                    tables.append("inferd_jobs")
+                for table in tables:
+                    assert f"Seq Scan on {table}" not in plan, plan
+                await driver.execute(f"DEALLOCATE hot_{name}")
     finally:
         await store.close()

@@ -501,6 +501,7 @@ async def test_a_claim_and_a_batch_write_are_one_statement_each_on_postgresql(
         seen.append(statement)
 
     event.listen(store.engine.sync_engine, "before_cursor_execute", note)
+    event.listen(store.hot_engine.sync_engine, "before_cursor_execute", note)
     try:
         leases = await store.claim_many("w", 60, 2)
         claimed, seen[:] = list(seen), []
@@ -513,6 +514,7 @@ async def test_a_claim_and_a_batch_write_are_one_statement_each_on_postgresql(
         )
     finally:
         event.remove(store.engine.sync_engine, "before_cursor_execute", note)
+        event.remove(store.hot_engine.sync_engine, "before_cursor_execute", note)
     assert len(claimed) == 1 and "BEGIN" not in claimed[0].upper()
     assert len(seen) == 1 and "BEGIN" not in seen[0].upper()
     assert [(lease.input, lease.attempt, lease.charged) for lease in leases] == [

@@ -49,12 +49,16 @@ def create_engine(
     busy_timeout: float = 5.0,
     connect_timeout: float = 10.0,
     echo: bool = False,
+    plan_cache_mode: str = "force_custom_plan",
 ) -> AsyncEngine:
     """An async engine configured for the store (used by the migrations too).
 
     SQLite: creates the file's folder, hands transaction control to SQLAlchemy (the driver's
     own implicit BEGIN is turned off), begins write transactions with ``BEGIN IMMEDIATE``
     and read-only ones (execution option ``inferd_read_only``) with a plain ``BEGIN``.
+
+    PostgreSQL: ``plan_cache_mode`` is the connections' setting of that name (see below for
+    the default; the store's hot statements use ``force_generic_plan``).
     """
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -86,7 +90,7 @@ def create_engine(
                 # every primary-key lookup scanned them. Measured: after a drain of 1,500
                 # jobs, a flow of 1,000 submits/s fell to ~450 jobs/s within 20 s. Custom
                 # plans cost a few tens of microseconds of planning per statement.
-                "plan_cache_mode": "force_custom_plan",
+                "plan_cache_mode": plan_cache_mode,
             },
         },
     )

@@ -69,20 +69,20 @@ WITH w AS MATERIALIZED (
 gone AS (
     DELETE FROM {jobs.name} AS j USING w
     WHERE w.done AND j.request_id = w.id AND j.lease_token = w.token
-      AND j.state = :running AND j.lease_expires_at > :now
+      AND j.state = 'running' AND j.lease_expires_at > :now
     RETURNING j.request_id
 ),
 kept AS (
     SELECT j.request_id FROM {jobs.name} AS j JOIN w ON j.request_id = w.id
     WHERE NOT w.done AND j.lease_token = w.token
-      AND j.state = :running AND j.lease_expires_at > :now
+      AND j.state = 'running' AND j.lease_expires_at > :now
     FOR UPDATE OF j
 ),
 bumped AS (
     UPDATE {requests.name} AS r SET
         last_seq = r.last_seq + w.n,
         updated_at = :now,
-        status = CASE WHEN w.done THEN :succeeded ELSE r.status END,
+        status = CASE WHEN w.done THEN 'succeeded' ELSE r.status END,
         result = CASE WHEN w.done THEN CAST(w.result AS json) ELSE r.result END,
         error = CASE WHEN w.done THEN NULL ELSE r.error END,
         finished_at = CASE WHEN w.done THEN :now ELSE r.finished_at END
@@ -112,7 +112,7 @@ WITH refused AS (
     ) AS b(model, bound, adding)
     WHERE b.adding + (
         SELECT count(*) FROM (
-            SELECT 1 FROM {jobs.name} AS j WHERE j.model = b.model AND j.state = :queued
+            SELECT 1 FROM {jobs.name} AS j WHERE j.model = b.model AND j.state = 'queued'
             LIMIT b.bound
         ) AS q
     ) > b.bound
@@ -122,7 +122,7 @@ WITH refused AS (
     ) AS b(key_id, bound, adding)
     WHERE b.adding + (
         SELECT count(*) FROM (
-            SELECT 1 FROM {jobs.name} AS j WHERE j.key_id = b.key_id AND j.state = :queued
+            SELECT 1 FROM {jobs.name} AS j WHERE j.key_id = b.key_id AND j.state = 'queued'
             LIMIT b.bound
         ) AS q
     ) > b.bound
@@ -147,17 +147,17 @@ stored_requests AS (
         updated_at, started_at, finished_at, trace_context, expires_at, dedup_hash, dedup_of
     )
     SELECT id, user_id, model, version, CAST(input AS json), CAST(parameters AS json),
-        body_hash, NULL, :queued, 0, max_attempts, NULL, NULL, false, 1, :now, :now, NULL, NULL,
+        body_hash, NULL, 'queued', 0, max_attempts, NULL, NULL, false, 1, :now, :now, NULL, NULL,
         CAST(trace_context AS json), expires_at, NULL, NULL
     FROM new
 ),
 stored_jobs AS (
     INSERT INTO {jobs.name} (request_id, model, state, run_at, expires_at, key_id)
-    SELECT id, model, :queued, :now, expires_at, key_id FROM new
+    SELECT id, model, 'queued', :now, expires_at, key_id FROM new
 ),
 stored_events AS (
     INSERT INTO {events.name} (request_id, seq, kind, attempt, data, created_at)
-    SELECT id, 1, :status, 0, CAST(:first AS json), :now FROM new
+    SELECT id, 1, 'status', 0, CAST(:first AS json), :now FROM new
 ),
 stored_charges AS (
     INSERT INTO {charges.name} (request_id, key_id, user_id, day, reserved)
@@ -175,7 +175,7 @@ _CLAIM = text(
     f"""
 WITH chosen AS (
     SELECT request_id FROM {jobs.name}
-    WHERE state = :queued AND run_at <= :now AND (expires_at IS NULL OR expires_at > :now)
+    WHERE state = 'queued' AND run_at <= :now AND (expires_at IS NULL OR expires_at > :now)
       AND (CAST(:models AS text[]) IS NULL OR model = ANY(CAST(:models AS text[])))
     ORDER BY run_at, request_id
     LIMIT :limit
@@ -183,31 +183,31 @@ WITH chosen AS (
 ),
 taken AS (
     UPDATE {jobs.name} AS j SET
-        state = :running, lease_token = :token, lease_expires_at = :expires, worker_id = :worker
-    FROM chosen WHERE j.request_id = chosen.request_id
+        state = 'running', lease_token = :token, lease_expires_at = :expires, worker_id = :worker
+    WHERE j.request_id = ANY(ARRAY(SELECT request_id FROM chosen))
     RETURNING j.request_id
 ),
 started AS (
     UPDATE {requests.name} AS r SET
-        status = :running,
+        status = 'running',
         attempts = r.attempts + 1,
         started_at = coalesce(r.started_at, :now),
         updated_at = :now,
         last_seq = r.last_seq + 1
-    FROM taken WHERE r.id = taken.request_id
+    WHERE r.id = ANY(ARRAY(SELECT request_id FROM taken))
     RETURNING r.id, r.last_seq, r.attempts, r.model, r.input, r.parameters, r.trace_context,
         EXISTS (SELECT 1 FROM {charges.name} AS c WHERE c.request_id = r.id) AS charged
 ),
 stored AS (
     INSERT INTO {events.name} (request_id, seq, kind, attempt, data, created_at)
-    SELECT id, last_seq, :status, attempts,
-        json_build_object('status', CAST(:running AS text), 'attempt', attempts), :now
+    SELECT id, last_seq, 'status', attempts,
+        json_build_object('status', 'running', 'attempt', attempts), :now
     FROM started
 )
 SELECT started.*, overdue.expired AS overdue
 FROM (
     SELECT EXISTS (
-        SELECT 1 FROM {jobs.name} WHERE state = :running AND lease_expires_at <= :now
+        SELECT 1 FROM {jobs.name} WHERE state = 'running' AND lease_expires_at <= :now
     ) AS expired
 ) AS overdue
 LEFT JOIN started ON true
@@ -215,7 +215,6 @@ ORDER BY started.id
 """
 ).columns(input=JSON, parameters=JSON, trace_context=JSON, charged=Boolean, overdue=Boolean)
 
-_RUNNING = RequestStatus.RUNNING.value
 _SUCCEEDED = RequestStatus.SUCCEEDED.value
 _QUEUED = RequestStatus.QUEUED.value
 _RESPONSE = EventKind.RESPONSE
@@ -264,8 +263,6 @@ async def group_write(
         "e_offs": e_offs,
         "e_kinds": e_kinds,
         "e_data": e_data,
-        "running": _RUNNING,
-        "succeeded": _SUCCEEDED,
         "now": now,
     }
     held = {row.id: (row.base, row.attempts) for row in await conn.execute(_STATEMENT, params)}
@@ -316,9 +313,6 @@ async def claim(
     with a lease of ``token`` until ``expires``, in one statement on ``conn`` (not inside a
     transaction of its own)."""
     params = {
-        "queued": _QUEUED,
-        "running": _RUNNING,
-        "status": EventKind.STATUS.value,
         "now": now,
         "expires": expires,
         "token": token,
@@ -348,8 +342,6 @@ async def create(
     transaction of its own), unless a bound is reached: ``model_bounds`` and ``key_bounds``
     are (model or key, bound, requests added to it). True if stored, False if refused."""
     params = {
-        "queued": _QUEUED,
-        "status": EventKind.STATUS.value,
         "first": json.dumps({"status": _QUEUED, "attempt": 0}),
         "now": now,
         "mb_models": [model for model, _, _ in model_bounds],
