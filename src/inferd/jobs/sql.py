@@ -568,9 +568,17 @@ class SqlStore:
         if limit < 1 or (models is not None and not models):
             return []
         token = secrets.token_urlsafe(24)
-        if self._postgres:
-            return await self._claim_postgres(worker_id, lease_seconds, limit, models, token)
-        return await self._claim_lite(worker_id, lease_seconds, limit, models, token)
+        leases: list[Lease] = []
+        for _ in range(2):  # a second time after reaping, for the slots left
+            claim = self._claim_postgres if self._postgres else self._claim_lite
+            rows, expires, overdue = await claim(
+                worker_id, lease_seconds, limit - len(leases), models, token
+            )
+            leases.extend(_leases(rows, token, expires))
+            if not overdue or len(leases) >= limit:
+                break
+            await self.reap_expired()
+        return leases
 
     async def _claim_lite(
         self,
@@ -579,27 +587,20 @@ class SqlStore:
         limit: int,
         models: list[str] | None,
         token: str,
-    ) -> list[Lease]:
-        """:meth:`claim_many` on SQLite: one hand-off to the writer thread
-        (:mod:`inferd.jobs.lite`); when it finds an expired lease, a reap and a second claim
-        for the slots left."""
+    ) -> tuple[list[Any], int, bool]:
+        """One claim on SQLite, in one hand-off to the writer thread (:mod:`inferd.jobs.lite`):
+        the rows of the requests it started, their lease expiry, whether a lease had expired."""
         assert self._lite is not None  # every SQLite store has one
-        leases: list[Lease] = []
-        for _ in range(2):
-            async with self._available(), self._write_lock:
-                claimed = await self._lite.claim(
-                    worker_id=worker_id,
-                    token=token,
-                    lease_seconds=lease_seconds,
-                    limit=limit - len(leases),
-                    models=models,
-                    clock=self._clock,
-                )
-            leases.extend(_leases(claimed.rows, token, claimed.expires))
-            if not claimed.overdue or len(leases) >= limit:
-                break
-            await self.reap_expired()
-        return leases
+        async with self._available(), self._write_lock:
+            claimed = await self._lite.claim(
+                worker_id=worker_id,
+                token=token,
+                lease_seconds=lease_seconds,
+                limit=limit,
+                models=models,
+                clock=self._clock,
+            )
+        return claimed.rows, claimed.expires, claimed.overdue
 
     async def _claim_postgres(
         self,
@@ -608,41 +609,35 @@ class SqlStore:
         limit: int,
         models: list[str] | None,
         token: str,
-    ) -> list[Lease]:
-        """:meth:`claim_many` on PostgreSQL: one statement (:func:`inferd.jobs.pg.claim`);
-        when it finds an expired lease, a reap and a second claim for the slots left."""
-        leases: list[Lease] = []
-        for _ in range(2):
-            async with self._one_statement() as conn:
-                now = round(self._clock() * _US)
-                expires = now + round(lease_seconds * _US)
-                claimed = await pg.claim(
-                    conn,
-                    worker_id=worker_id,
-                    token=token,
-                    now=now,
-                    expires=expires,
-                    limit=limit - len(leases),
-                    models=models,
-                )
-                late = round(self._clock() * _US)
-                if claimed.rows and late - now > SLOW_CLAIM_US:
-                    # A slow claim (see claim_many): the leases count from now. The claim
-                    # has committed: if this fails, the leases stand as they were claimed.
-                    later = late + round(lease_seconds * _US)
-                    taken = [row.id for row in claimed.rows]
-                    with contextlib.suppress(*UNAVAILABLE_ERRORS):
-                        await conn.execute(
-                            update(jobs)
-                            .where(jobs.c.request_id.in_(taken), jobs.c.lease_token == token)
-                            .values(lease_expires_at=later)
-                        )
-                        expires = later
-            leases.extend(_leases(claimed.rows, token, expires))
-            if not claimed.overdue or len(leases) >= limit:
-                break
-            await self.reap_expired()
-        return leases
+    ) -> tuple[list[Any], int, bool]:
+        """One claim on PostgreSQL, in one statement (:func:`inferd.jobs.pg.claim`): as
+        :meth:`_claim_lite`."""
+        async with self._one_statement() as conn:
+            now = round(self._clock() * _US)
+            expires = now + round(lease_seconds * _US)
+            claimed = await pg.claim(
+                conn,
+                worker_id=worker_id,
+                token=token,
+                now=now,
+                expires=expires,
+                limit=limit,
+                models=models,
+            )
+            late = round(self._clock() * _US)
+            if claimed.rows and late - now > SLOW_CLAIM_US:
+                # A slow claim (see claim_many): the leases count from now. The claim
+                # has committed: if this fails, the leases stand as they were claimed.
+                later = late + round(lease_seconds * _US)
+                taken = [row.id for row in claimed.rows]
+                with contextlib.suppress(*UNAVAILABLE_ERRORS):
+                    await conn.execute(
+                        update(jobs)
+                        .where(jobs.c.request_id.in_(taken), jobs.c.lease_token == token)
+                        .values(lease_expires_at=later)
+                    )
+                    expires = later
+        return claimed.rows, expires, claimed.overdue
 
     async def write(self, writes: Sequence[JobWrite]) -> list[list[Event] | None]:
         """Apply the writes of several leases in one transaction (group commit): a constant
