@@ -50,6 +50,7 @@ def create_engine(
     connect_timeout: float = 10.0,
     echo: bool = False,
     plan_cache_mode: str = "force_custom_plan",
+    autocommit: bool = False,
 ) -> AsyncEngine:
     """An async engine configured for the store (used by the migrations too).
 
@@ -58,7 +59,9 @@ def create_engine(
     and read-only ones (execution option ``inferd_read_only``) with a plain ``BEGIN``.
 
     PostgreSQL: ``plan_cache_mode`` is the connections' setting of that name (see below for
-    the default; the store's hot statements use ``force_generic_plan``).
+    the default; the store's hot statements use ``force_generic_plan``); ``autocommit``
+    runs every statement as its own transaction, with no BEGIN or COMMIT (those hot
+    statements are each atomic by themselves).
     """
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -79,6 +82,7 @@ def create_engine(
         parsed,
         echo=echo,
         pool_size=pool_size,
+        isolation_level="AUTOCOMMIT" if autocommit else None,
         connect_args={
             "timeout": connect_timeout,
             "server_settings": {

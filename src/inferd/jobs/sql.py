@@ -183,6 +183,7 @@ class SqlStore:
                 connect_timeout=connect_timeout,
                 echo=echo,
                 plan_cache_mode="force_generic_plan",
+                autocommit=True,
             )
         self._clock = clock
         self._pool_size = pool_size
@@ -272,8 +273,8 @@ class SqlStore:
     async def _one_statement(self) -> AsyncIterator[AsyncConnection]:
         """A connection outside any transaction, for a statement atomic by itself (the
         statements of :mod:`inferd.jobs.pg`): no BEGIN and no COMMIT round trip."""
+        assert self._hot_engine is not self._engine  # PostgreSQL's pool of autocommit connections
         async with self._available(), self._hot_engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
             yield conn
 
     @contextlib.asynccontextmanager
