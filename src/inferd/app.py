@@ -183,17 +183,17 @@ class InferdApp:
                 )
             except ValueError as exc:
                 raise ConfigError(f"invalid settings: anonymous_rate: {exc}") from None
-        self._asgi: Any = OpenAIErrorShape(  # /openai/ errors in OpenAI's shape, even a 401
-            RequestContextMiddleware(
-                routes,
-                self.metrics,
-                self.access_log,
-                fast=self.hot,
-                auth=self.auth,
-                enforcer=self.enforcer,
-                by_address=by_address,
-            )
+        self._context = RequestContextMiddleware(
+            routes,
+            self.metrics,
+            self.access_log,
+            fast=self.hot,
+            auth=self.auth,
+            enforcer=self.enforcer,
+            by_address=by_address,
         )
+        # /openai/ errors in OpenAI's shape, even a 401
+        self._asgi: Any = OpenAIErrorShape(self._context)
         # The Open Inference Protocol over gRPC, started with the app in the same event loop.
         self.grpc: GrpcServer | None = None
         if settings.grpc_port is not None:
@@ -221,6 +221,7 @@ class InferdApp:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, api: FastAPI) -> AsyncIterator[None]:
+        self._context.clock = asyncio.get_running_loop().time  # the loop that serves
         if self.syncer is not None and self.syncer.last is None:  # `inferd serve` synced
             await run_blocking(self.syncer.sync)
         entries = self.registry.plan()  # a wrong repository fails start-up right here

@@ -6,6 +6,7 @@ process. Labelled children are cached by the components that use them on the hot
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-__all__ = ["LATENCY_BUCKETS", "Deferred", "Metrics"]
+__all__ = ["LATENCY_BUCKETS", "Deferred", "Metrics", "observe_many"]
 
 # Millisecond-scale buckets: the interesting region is 0.5 ms .. 100 ms (the deadline).
 LATENCY_BUCKETS = (
@@ -39,21 +40,36 @@ CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1
 class Deferred:
     """Increments and observations of the request path, applied to their metrics in batches.
 
-    A request notes ``(apply, value)`` (a labelled child's bound ``inc`` or ``observe``); the
-    notes are applied in one loop by :meth:`fold`: every 0.1 s, before every collection of
-    the registry (``/metrics``, peers) and every ``batch`` notes. Applied one at a time
-    between requests, prometheus-client's ``inc`` and ``observe`` (a lock each, a search of the
-    buckets) cost ~7 µs a request in a server at 50 connections; applied together, a fraction
-    of that. Only the event loop's thread notes and folds.
+    The request path notes values through a *slot* per metric child (:meth:`slot`: the
+    ``append`` of a list, no Python function of ours per value) or, elsewhere,
+    ``add(apply, value)``; the notes are applied by :meth:`fold`: every 0.1 s, before every
+    collection of the registry (``/metrics``, peers), and when the HTTP middleware says so (a
+    request that ends alone, or every few hundred requests). Applied one at a time between
+    requests, prometheus-client's ``inc`` and ``observe`` (a lock each, a search of the buckets
+    in Python) cost ~7 µs a request in a server at 50 connections. A fold applies a counter's
+    notes as one increment by their sum and counts a histogram's values into its buckets
+    with :func:`observe_many` (one lock per bucket touched, not two per value). Only the event
+    loop's thread notes and folds.
     """
 
-    __slots__ = ("_batch", "_pending")
+    __slots__ = ("_batch", "_pending", "_slots")
 
     def __init__(self, batch: int = 256) -> None:
         self._pending: list[tuple[Callable[[Any], None], Any]] = []
+        self._slots: dict[Callable[[Any], None], list[Any]] = {}
         self._batch = batch
 
+    def slot(self, apply: Callable[[Any], None]) -> Callable[[Any], None]:
+        """``note(value)``: ``apply(value)`` at the next fold. ``apply`` is a metric child's
+        bound ``inc`` or ``observe`` (or any function of one value, applied value by value);
+        the same ``apply`` gives the same slot."""
+        values = self._slots.get(apply)
+        if values is None:
+            values = self._slots[apply] = []
+        return values.append
+
     def add(self, apply: Callable[[Any], None], value: Any) -> None:
+        """``apply(value)`` at the next fold (applied at once past ``batch`` notes)."""
         pending = self._pending
         pending.append((apply, value))
         if len(pending) >= self._batch:
@@ -64,12 +80,55 @@ class Deferred:
         if pending:
             self._pending = []
             for apply, value in pending:
-                apply(value)
+                self.slot(apply)(value)
+        for apply, values in self._slots.items():
+            if values:
+                noted = values.copy()  # the slot's list stays: its append is held by callers
+                values.clear()
+                _apply(apply, noted)
 
     def collect(self) -> list[Any]:
         """A collector of no family: registered first, it folds before the others collect."""
         self.fold()
         return []
+
+
+def _apply(apply: Callable[[Any], None], values: list[Any]) -> None:
+    how = _GROUPED.get(getattr(apply, "__func__", None))
+    if how is _OBSERVE:
+        observe_many(apply.__self__, values)  # type: ignore[attr-defined]
+    elif how is _INC and len(values) > 1:
+        apply(sum(values))
+    else:
+        for value in values:
+            apply(value)
+
+
+_OBSERVE, _INC = "observe", "inc"
+_GROUPED: dict[Any, str] = {Histogram.observe: _OBSERVE, Counter.inc: _INC}
+
+
+def observe_many(histogram: Histogram, values: list[float]) -> None:
+    """``histogram.observe(value)`` for each of ``values`` (a labelled child, or a histogram
+    without labels), counted per bucket first: the same exposition, a lock per bucket touched
+    and one for the sum instead of two per value. A NaN (in no bucket, as ``observe`` leaves
+    it) is observed on its own."""
+    histogram._raise_if_not_observable()  # type: ignore[no-untyped-call]
+    bounds = histogram._upper_bounds
+    counts: dict[int, int] = {}
+    total = 0.0
+    for value in values:
+        if value != value:  # NaN: observe's own handling
+            histogram.observe(value)
+            continue
+        total += value
+        i = bisect_left(bounds, value)
+        counts[i] = counts.get(i, 0) + 1
+    if counts:
+        histogram._sum.inc(total)
+        buckets = histogram._buckets
+        for i, n in counts.items():
+            buckets[i].inc(n)
 
 
 class Metrics:

@@ -37,6 +37,7 @@ __all__ = [
 log = get_logger("inferd.http")
 
 _MAX_ID = 128
+_FOLD_EVERY = 256  # requests: the deferred metrics are folded at least this often
 
 
 class _RequestIds:
@@ -177,7 +178,11 @@ class RequestContextMiddleware:
         self._active = 0  # requests between their start and their access line
         self._children: dict[tuple[str, str, int], Any] = {}
         self._durations: dict[tuple[str, str], Any] = {}
-        self._note = metrics.deferred.add
+        self._slot = metrics.deferred.slot
+        self.clock: Callable[[], float] | None = None
+        """The serving event loop's ``time`` (deadlines count on it); taken from the loop of
+        the first request unless the app sets it at start-up."""
+        self._since_fold = 0  # requests finished since the deferred metrics were last folded
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -185,7 +190,10 @@ class RequestContextMiddleware:
             return
         started = time.perf_counter()
         request_id = incoming_id(scope["headers"]) or self._new_id()
-        ctx = RequestContext(request_id, started, asyncio.get_running_loop().time())
+        clock = self.clock
+        if clock is None:  # (asyncio.get_running_loop() costs a getpid() system call)
+            clock = self.clock = asyncio.get_running_loop().time
+        ctx = RequestContext(request_id, started, clock())
         scope["inferd"] = ctx
         ctx.headers = scope["headers"]
         fast = self.fast
@@ -272,20 +280,19 @@ class RequestContextMiddleware:
             endpoint = getattr(route, "path", None) or "unmatched"
         status = ctx.status or 499  # client went away before any answer
         key = (endpoint, method, status)
-        add = self._note
-        counter = self._children.get(key)
-        if counter is None:
-            counter = self._children[key] = self.metrics.requests.labels(
-                endpoint, method, str(status)
-            ).inc
-        add(counter, 1)
+        counted = self._children.get(key)
+        if counted is None:
+            counted = self._children[key] = self._slot(
+                self.metrics.requests.labels(endpoint, method, str(status)).inc
+            )
+        counted(1)
         dkey = (endpoint, method)
         duration = self._durations.get(dkey)
         if duration is None:
-            duration = self._durations[dkey] = self.metrics.request_duration.labels(
-                endpoint, method
-            ).observe
-        add(duration, elapsed)
+            duration = self._durations[dkey] = self._slot(
+                self.metrics.request_duration.labels(endpoint, method).observe
+            )
+        duration(elapsed)
         trace = ctx.trace
         if trace is not None:
             ctx.end_trace(
@@ -299,10 +306,15 @@ class RequestContextMiddleware:
             )
         if self.access_log.enabled:
             self.access_log.finished(ctx, method, scope["path"], status, elapsed)
+        since = self._since_fold = self._since_fold + 1
         if self._active <= 1:
             # Alone: write the noted lines and observations now, while the client reads the
             # answer, instead of in a batch that a following request would wait behind.
             self.access_log.format()
+            self._since_fold = 0
+            self.metrics.deferred.fold()
+        elif since >= _FOLD_EVERY:
+            self._since_fold = 0
             self.metrics.deferred.fold()
 
 

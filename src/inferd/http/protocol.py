@@ -80,22 +80,25 @@ class _Cycle(RequestResponseCycle):
         other (uvicorn's own ``send`` handles it)."""
         headers = message.get("headers", ())
         length = None
+        names = []
         for name, value in headers:
             lowered = name.lower()
             if lowered == b"content-length":
                 length = value
             elif lowered == b"transfer-encoding" or lowered == b"connection":
                 return None
+            names.append(lowered)
         if length is None:
             return None
-        if HEADER_RE.search(b"-".join([name for name, _ in headers])):
+        if HEADER_RE.search(b"-".join(names)):
             raise RuntimeError("Invalid HTTP header name.")
-        if HEADER_VALUE_RE.search(b"\t".join([value for _, value in headers])):
+        values = [value for _, value in headers]
+        if HEADER_VALUE_RE.search(b"\t".join(values)):
             raise RuntimeError("Invalid HTTP header value.")
         self.expected_content_length = int(length)
         self.chunked_encoding = False
         parts = [STATUS_LINE[message["status"]], _default_headers(self.default_headers)]
-        parts.extend([b"%s: %s\r\n" % (name.lower(), value) for name, value in headers])
+        parts.extend([b"%s: %s\r\n" % pair for pair in zip(names, values, strict=True)])
         parts.append(b"\r\n" if self.keep_alive else b"connection: close\r\n\r\n")
         return b"".join(parts)
 

@@ -15,7 +15,7 @@ import numpy as np
 from inferd.batching import Batcher
 from inferd.concurrency import run_blocking
 from inferd.logs import get_logger
-from inferd.metrics import Deferred, Metrics
+from inferd.metrics import Deferred, Metrics, observe_many
 from inferd.models.base import FloatArray, Model, WarmsUp
 from inferd.models.repository import Fingerprint, ModelEntry
 from inferd.models.runtimes import (
@@ -71,13 +71,14 @@ class LoadedModel:
     scheduler: GenerationScheduler | None = None
     """Continuous batching of a ``transformers`` text model (the OpenAI-compatible routes)."""
 
-    @property
-    def name(self) -> str:
-        return self.entry.name
+    name: str = field(init=False)
+    """The model's name (its entry's, kept here: read on every request)."""
+    spec: ModelSpec = field(init=False)
+    """Its entry's spec (kept here: read several times on every request)."""
 
-    @property
-    def spec(self) -> ModelSpec:
-        return self.entry.spec
+    def __post_init__(self) -> None:
+        self.name = self.entry.spec.name
+        self.spec = self.entry.spec
 
     @property
     def ready(self) -> bool:
@@ -194,6 +195,8 @@ def prepare(
         "timeouts": m.request_timeouts.labels(spec.name, vstr),
         "disconnects": m.client_disconnects.labels(spec.name, vstr),
     }
+    # What the request path notes per request, applied when the deferred metrics fold.
+    children["latency_noted"] = m.deferred.slot(children["latency"].observe)
     if spec.generates_text:
         children.update(
             prompt_tokens=m.prompt_tokens.labels(spec.name, vstr),
@@ -208,6 +211,13 @@ def prepare(
     def on_batch(rows: int, seconds: float) -> None:
         batch_size.observe(rows)
         batch_latency.observe(seconds)
+
+    size_of = m.deferred.slot(batch_size.observe)
+    latency_of = m.deferred.slot(batch_latency.observe)
+
+    def on_batch_noted(rows: int, seconds: float) -> None:  # the batcher's: on the loop
+        size_of(rows)
+        latency_of(seconds)
 
     def on_reject(reason: str) -> None:
         m.queue_rejections.labels(spec.name, vstr, reason).inc()
@@ -238,7 +248,7 @@ def prepare(
             shed_wait=s.shed_wait,
             concurrency=concurrency,
             retry_after=s.retry_after_s,
-            on_batch=on_batch,
+            on_batch=on_batch_noted,
             on_reject=on_reject,
             inline_max=s.inline_max_us / 1e6,
             fair=s.fair_sharing,
@@ -266,16 +276,15 @@ def _output_hook(
     """What runs on each answered batch: ``prediction_value_distribution`` (one vectorized
     pass per batch, not per request, its observations applied with the other deferred ones)
     and the drift monitor's ``observe``, if any."""
-    record = loaded.metrics_children["prediction"].observe
+    child = loaded.metrics_children["prediction"]
 
     def record_all(values: list[float]) -> None:
-        for value in values:
-            record(value)
+        observe_many(child, values)
 
-    note = deferred.add
+    note = deferred.slot(record_all)
 
     def on_output(data: Any, output: Any) -> None:
-        note(record_all, prediction_scores(output))
+        note(prediction_scores(output))
         if observe is not None:
             observe(loaded, data, output)
 

@@ -126,7 +126,6 @@ class DataPlane:
         self.traffic = Traffic(registry, registry.metrics)
         """Splits between versions and their rollback (:mod:`inferd.serving.traffic`)."""
         self.shadow = Shadow(registry, registry.metrics)
-        self._note = registry.metrics.deferred.add
         """Copies of answered requests to candidate versions (:mod:`inferd.serving.shadow`)."""
         self.in_flight = 0
         """Requests being served (:meth:`infer`) now, of every transport: one alone may run
@@ -212,9 +211,7 @@ class DataPlane:
                 self.shadow.mirror(loaded, decoded.payload, decoded.rows, output)
 
             # prediction_value_distribution is observed per batch, by the batcher's output hook.
-            self._note(
-                loaded.metrics_children["latency"].observe, time.perf_counter() - ctx.started
-            )
+            loaded.metrics_children["latency_noted"](time.perf_counter() - ctx.started)
             return inbound.encode(loaded, decoded, output)
         finally:
             self.in_flight -= 1
