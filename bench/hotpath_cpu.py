@@ -192,7 +192,7 @@ async def _count_calls(factory: Any, request: bytes, connections: int, count: in
         sys.setprofile(None)
     total = sum(calls.values())
     print(f"{total / count:.1f} calls per request ({connections} connections)", file=sys.stderr)
-    for (where, name), n in calls.most_common(60):
+    for (where, name), n in calls.most_common(150):
         print(f"{n / count:7.2f}  {where}: {name}", file=sys.stderr)
 
 

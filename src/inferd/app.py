@@ -194,6 +194,10 @@ class InferdApp:
         )
         # /openai/ errors in OpenAI's shape, even a 401
         self._asgi: Any = OpenAIErrorShape(self._context)
+        self.direct: Any = self._context
+        """The hot routes for the connection protocol to serve as direct requests
+        (:class:`inferd.http.protocol.DirectApp`); None where a wrapper must see every
+        request (CORS)."""
         # The Open Inference Protocol over gRPC, started with the app in the same event loop.
         self.grpc: GrpcServer | None = None
         if settings.grpc_port is not None:
@@ -208,6 +212,7 @@ class InferdApp:
             )
         if settings.cors_origins:  # outermost: preflights are answered before auth and routes
             self._asgi = cors(self._asgi, settings.cors_origins)
+            self.direct = None
         self._flusher: asyncio.Task[None] | None = None
         self._counter: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None

@@ -38,6 +38,7 @@ log = get_logger("inferd.http")
 
 _MAX_ID = 128
 _FOLD_EVERY = 256  # requests: the deferred metrics are folded at least this often
+_UNMATCHED: Any = object()
 
 
 class _RequestIds:
@@ -184,7 +185,16 @@ class RequestContextMiddleware:
         the first request unless the app sets it at start-up."""
         self._since_fold = 0  # requests finished since the deferred metrics were last folded
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    def match(self, scope: dict[str, Any]) -> Any | None:
+        """The hot path's route of a request, or None (the connection protocol serves the
+        hot routes as direct requests: :class:`inferd.http.protocol.DirectApp`)."""
+        fast = self.fast
+        return fast.match(scope) if fast is not None else None
+
+    async def __call__(
+        self, scope: dict[str, Any], receive: Any, send: Any, route: Any = _UNMATCHED
+    ) -> None:
+        """ASGI; ``route``: the hot path's route when the caller matched it already."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -197,7 +207,8 @@ class RequestContextMiddleware:
         scope["inferd"] = ctx
         ctx.headers = scope["headers"]
         fast = self.fast
-        route = fast.match(scope) if fast is not None else None
+        if route is _UNMATCHED:
+            route = fast.match(scope) if fast is not None else None
         if tracing.tracer is not None:  # off: nothing more than this check
             trace = ctx.trace = tracing.RequestTrace.server(
                 scope["method"], scope["headers"], started

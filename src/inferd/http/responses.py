@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from inferd.errors import InferdError, MethodNotAllowed
+from inferd.http.protocol import Direct
 
 __all__ = [
     "documented_methods",
@@ -49,6 +50,9 @@ async def send_answer(
         headers.extend(ctx.rate_limit_headers())
     headers.append((b"x-request-id", ctx.request_id.encode()))
     ctx.status = status
+    if type(send) is Direct:  # the connection's own request: written in one call
+        send.respond(status, headers, body)
+        return
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
