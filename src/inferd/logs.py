@@ -128,6 +128,18 @@ class _BufferedSink:
         if self._size >= self._limit or time.monotonic() - self._first >= self._interval:
             self.flush()
 
+    def extend(self, messages: list[bytes]) -> None:
+        """:meth:`msg` for each of ``messages`` (the access log's lines, formatted together)."""
+        if not messages:
+            return
+        lines = self._lines
+        if not lines:
+            self._first = time.monotonic()
+        lines.extend(messages)
+        self._size += sum(map(len, messages)) + len(messages)
+        if self._size >= self._limit or time.monotonic() - self._first >= self._interval:
+            self.flush()
+
     info = debug = warning = error = critical = msg
 
     def flush(self) -> None:
@@ -158,42 +170,14 @@ class _Timestamp:
         """The timestamp of ``now`` (seconds since the epoch)."""
         second = int(now)
         if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self.prefix(second)
         return f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
 
-
-def _request_fields(
-    at: float,
-    request_id: str,
-    method: str,
-    path: str,
-    status: int,
-    elapsed: float,
-    submitted: float | None,
-    dequeued: float | None,
-    queue_depth: int | None,
-    batch_size: int | None,
-    model: str | None,
-    version: str | None,
-    detail: str | None,
-    trace: Any,
-) -> tuple[float, dict[str, Any]]:
-    queued = None if submitted is None or dequeued is None else (dequeued - submitted) * 1000.0
-    return at, {
-        "request_id": request_id,
-        "method": method,
-        "path": path,
-        "status_code": status,
-        "latency_ms": round(elapsed * 1000.0, 3),
-        "queue_ms": None if queued is None else round(queued, 3),
-        "queue_depth": queue_depth,
-        "batch_size": batch_size,
-        "model": model,
-        "model_version": version,
-        "detail": detail,
-        "trace_id": None if trace is None else trace.trace_id(),
-    }
+    def prefix(self, second: int) -> str:
+        """The date and time part of the timestamps of ``second``, kept as the current one."""
+        self._second = second
+        self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return self._prefix
 
 
 class AccessLog:
@@ -255,14 +239,59 @@ class AccessLog:
         self._sink.flush()
 
     def format(self) -> None:
-        """Format the noted lines into the sink's buffer (written at 64 KiB or at flush)."""
+        """Format the noted lines into the sink's buffer (written at 64 KiB or at flush).
+
+        One loop, with the fields of an HTTP request's line (noted by :meth:`finished`)
+        written out and the timestamp's date part formatted once per second: called once per
+        line, helpers for those were a third of a line's cost."""
         pending = self._pending
-        if pending:
-            self._pending = []
-            stamp, msg, dumps = self._stamp.at, self._sink.msg, orjson.dumps
-            for entry in pending:
-                at, fields = entry if len(entry) == 2 else _request_fields(*entry)
-                fields["event"] = "request"
-                fields["level"] = "info"
-                fields["timestamp"] = stamp(at)
-                msg(dumps(fields, default=str))
+        if not pending:
+            return
+        self._pending = []
+        dumps, stamp = orjson.dumps, self._stamp
+        second, prefix = stamp._second, stamp._prefix
+        lines = []
+        for entry in pending:
+            if len(entry) == 2:  # request(**fields)
+                at, fields = entry
+            else:
+                (
+                    at,
+                    request_id,
+                    method,
+                    path,
+                    status,
+                    elapsed,
+                    submitted,
+                    dequeued,
+                    queue_depth,
+                    batch_size,
+                    model,
+                    version,
+                    detail,
+                    trace,
+                ) = entry
+                fields = {
+                    "request_id": request_id,
+                    "method": method,
+                    "path": path,
+                    "status_code": status,
+                    "latency_ms": round(elapsed * 1000.0, 3),
+                    "queue_ms": None
+                    if submitted is None or dequeued is None
+                    else round((dequeued - submitted) * 1000.0, 3),
+                    "queue_depth": queue_depth,
+                    "batch_size": batch_size,
+                    "model": model,
+                    "model_version": version,
+                    "detail": detail,
+                    "trace_id": None if trace is None else trace.trace_id(),
+                }
+            fields["event"] = "request"
+            fields["level"] = "info"
+            whole = int(at)
+            if whole != second:
+                second, prefix = whole, stamp.prefix(whole)
+            fields["timestamp"] = f"{prefix}.{int((at - whole) * 1e6):06d}Z"
+            lines.append(dumps(fields, default=str))
+        self._sink.extend(lines)

@@ -52,11 +52,12 @@ class Deferred:
     loop's thread notes and folds.
     """
 
-    __slots__ = ("_batch", "_pending", "_slots")
+    __slots__ = ("_batch", "_entries", "_pending", "_slots")
 
     def __init__(self, batch: int = 256) -> None:
         self._pending: list[tuple[Callable[[Any], None], Any]] = []
         self._slots: dict[Callable[[Any], None], list[Any]] = {}
+        self._entries: list[tuple[Callable[[Any], None], list[Any], str | None]] = []
         self._batch = batch
 
     def slot(self, apply: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -66,6 +67,8 @@ class Deferred:
         values = self._slots.get(apply)
         if values is None:
             values = self._slots[apply] = []
+            how = _GROUPED.get(getattr(apply, "__func__", None))
+            self._entries.append((apply, values, how))
         return values.append
 
     def add(self, apply: Callable[[Any], None], value: Any) -> None:
@@ -81,27 +84,26 @@ class Deferred:
             self._pending = []
             for apply, value in pending:
                 self.slot(apply)(value)
-        for apply, values in self._slots.items():
-            if values:
-                noted = values.copy()  # the slot's list stays: its append is held by callers
-                values.clear()
-                _apply(apply, noted)
+        for apply, values, how in self._entries:
+            if not values:
+                continue
+            if len(values) == 1:  # (a request that ended alone): as prometheus-client does
+                apply(values.pop())
+                continue
+            noted = values.copy()  # the slot's list stays: its append is held by callers
+            values.clear()
+            if how is _OBSERVE:
+                observe_many(apply.__self__, noted)  # type: ignore[attr-defined]
+            elif how is _INC:
+                apply(sum(noted))
+            else:
+                for value in noted:
+                    apply(value)
 
     def collect(self) -> list[Any]:
         """A collector of no family: registered first, it folds before the others collect."""
         self.fold()
         return []
-
-
-def _apply(apply: Callable[[Any], None], values: list[Any]) -> None:
-    how = _GROUPED.get(getattr(apply, "__func__", None))
-    if how is _OBSERVE:
-        observe_many(apply.__self__, values)  # type: ignore[attr-defined]
-    elif how is _INC and len(values) > 1:
-        apply(sum(values))
-    else:
-        for value in values:
-            apply(value)
 
 
 _OBSERVE, _INC = "observe", "inc"
@@ -115,20 +117,20 @@ def observe_many(histogram: Histogram, values: list[float]) -> None:
     it) is observed on its own."""
     histogram._raise_if_not_observable()  # type: ignore[no-untyped-call]
     bounds = histogram._upper_bounds
-    counts: dict[int, int] = {}
+    counts = [0] * len(bounds)
     total = 0.0
     for value in values:
         if value != value:  # NaN: observe's own handling
             histogram.observe(value)
             continue
         total += value
-        i = bisect_left(bounds, value)
-        counts[i] = counts.get(i, 0) + 1
-    if counts:
+        counts[bisect_left(bounds, value)] += 1
+    if total or any(counts):
         histogram._sum.inc(total)
         buckets = histogram._buckets
-        for i, n in counts.items():
-            buckets[i].inc(n)
+        for i, n in enumerate(counts):
+            if n:
+                buckets[i].inc(n)
 
 
 class Metrics:

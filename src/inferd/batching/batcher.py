@@ -513,7 +513,7 @@ class Batcher(Generic[In, Out]):
 
     async def _execute(self, batch: list[_Item[In]]) -> None:
         loop = asyncio.get_running_loop()
-        rows = sum(item.rows for item in batch)
+        rows = sum([item.rows for item in batch])
         started = time.perf_counter()
         traced = None  # the batch's span, when a request in it is traced
         if tracing.tracer is not None:

@@ -138,7 +138,7 @@ class PredictInbound:
                 f"model {loaded.name!r} generates text; submit it with POST /v1/requests and "
                 "follow its events"
             )
-        if loaded.spec.takes_images:
+        if loaded.takes_images:
             raise ValidationFailed(
                 f"model {loaded.name!r} takes images; POST one to "
                 f"/v1/models/{loaded.name}/classify (raw body or multipart)"
@@ -169,11 +169,10 @@ class PredictInbound:
     async def decode(
         self, loaded: LoadedModel, deadline: float, previous: Decoded[Any] | None
     ) -> Decoded[ParsedRequest]:
-        spec = loaded.spec
         parsed = parse_predict(
             self._body,
-            spec.n_features,
-            spec.input.features,
+            loaded.n_features,
+            loaded.spec.input.features,
             self.hot.max_instances,
             not self.default,
         )

@@ -232,6 +232,10 @@ class Direct:
             protocol.flow.pause_reading()
             protocol.pipeline.appendleft((self, None))  # type: ignore[arg-type]
 
+    def gone(self) -> bool:
+        """Whether the client has gone (its connection was lost before the answer)."""
+        return self.disconnected
+
     def lost(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -315,8 +319,14 @@ class Direct:
         if self.disconnected:
             return
         protocol = self.protocol
-        parts = [STATUS_LINE[status], _default_headers(protocol.server_state.default_headers)]
-        parts.extend([b"%s: %s\r\n" % pair for pair in headers])
+        default = protocol.server_state.default_headers
+        rendered = _rendered
+        parts = [
+            STATUS_LINE[status],
+            rendered[1] if rendered[0] is default else _default_headers(default),
+        ]
+        for pair in headers:
+            parts.append(b"%s: %s\r\n" % pair)
         parts.append(b"\r\n" if self.keep_alive else b"connection: close\r\n\r\n")
         parts.append(body)
         transport = protocol.transport

@@ -76,9 +76,16 @@ class LoadedModel:
     spec: ModelSpec = field(init=False)
     """Its entry's spec (kept here: read several times on every request)."""
 
+    n_features: int = field(init=False)
+    """Numbers in one input row (its spec's, computed once)."""
+    takes_images: bool = field(init=False)
+    """Whether the model classifies images (its spec's, computed once)."""
+
     def __post_init__(self) -> None:
-        self.name = self.entry.spec.name
-        self.spec = self.entry.spec
+        spec = self.spec = self.entry.spec
+        self.name = spec.name
+        self.n_features = spec.n_features
+        self.takes_images = spec.takes_images
 
     @property
     def ready(self) -> bool:
