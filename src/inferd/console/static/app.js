@@ -897,20 +897,23 @@ function finish(fields) {
 }
 
 // ------------------------------------------------------------------------------ history
-const hist = { cursors: [null], page: 0, loaded: false, selected: null };
+const hist = { cursors: [null], page: 0, loaded: false, selected: null, seq: 0 };
 
 async function loadHistory() {
+  const seq = ++hist.seq; // only the latest load renders: answers may come out of order
   const limit = $("#hist-limit").value;
   const cursor = hist.cursors[hist.page];
   const query = new URLSearchParams({ limit });
   if (cursor) query.set("cursor", cursor);
   try {
     const doc = await api(`v1/requests?${query}`);
+    if (seq !== hist.seq) return; // a later load (another page or size) replaced this one
     hist.loaded = true;
     hist.cursors.length = hist.page + 1;
     if (doc.next_cursor) hist.cursors.push(doc.next_cursor);
     renderHistory(doc);
   } catch (error) {
+    if (seq !== hist.seq) return;
     if (error.status !== 401) notice(`Could not list requests: ${error.message}`, "error");
   }
 }
