@@ -117,15 +117,26 @@ async def _run(args: argparse.Namespace, models_dir: Path, data_dir: Path) -> No
     from inferd.settings import Settings
 
     settings = Settings(
-        models_dir=models_dir, data_dir=data_dir, access_log=True, log_format="json"
+        models_dir=models_dir,
+        data_dir=data_dir,
+        access_log=True,
+        log_format="json",
+        auth="required" if args.auth else "off",
     )
     configure_logging(settings.log_level, settings.log_format)
-    config = uvicorn_config(create_app(settings), settings)
+    app = create_app(settings)
+    config = uvicorn_config(app, settings)
     config.load()
     lifespan = LifespanOn(config)
     await lifespan.startup()
     if lifespan.should_exit:
         raise SystemExit("the app did not start")
+    key_header = b""
+    if args.auth:  # a key whose rate and daily budget are far above the load: all charged
+        key, _ = await app.keys.create(
+            "bench", ["predict"], rate="1000000/s", daily_tokens=10**12
+        )
+        key_header = b"authorization: Bearer " + key.encode() + b"\r\n"
     state = ServerState()
     loop = asyncio.get_running_loop()
 
@@ -136,8 +147,8 @@ async def _run(args: argparse.Namespace, models_dir: Path, data_dir: Path) -> No
 
     request = (
         f"POST {args.path} HTTP/1.1\r\nhost: 127.0.0.1:8000\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(BODY)}\r\n\r\n"
-    ).encode() + BODY
+        f"content-length: {len(BODY)}\r\n"
+    ).encode() + key_header + b"\r\n" + BODY
     deadline = time.monotonic() + 60  # the models load after start-up: warm up until served
     while True:
         _, _, statuses = await _measure(factory, request, args.connections, args.requests // 4)
@@ -202,6 +213,11 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=60_000)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--path", default="/predict")
+    p.add_argument(
+        "--auth",
+        action="store_true",
+        help="API keys required, the requests sent with a key that has a rate and a budget",
+    )
     p.add_argument(
         "--calls",
         type=int,

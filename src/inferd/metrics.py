@@ -6,6 +6,7 @@ process. Labelled children are cached by the components that use them on the hot
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
@@ -90,8 +91,10 @@ class Deferred:
             if len(values) == 1:  # (a request that ended alone): as prometheus-client does
                 apply(values.pop())
                 continue
-            noted = values.copy()  # the slot's list stays: its append is held by callers
-            values.clear()
+            # The slot's list stays (callers hold its append); a note added meanwhile (an
+            # exporter's thread collecting) lies past the part taken and is kept.
+            noted = values[:]
+            del values[: len(noted)]
             if how is _OBSERVE:
                 observe_many(apply.__self__, noted)  # type: ignore[attr-defined]
             elif how is _INC:
@@ -99,6 +102,13 @@ class Deferred:
             else:
                 for value in noted:
                     apply(value)
+
+    async def run(self, interval: float = 0.1) -> None:
+        """Fold every ``interval`` seconds, until cancelled (a process whose notes are not
+        folded by a server's own timer: the worker)."""
+        while True:
+            await asyncio.sleep(interval)
+            self.fold()
 
     def collect(self) -> list[Any]:
         """A collector of no family: registered first, it folds before the others collect."""

@@ -59,6 +59,7 @@ async def _run(settings: Settings, metrics: Metrics, concurrency: int, burst: bo
     worker = backends.worker(settings, executor, concurrency)
     loop = asyncio.get_running_loop()
     maintainer = loop.create_task(backends.maintenance(settings).run(), name="queue-maintenance")
+    folder = loop.create_task(metrics.deferred.run(), name="metrics-fold")
     stopping = asyncio.Event()
     signals = 0
 
@@ -89,7 +90,9 @@ async def _run(settings: Settings, metrics: Metrics, concurrency: int, burst: bo
         return worker.processed
     finally:
         maintainer.cancel()
-        await asyncio.gather(maintainer, return_exceptions=True)
+        folder.cancel()
+        await asyncio.gather(maintainer, folder, return_exceptions=True)
+        metrics.deferred.fold()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await registry.stop(grace=1.0)

@@ -87,3 +87,23 @@ def test_a_fold_groups_notes_and_applies_them_as_one_at_a_time_would() -> None:
     assert [s for s in _exposition(grouped.registry) if s.startswith("inference_")] == [
         s for s in _exposition(direct.registry) if s.startswith("inference_")
     ]
+
+
+async def test_run_folds_the_slots_on_a_timer() -> None:
+    import asyncio
+
+    metrics = Metrics()
+    counter = metrics.requests.labels("/predict", "POST", "200")
+    note = metrics.deferred.slot(counter.inc)
+    for _ in range(5):
+        note(1)
+    assert counter._value.get() == 0
+    folding = asyncio.get_running_loop().create_task(metrics.deferred.run(0.01))
+    try:
+        for _ in range(100):
+            if counter._value.get() == 5:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        folding.cancel()
+    assert counter._value.get() == 5

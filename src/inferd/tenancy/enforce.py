@@ -139,9 +139,11 @@ class Enforcer:
                 rate_limit_headers(rate, decision),
             )
         counter = self._tokens.get(key.user)
-        if counter is None:
-            counter = self._tokens[key.user] = self.metrics.tokens_used.labels(_user_label(key))
-        counter.inc(tokens)
+        if counter is None:  # noted, applied with the request path's other metrics
+            counter = self._tokens[key.user] = self.metrics.deferred.slot(
+                self.metrics.tokens_used.labels(_user_label(key)).inc
+            )
+        counter(tokens)
         return decision
 
     async def refund(self, key: ApiKey, decision: QuotaDecision) -> None:

@@ -92,8 +92,9 @@ class MemoryLimiter:
 
     def reserve_now(self, key_id: str, budget: int, tokens: int) -> QuotaDecision:
         """:meth:`reserve` without a coroutine (this backend never waits)."""
-        check_count("budget", budget)
-        check_count("tokens", tokens)
+        if type(budget) is not int or type(tokens) is not int or budget < 0 or tokens < 0:
+            check_count("budget", budget)  # (says which is wrong)
+            check_count("tokens", tokens)
         now = self._now()
         record = (key_id, now // DAY_MICROS)
         used = self._usage.get(record, 0)
