@@ -133,9 +133,7 @@ async def _run(args: argparse.Namespace, models_dir: Path, data_dir: Path) -> No
         raise SystemExit("the app did not start")
     key_header = b""
     if args.auth:  # a key whose rate and daily budget are far above the load: all charged
-        key, _ = await app.keys.create(
-            "bench", ["predict"], rate="1000000/s", daily_tokens=10**12
-        )
+        key, _ = await app.keys.create("bench", ["predict"], rate="1000000/s", daily_tokens=10**12)
         key_header = b"authorization: Bearer " + key.encode() + b"\r\n"
     state = ServerState()
     loop = asyncio.get_running_loop()
@@ -145,10 +143,11 @@ async def _run(args: argparse.Namespace, models_dir: Path, data_dir: Path) -> No
             config=config, server_state=state, app_state={}, _loop=loop
         )
 
-    request = (
-        f"POST {args.path} HTTP/1.1\r\nhost: 127.0.0.1:8000\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(BODY)}\r\n"
-    ).encode() + key_header + b"\r\n" + BODY
+    head = (
+        f"POST {args.path} HTTP/1.1\r\nhost: 127.0.0.1:8000\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(BODY)}\r\n"
+    )
+    request = head.encode() + key_header + b"\r\n" + BODY
     deadline = time.monotonic() + 60  # the models load after start-up: warm up until served
     while True:
         _, _, statuses = await _measure(factory, request, args.connections, args.requests // 4)
