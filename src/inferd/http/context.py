@@ -255,7 +255,10 @@ class RequestContextMiddleware:
             key = auth.cached(scope["headers"]) or await auth.authenticate(scope["headers"])
             auth.authorize(key, needed)
             if self.enforcer is not None and needed:  # /v1/usage stays readable when limited
-                ctx.rate = await self.enforcer.admit(key)
+                enforcer = self.enforcer
+                ctx.rate = (
+                    enforcer.admit_now(key) if enforcer.immediate else await enforcer.admit(key)
+                )
         except InferdError as error:
             if (
                 error.status_code == 401

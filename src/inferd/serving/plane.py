@@ -191,7 +191,11 @@ class DataPlane:
 
             enforcer, key, quota = self.enforcer, ctx.key, None
             if key is not None and enforcer is not None:
-                quota = ctx.quota = await enforcer.charge(key, decoded.rows, ctx.rate)
+                quota = ctx.quota = (
+                    enforcer.charge_now(key, decoded.rows, ctx.rate)
+                    if enforcer.immediate
+                    else await enforcer.charge(key, decoded.rows, ctx.rate)
+                )
             try:
                 if loaded.state is not _READY:  # swapped while it was decoded or charged
                     loaded = self._current(loaded, inbound)

@@ -10,7 +10,7 @@ headers; a refusal is a 429 with ``Retry-After``.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from inferd.errors import InferdError
 from inferd.metrics import Metrics
@@ -74,6 +74,9 @@ class Enforcer:
         self._limiter = limiter
         # The in-process backend never waits: call it without a coroutine per decision.
         self._memory = limiter if isinstance(limiter, MemoryLimiter) else None
+        self.immediate = self._memory is not None
+        """Whether decisions are made without waiting (the in-process limiter): then
+        :meth:`admit_now` and :meth:`charge_now` make them without a coroutine."""
 
     def _rate(self, text: str) -> Rate:
         rate = self._rates.get(text)
@@ -85,20 +88,32 @@ class Enforcer:
         """Count one request against the key's rate; raise :class:`RateLimited` when over."""
         if key.rate is None:
             return None
+        if self._memory is not None:
+            return self.admit_now(key)
         rate = self._rates.get(key.rate) or self._rate(key.rate)
-        memory = self._memory
-        if memory is not None:
-            decision = memory.check_rate_now(key.id, rate)
-        else:
-            decision = await self.limiter.check_rate(key.id, rate)
+        decision = await self.limiter.check_rate(key.id, rate)
         if not decision.allowed:
-            self.metrics.limit_rejections.labels("rate").inc()
-            raise RateLimited(
-                f"rate limit of {rate.limit} requests per {_period(rate.period)} exceeded; "
-                f"retry in {max(1, round(decision.retry_after))} s",
-                rate_limit_headers(decision),
-            )
+            self._rate_limited(rate, decision)
         return decision
+
+    def admit_now(self, key: ApiKey) -> RateDecision | None:
+        """:meth:`admit` without a coroutine, where :attr:`immediate`."""
+        if key.rate is None:
+            return None
+        assert self._memory is not None, "admit_now needs the in-process limiter"
+        rate = self._rates.get(key.rate) or self._rate(key.rate)
+        decision = self._memory.check_rate_now(key.id, rate)
+        if not decision.allowed:
+            self._rate_limited(rate, decision)
+        return decision
+
+    def _rate_limited(self, rate: Rate, decision: RateDecision) -> NoReturn:
+        self.metrics.limit_rejections.labels("rate").inc()
+        raise RateLimited(
+            f"rate limit of {rate.limit} requests per {_period(rate.period)} exceeded; "
+            f"retry in {max(1, round(decision.retry_after))} s",
+            rate_limit_headers(decision),
+        )
 
     async def admit_address(self, address: str, rate: Rate) -> RateDecision:
         """Count one request that presented no key against the limit of its client address
@@ -125,11 +140,25 @@ class Enforcer:
         """Reserve ``tokens`` of today's budget; raise :class:`QuotaExceeded` when over."""
         if key is None or key.daily_tokens is None or tokens <= 0:
             return None
-        memory = self._memory
-        if memory is not None:
-            decision = memory.reserve_now(key.id, key.daily_tokens, tokens)
-        else:
-            decision = await self.limiter.reserve(key.id, key.daily_tokens, tokens)
+        if self._memory is not None:
+            return self.charge_now(key, tokens, rate)
+        decision = await self.limiter.reserve(key.id, key.daily_tokens, tokens)
+        return self._charged(key, tokens, rate, decision)
+
+    def charge_now(
+        self, key: ApiKey | None, tokens: int, rate: RateDecision | None = None
+    ) -> QuotaDecision | None:
+        """:meth:`charge` without a coroutine, where :attr:`immediate`."""
+        if key is None or key.daily_tokens is None or tokens <= 0:
+            return None
+        assert self._memory is not None, "charge_now needs the in-process limiter"
+        decision = self._memory.reserve_now(key.id, key.daily_tokens, tokens)
+        return self._charged(key, tokens, rate, decision)
+
+    def _charged(
+        self, key: ApiKey, tokens: int, rate: RateDecision | None, decision: QuotaDecision
+    ) -> QuotaDecision:
+        assert key.daily_tokens is not None
         if not decision.allowed:
             self.metrics.limit_rejections.labels("quota").inc()
             raise QuotaExceeded(

@@ -35,8 +35,9 @@ import functools
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from math import ceil
 from typing import Protocol, runtime_checkable
 
 from inferd.errors import InferdError
@@ -94,6 +95,8 @@ class Rate:
 
     limit: int
     period: float
+    interval_us: int = field(init=False, compare=False, repr=False)
+    """Spacing between requests at the sustained rate, in whole microseconds."""
 
     def __post_init__(self) -> None:
         if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
@@ -107,11 +110,7 @@ class Rate:
             raise ValueError(
                 f"rate {self.limit} per {self.period:g} s is more than one request per microsecond"
             )
-
-    @property
-    def interval_us(self) -> int:
-        """Spacing between requests at the sustained rate, in whole microseconds."""
-        return max(1, round(self.period * MICROS / self.limit))
+        object.__setattr__(self, "interval_us", max(1, round(self.period * MICROS / self.limit)))
 
 
 def parse_rate(text: str) -> Rate:
@@ -369,16 +368,17 @@ def limit_header_fields(
         rate = None
     if quota is not None and quota.degraded:
         quota = None
+    # (_ceil_seconds written out: this runs for every admitted request with a key)
     if rate is None:
         if quota is None:
             return []
-        value = f'"daily";r={quota.remaining};t={_ceil_seconds(quota.reset_after)}'
+        value = f'"daily";r={quota.remaining};t={max(0, ceil(round(quota.reset_after, 6)))}'
     elif quota is None:
-        value = f'"rate";r={rate.remaining};t={_ceil_seconds(rate.reset_after)}'
+        value = f'"rate";r={rate.remaining};t={max(0, ceil(round(rate.reset_after, 6)))}'
     else:
         value = (
-            f'"rate";r={rate.remaining};t={_ceil_seconds(rate.reset_after)}, '
-            f'"daily";r={quota.remaining};t={_ceil_seconds(quota.reset_after)}'
+            f'"rate";r={rate.remaining};t={max(0, ceil(round(rate.reset_after, 6)))}, '
+            f'"daily";r={quota.remaining};t={max(0, ceil(round(quota.reset_after, 6)))}'
         )
     policy = _policy_field(
         None if rate is None else (rate.limit, rate.period),

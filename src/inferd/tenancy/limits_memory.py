@@ -16,9 +16,7 @@ from inferd.tenancy.limits import (
     day_index,
     day_of,
     gcra,
-    now_micros,
     quota_decision,
-    rate_decision,
     usage_ttl_us,
 )
 
@@ -51,7 +49,7 @@ class MemoryLimiter:
         return len(self._tats) + len(self._usage)
 
     def _now(self) -> int:
-        now = now_micros(self._clock)
+        now = round(self._clock() * MICROS)  # (now_micros, inlined: every decision's)
         if now >= self._next_sweep:
             self._next_sweep = now + self._sweep_us
             self._sweep(now)
@@ -84,7 +82,10 @@ class MemoryLimiter:
             self._tats.move_to_end(key_id)
             while len(self._tats) > self._max_keys:
                 self._tats.popitem(last=False)
-        return rate_decision(rate, step)
+        allowed, _, remaining, reset_after, retry_after = step  # (rate_decision, inlined)
+        return RateDecision(
+            allowed, rate.limit, remaining, reset_after / MICROS, retry_after / MICROS, rate.period
+        )
 
     async def reserve(self, key_id: str, budget: int, tokens: int) -> QuotaDecision:
         """Take ``tokens`` from today's ``budget`` of ``key_id`` if they fit."""
