@@ -60,6 +60,7 @@ class Authenticator:
         self.keys = keys
         self.cache_seconds = cache_seconds
         self._cache: dict[str, tuple[ApiKey | None, float]] = {}
+        self._bearers: dict[bytes, str | None] = {}  # Authorization values read before
         self._pending: dict[str, asyncio.Future[ApiKey | None]] = {}
 
     def clear(self) -> None:
@@ -82,7 +83,7 @@ class Authenticator:
     def cached(self, headers: list[tuple[bytes, bytes]]) -> ApiKey | None:
         """The presented key from the cache without waiting: None when it must be looked up;
         :class:`Unauthorized` when no key is presented or the cache knows it is not valid."""
-        key = _presented(headers)
+        key = self._presented(headers)
         if key is None:
             raise Unauthorized(_MISSING)
         hit = self._cache.get(key)
@@ -120,6 +121,26 @@ class Authenticator:
     def authorize(record: ApiKey, scope: str) -> None:
         if scope and scope not in record.scopes and "admin" not in record.scopes:
             raise Forbidden(f"this API key lacks the {scope!r} scope this route needs")
+
+    def _presented(self, headers: list[tuple[bytes, bytes]]) -> str | None:
+        """:func:`_presented`, with the ``Authorization`` values already read remembered (a
+        client sends the same one with every request)."""
+        for name, value in headers:
+            if name == b"authorization":
+                bearers = self._bearers
+                key = bearers.get(value, _UNREAD)
+                if key is _UNREAD:
+                    key = _presented([(name, value)])
+                    if len(bearers) >= _MAX_CACHE:
+                        bearers.clear()
+                    bearers[value] = key
+                return key  # type: ignore[return-value]
+            if name == b"x-api-key":
+                return _presented(headers)
+        return None
+
+
+_UNREAD = object()
 
 
 def _presented(headers: list[tuple[bytes, bytes]]) -> str | None:
