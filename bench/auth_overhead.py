@@ -1,6 +1,6 @@
 """What API keys and per-key limits cost on the prediction path.
 
-    python bench/auth_overhead.py [--duration 10] [--connections 50]
+    python bench/auth_overhead.py [--duration 10] [--connections 50] [--rounds 1]
 
 Runs ``inferd serve`` twice on the same machine, server pinned to CPU 0 and wrk to CPU 1:
 with authentication off, then with ``auth = "required"`` and a key that has a request rate
@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=1, help="off and on, this many times")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="inferd-bench-auth-") as tmp:
         work = Path(tmp)
@@ -121,21 +123,30 @@ def main() -> None:
             check=True, capture_output=True, text=True,
         )  # fmt: skip
         key = created.stdout.strip()
-        results = {
-            "auth and limits off": measure(work, off, None, args.duration, args.connections),
-            "auth and limits on": measure(work, on, key, args.duration, args.connections),
-        }
-    for name, r in results.items():
-        print(
-            f"{name:22s} {r['req_s']:8.0f} req/s  p50 {r['p50_ms']:.2f} ms  "
-            f"p90 {r['p90_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  non-2xx {r['non_2xx']:.0f}  "
-            f"server CPU {r['cpu_us']:.0f} us/request"
-        )
-    a, b = results["auth and limits off"], results["auth and limits on"]
-    print(
-        f"on/off: req/s x{b['req_s'] / a['req_s']:.2f}, p99 x{b['p99_ms'] / a['p99_ms']:.2f}, "
-        f"server CPU per request x{b['cpu_us'] / a['cpu_us']:.2f}"
-    )
+        ratios = []
+        for round_ in range(1, args.rounds + 1):
+            # Alternate which goes first: a machine whose load drifts favours neither.
+            order = ["off", "on"] if round_ % 2 else ["on", "off"]
+            results = {}
+            for which in order:
+                config, presented = (off, None) if which == "off" else (on, key)
+                results[which] = measure(work, config, presented, args.duration, args.connections)
+            for which in ("off", "on"):
+                r = results[which]
+                print(
+                    f"round {round_}: auth and limits {which:3s} {r['req_s']:8.0f} req/s  "
+                    f"p50 {r['p50_ms']:.2f} ms  p90 {r['p90_ms']:.2f} ms  "
+                    f"p99 {r['p99_ms']:.2f} ms  non-2xx {r['non_2xx']:.0f}  "
+                    f"server CPU {r['cpu_us']:.0f} us/request"
+                )
+            a, b = results["off"], results["on"]
+            ratios.append(b["req_s"] / a["req_s"])
+            print(
+                f"round {round_}: on/off: req/s x{ratios[-1]:.2f}, "
+                f"p99 x{b['p99_ms'] / a['p99_ms']:.2f}, "
+                f"server CPU per request x{b['cpu_us'] / a['cpu_us']:.2f}"
+            )
+    print(f"median of {len(ratios)} rounds: on/off req/s x{statistics.median(ratios):.2f}")
 
 
 if __name__ == "__main__":
