@@ -170,14 +170,9 @@ class _Timestamp:
         """The timestamp of ``now`` (seconds since the epoch)."""
         second = int(now)
         if second != self._second:
-            self.prefix(second)
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
-
-    def prefix(self, second: int) -> str:
-        """The date and time part of the timestamps of ``second``, kept as the current one."""
-        self._second = second
-        self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return self._prefix
 
 
 class AccessLog:
@@ -242,14 +237,12 @@ class AccessLog:
         """Format the noted lines into the sink's buffer (written at 64 KiB or at flush).
 
         One loop, with the fields of an HTTP request's line (noted by :meth:`finished`)
-        written out and the timestamp's date part formatted once per second: called once per
-        line, helpers for those were a third of a line's cost."""
+        written out in it."""
         pending = self._pending
         if not pending:
             return
         self._pending = []
-        dumps, stamp = orjson.dumps, self._stamp
-        second, prefix = stamp._second, stamp._prefix
+        dumps, stamp = orjson.dumps, self._stamp.at
         lines = []
         for entry in pending:
             if len(entry) == 2:  # request(**fields)
@@ -289,9 +282,6 @@ class AccessLog:
                 }
             fields["event"] = "request"
             fields["level"] = "info"
-            whole = int(at)
-            if whole != second:
-                second, prefix = whole, stamp.prefix(whole)
-            fields["timestamp"] = f"{prefix}.{int((at - whole) * 1e6):06d}Z"
+            fields["timestamp"] = stamp(at)
             lines.append(dumps(fields, default=str))
         self._sink.extend(lines)

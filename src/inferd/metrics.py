@@ -53,24 +53,23 @@ class Deferred:
     loop's thread notes and folds.
     """
 
-    __slots__ = ("_batch", "_entries", "_pending", "_slots")
+    __slots__ = ("_batch", "_pending", "_slots")
 
     def __init__(self, batch: int = 256) -> None:
         self._pending: list[tuple[Callable[[Any], None], Any]] = []
-        self._slots: dict[Callable[[Any], None], list[Any]] = {}
-        self._entries: list[tuple[Callable[[Any], None], list[Any], str | None]] = []
+        # apply -> (its noted values, how a fold applies them: _OBSERVE, _INC or one by one)
+        self._slots: dict[Callable[[Any], None], tuple[list[Any], str | None]] = {}
         self._batch = batch
 
     def slot(self, apply: Callable[[Any], None]) -> Callable[[Any], None]:
         """``note(value)``: ``apply(value)`` at the next fold. ``apply`` is a metric child's
         bound ``inc`` or ``observe`` (or any function of one value, applied value by value);
         the same ``apply`` gives the same slot."""
-        values = self._slots.get(apply)
-        if values is None:
-            values = self._slots[apply] = []
+        slot = self._slots.get(apply)
+        if slot is None:
             how = _GROUPED.get(getattr(apply, "__func__", None))
-            self._entries.append((apply, values, how))
-        return values.append
+            slot = self._slots[apply] = ([], how)
+        return slot[0].append
 
     def add(self, apply: Callable[[Any], None], value: Any) -> None:
         """``apply(value)`` at the next fold (applied at once past ``batch`` notes)."""
@@ -85,7 +84,7 @@ class Deferred:
             self._pending = []
             for apply, value in pending:
                 self.slot(apply)(value)
-        for apply, values, how in self._entries:
+        for apply, (values, how) in list(self._slots.items()):  # (a slot may be added meanwhile)
             if not values:
                 continue
             if len(values) == 1:  # (a request that ended alone): as prometheus-client does

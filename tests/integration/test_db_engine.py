@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -24,6 +25,14 @@ async def database(postgres_server: PostgresServer) -> AsyncIterator[str]:
         yield url
     finally:
         await postgres_server.drop_database(name)
+
+
+async def _driver(conn: Any) -> Any:
+    """The asyncpg connection under a SQLAlchemy one (its query logger, PREPARE, temp tables)."""
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    assert driver is not None
+    return driver
 
 
 async def _terminate_backends(postgres_server: PostgresServer, url: str) -> int:
@@ -67,9 +76,7 @@ async def test_a_transaction_costs_no_ping(database: str) -> None:
         record, _ = await store.create(user="alice", model="echo", input="hi", parameters={})
         sent: list[str] = []
         async with store.engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            driver = raw.driver_connection
-            assert driver is not None
+            driver = await _driver(conn)
             driver.add_query_logger(lambda query: sent.append(query.query))
         await store.events(record.id)
         await store.get(record.id)
@@ -89,9 +96,7 @@ async def test_statements_are_planned_for_the_tables_as_they_are_now(database: s
     store = await SqlStore.connect(database, pool_size=1)
     try:
         async with store.engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            driver = raw.driver_connection
-            assert driver is not None
+            driver = await _driver(conn)
             await driver.execute("CREATE TEMP TABLE grow (id varchar PRIMARY KEY, n int)")
             await driver.execute("INSERT INTO grow VALUES ('a', 1)")
             await driver.execute("ANALYZE grow")
@@ -168,9 +173,7 @@ async def test_the_hot_statements_generic_plans_follow_the_tables(database: str)
     }  # fmt: skip
     try:
         async with store.engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            driver = raw.driver_connection
-            assert driver is not None
+            driver = await _driver(conn)
             await driver.execute("SET plan_cache_mode = force_generic_plan")
             statements = {"claim": pg._CLAIM, "write": pg._STATEMENT, "create": pg._CREATE}
             for name, statement in statements.items():

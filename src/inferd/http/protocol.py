@@ -61,6 +61,16 @@ def _default_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
     return _rendered[1]
 
 
+def _check_fields(names: list[bytes], values: list[bytes]) -> None:
+    """uvicorn's checks of a response's header names and values, in two searches: the names
+    joined by ``-`` and the values by a tab (allowed in a name and a value: joining hides
+    nothing)."""
+    if HEADER_RE.search(b"-".join(names)):
+        raise RuntimeError("Invalid HTTP header name.")
+    if HEADER_VALUE_RE.search(b"\t".join(values)):
+        raise RuntimeError("Invalid HTTP header value.")
+
+
 class _Cycle(RequestResponseCycle):
     """A request and its response; holds a fixed-length response's head for its body."""
 
@@ -103,11 +113,8 @@ class _Cycle(RequestResponseCycle):
             names.append(lowered)
         if length is None:
             return None
-        if HEADER_RE.search(b"-".join(names)):
-            raise RuntimeError("Invalid HTTP header name.")
         values = [value for _, value in headers]
-        if HEADER_VALUE_RE.search(b"\t".join(values)):
-            raise RuntimeError("Invalid HTTP header value.")
+        _check_fields(names, values)
         self.expected_content_length = int(length)
         self.chunked_encoding = False
         parts = [STATUS_LINE[message["status"]], _default_headers(self.default_headers)]
@@ -284,10 +291,7 @@ class Direct:
             if self._start is not None or self.response_complete:
                 raise RuntimeError("Unexpected ASGI message 'http.response.start' sent.")
             headers = [(name.lower(), value) for name, value in message.get("headers", ())]
-            if HEADER_RE.search(b"-".join([name for name, _ in headers])):
-                raise RuntimeError("Invalid HTTP header name.")
-            if HEADER_VALUE_RE.search(b"\t".join([value for _, value in headers])):
-                raise RuntimeError("Invalid HTTP header value.")
+            _check_fields([name for name, _ in headers], [value for _, value in headers])
             # The length is the gathered body's; the connection's framing is the protocol's.
             headers = [pair for pair in headers if pair[0] not in _FRAMING]
             self._start = {"status": message["status"], "headers": headers}
@@ -319,12 +323,7 @@ class Direct:
         if self.disconnected:
             return
         protocol = self.protocol
-        default = protocol.server_state.default_headers
-        rendered = _rendered
-        parts = [
-            STATUS_LINE[status],
-            rendered[1] if rendered[0] is default else _default_headers(default),
-        ]
+        parts = [STATUS_LINE[status], _default_headers(protocol.server_state.default_headers)]
         for pair in headers:
             parts.append(b"%s: %s\r\n" % pair)
         parts.append(b"\r\n" if self.keep_alive else b"connection: close\r\n\r\n")

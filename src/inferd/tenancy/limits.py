@@ -37,7 +37,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from math import ceil
 from typing import Protocol, runtime_checkable
 
 from inferd.errors import InferdError
@@ -368,17 +367,16 @@ def limit_header_fields(
         rate = None
     if quota is not None and quota.degraded:
         quota = None
-    # (_ceil_seconds written out: this runs for every admitted request with a key)
     if rate is None:
         if quota is None:
             return []
-        value = f'"daily";r={quota.remaining};t={max(0, ceil(round(quota.reset_after, 6)))}'
+        value = f'"daily";r={quota.remaining};t={_ceil_seconds(quota.reset_after)}'
     elif quota is None:
-        value = f'"rate";r={rate.remaining};t={max(0, ceil(round(rate.reset_after, 6)))}'
+        value = f'"rate";r={rate.remaining};t={_ceil_seconds(rate.reset_after)}'
     else:
         value = (
-            f'"rate";r={rate.remaining};t={max(0, ceil(round(rate.reset_after, 6)))}, '
-            f'"daily";r={quota.remaining};t={max(0, ceil(round(quota.reset_after, 6)))}'
+            f'"rate";r={rate.remaining};t={_ceil_seconds(rate.reset_after)}, '
+            f'"daily";r={quota.remaining};t={_ceil_seconds(quota.reset_after)}'
         )
     policy = _policy_field(
         None if rate is None else (rate.limit, rate.period),

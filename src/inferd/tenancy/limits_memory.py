@@ -16,7 +16,9 @@ from inferd.tenancy.limits import (
     day_index,
     day_of,
     gcra,
+    now_micros,
     quota_decision,
+    rate_decision,
     usage_ttl_us,
 )
 
@@ -49,7 +51,7 @@ class MemoryLimiter:
         return len(self._tats) + len(self._usage)
 
     def _now(self) -> int:
-        now = round(self._clock() * MICROS)  # (now_micros, inlined: every decision's)
+        now = now_micros(self._clock)
         if now >= self._next_sweep:
             self._next_sweep = now + self._sweep_us
             self._sweep(now)
@@ -82,10 +84,7 @@ class MemoryLimiter:
             self._tats.move_to_end(key_id)
             while len(self._tats) > self._max_keys:
                 self._tats.popitem(last=False)
-        allowed, _, remaining, reset_after, retry_after = step  # (rate_decision, inlined)
-        return RateDecision(
-            allowed, rate.limit, remaining, reset_after / MICROS, retry_after / MICROS, rate.period
-        )
+        return rate_decision(rate, step)
 
     async def reserve(self, key_id: str, budget: int, tokens: int) -> QuotaDecision:
         """Take ``tokens`` from today's ``budget`` of ``key_id`` if they fit."""
@@ -93,9 +92,8 @@ class MemoryLimiter:
 
     def reserve_now(self, key_id: str, budget: int, tokens: int) -> QuotaDecision:
         """:meth:`reserve` without a coroutine (this backend never waits)."""
-        if type(budget) is not int or type(tokens) is not int or budget < 0 or tokens < 0:
-            check_count("budget", budget)  # (says which is wrong)
-            check_count("tokens", tokens)
+        check_count("budget", budget)
+        check_count("tokens", tokens)
         now = self._now()
         record = (key_id, now // DAY_MICROS)
         used = self._usage.get(record, 0)
