@@ -106,10 +106,13 @@ async def drive(url: str, predictions: int, concurrency: int = 8) -> dict[int, i
 
 
 def scraped_predictions(stack: Stack) -> float:
-    result = stack.prometheus.vector(
-        f'sum(inference_request_latency_seconds_count{{pod="{PODS[0]}"}})'
-    )
-    return float(result[0]["value"][1]) if result else -1.0
+    """The predictions that the latest scrape of *every* pod saw (the fewest); -1 until each
+    pod has been scraped once. The two pods are scraped at their own offsets in the interval,
+    so one pod's scrape says nothing of the other's."""
+    result = stack.prometheus.vector("sum by (pod) (inference_request_latency_seconds_count)")
+    if {s["metric"].get("pod") for s in result} != set(PODS):
+        return -1.0
+    return min(values(result))
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +178,10 @@ def stack(prometheus_binary: str, tmp_path_factory: pytest.TempPathFactory) -> I
 
         wait_for("inferd to be ready", ready, timeout=60)
         prometheus.wait_ready()
-        # Two scrapes apart with predictions in between, so that rate() has an increase.
+        # Scrapes of each pod before, between and after the predictions, so that rate() has
+        # an increase on every series (a fast server can serve both rounds between a pod's
+        # first two scrapes).
+        wait_for("a first scrape of every pod", lambda: scraped_predictions(stack) >= 0)
         first = asyncio.run(drive(url, 90))
         done = first.get(200, 0)
         wait_for("a scrape of the first predictions", lambda: scraped_predictions(stack) >= done)
