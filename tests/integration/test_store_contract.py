@@ -494,16 +494,27 @@ async def test_a_claim_and_a_batch_write_are_one_statement_each_on_postgresql(
     """On PostgreSQL a claim and a group write are one round trip each: no BEGIN, no COMMIT,
     one statement."""
     assert store.engine.dialect.name == "postgresql"
+    assert store.hot is not None
+    await store.hot.warm(1)
+    # Once first: asyncpg reads the types of a statement new to the connection.
+    warm = await submit(store, input="w")
+    (lease,) = await store.claim_many("w", 60, 1)
+    assert lease.request_id == warm
+    await store.write([JobWrite(lease, ({"response": "w"},), done=True, result=1)])
     first, second = await submit(store, input="a"), await submit(store, input="b")
     seen: list[str] = []
 
     def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement)
 
+    def noted(record: Any) -> None:  # asyncpg's query logger: the hot statements' connections
+        seen.append(record.query)
+
     event.listen(store.engine.sync_engine, "before_cursor_execute", note)
-    event.listen(store.hot_engine.sync_engine, "before_cursor_execute", note)
+    store.hot.add_query_logger(noted)
     try:
         leases = await store.claim_many("w", 60, 2)
+        await asyncio.sleep(0)  # asyncpg calls its loggers soon after the query
         claimed, seen[:] = list(seen), []
         leases.sort(key=lambda lease: lease.input != "a")
         results = await store.write(
@@ -512,9 +523,10 @@ async def test_a_claim_and_a_batch_write_are_one_statement_each_on_postgresql(
                 JobWrite(leases[1], ({"response": "b"},), done=True, result=[1, 2]),
             ]
         )
+        await asyncio.sleep(0)
     finally:
         event.remove(store.engine.sync_engine, "before_cursor_execute", note)
-        event.remove(store.hot_engine.sync_engine, "before_cursor_execute", note)
+        store.hot.remove_query_logger(noted)
     assert len(claimed) == 1 and "BEGIN" not in claimed[0].upper()
     assert len(seen) == 1 and "BEGIN" not in seen[0].upper()
     assert [(lease.input, lease.attempt, lease.charged) for lease in leases] == [

@@ -49,14 +49,15 @@ import json
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from sqlalchemy import JSON, Boolean, text
-from sqlalchemy.ext.asyncio import AsyncConnection
+import asyncpg
+from sqlalchemy import text
 
+from inferd.db.hot import HotStatement
 from inferd.db.schema import charges, events, jobs, requests
 from inferd.jobs.rows import iso, to_datetime
 from inferd.jobs.types import Event, EventKind, JobWrite, RequestStatus
 
-__all__ = ["Claimed", "claim", "create", "group_write"]
+__all__ = ["Claimed", "Started", "claim", "create", "extend", "group_write"]
 
 _STATEMENT = text(
     f"""
@@ -213,7 +214,19 @@ FROM (
 LEFT JOIN started ON true
 ORDER BY started.id
 """
-).columns(input=JSON, parameters=JSON, trace_context=JSON, charged=Boolean, overdue=Boolean)
+)
+
+_EXTEND = text(
+    f"""
+UPDATE {jobs.name} SET lease_expires_at = :expires
+WHERE request_id = ANY(CAST(:ids AS text[])) AND lease_token = :token
+"""
+)
+
+# Run on asyncpg directly (inferd.db.hot); the texts above stay what the plan tests prepare.
+_HOT_CREATE, _HOT_CLAIM, _HOT_EXTEND, _HOT_WRITE = (
+    HotStatement(_CREATE), HotStatement(_CLAIM), HotStatement(_EXTEND), HotStatement(_STATEMENT)
+)  # fmt: skip
 
 _SUCCEEDED = RequestStatus.SUCCEEDED.value
 _QUEUED = RequestStatus.QUEUED.value
@@ -222,7 +235,7 @@ _DONE = EventKind.DONE
 
 
 async def group_write(
-    conn: AsyncConnection, writes: Sequence[JobWrite], now: int
+    conn: asyncpg.Connection, writes: Sequence[JobWrite], now: int
 ) -> list[list[Event] | None]:
     """Apply ``writes`` (at most one per lease) at ``now`` (µs) in one statement on ``conn``,
     which must not be inside a transaction of its own; the events stored for each write, or
@@ -265,7 +278,7 @@ async def group_write(
         "e_data": e_data,
         "now": now,
     }
-    held = {row.id: (row.base, row.attempts) for row in await conn.execute(_STATEMENT, params)}
+    held = {row[0]: (row[1], row[2]) for row in await _HOT_WRITE.fetch(conn, params)}
     created_at = to_datetime(now)
     out: list[list[Event] | None] = []
     for w, kinds in zip(writes, planned, strict=True):
@@ -290,17 +303,29 @@ async def group_write(
     return out
 
 
-class Claimed(NamedTuple):
-    """What one claim statement did: the requests it started (rows with ``id``,
-    ``last_seq``, ``attempts``, ``model``, ``input``, ``parameters``, ``trace_context``,
-    ``charged``, by id) and whether some running job's lease had expired."""
+class Started(NamedTuple):
+    """A request that a claim started."""
 
-    rows: list[Any]
+    id: str
+    last_seq: int
+    attempts: int
+    model: str
+    input: Any
+    parameters: Any
+    trace_context: Any
+    charged: bool
+
+
+class Claimed(NamedTuple):
+    """What one claim statement did: the requests it started (by id) and whether some
+    running job's lease had expired."""
+
+    rows: list[Started]
     overdue: bool
 
 
 async def claim(
-    conn: AsyncConnection,
+    conn: asyncpg.Connection,
     *,
     worker_id: str,
     token: str,
@@ -320,13 +345,36 @@ async def claim(
         "limit": limit,
         "models": models,
     }
-    result = (await conn.execute(_CLAIM, params)).all()
-    overdue = bool(result[0].overdue)
-    return Claimed([row for row in result if row.id is not None], overdue)
+    result = await _HOT_CLAIM.fetch(conn, params)
+    started = [
+        Started(
+            row["id"],
+            row["last_seq"],
+            row["attempts"],
+            row["model"],
+            _json(row["input"]),
+            _json(row["parameters"]),
+            _json(row["trace_context"]),
+            bool(row["charged"]),
+        )
+        for row in result
+        if row["id"] is not None
+    ]
+    return Claimed(started, bool(result[0]["overdue"]))
+
+
+def _json(value: str | None) -> Any:
+    """A ``json`` column's value (asyncpg gives the text)."""
+    return None if value is None else json.loads(value)
+
+
+async def extend(conn: asyncpg.Connection, ids: list[str], token: str, expires: int) -> None:
+    """Move the lease of the jobs ``ids`` held under ``token`` to ``expires`` (µs)."""
+    await _HOT_EXTEND.fetch(conn, {"ids": ids, "token": token, "expires": expires})
 
 
 async def create(
-    conn: AsyncConnection,
+    conn: asyncpg.Connection,
     rows: Sequence[dict[str, Any]],
     charged: Sequence[dict[str, Any]],
     *,
@@ -367,4 +415,4 @@ async def create(
         "c_days": [c["day"] for c in charged],
         "c_reserved": [c["reserved"] for c in charged],
     }
-    return bool((await conn.execute(_CREATE, params)).scalar_one())
+    return bool((await _HOT_CREATE.fetch(conn, params))[0][0])

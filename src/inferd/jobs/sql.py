@@ -45,6 +45,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+import asyncpg
 from sqlalchemy import (
     URL,
     Row,
@@ -59,7 +60,9 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from inferd.db import hot
 from inferd.db.engine import UNAVAILABLE_ERRORS, create_engine
+from inferd.db.hot import HotConnections
 from inferd.db.schema import charges, events, jobs, requests
 from inferd.errors import (
     BadRequest,
@@ -94,6 +97,7 @@ CANCELLED_BY_USER = "cancelled by the user"
 _US = 1_000_000
 _MAX_PAGE = 100
 _HOT_POOL = 3  # PostgreSQL: pooled connections of the hot statements (a claim, two writes)
+_UNAVAILABLE = UNAVAILABLE_ERRORS + hot.UNAVAILABLE  # the engine's and asyncpg's own
 _REAP_BATCH = 100  # expired leases taken back per claim; the rest wait for the next one
 _CREATE_BATCH = 500  # creates stored in one transaction at most
 _QUEUED = RequestStatus.QUEUED.value
@@ -168,22 +172,24 @@ class SqlStore:
             connect_timeout=connect_timeout,
             echo=echo,
         )
-        # PostgreSQL: the hot statements (inferd.jobs.pg) on connections of their own, with
-        # generic plans. Planned per execution, as the other statements are, each cost
-        # 0.2-0.3 ms of the server's CPU (EXPLAIN ANALYZE) at a thousand executions a
-        # second. Their inputs are arrays and their joins primary keys, and a cached plan is
-        # made again when autovacuum's ANALYZE or VACUUM updates a table's statistics.
-        # Measured: after a drain of 3,000 jobs, a flow of 1,000 jobs/s kept up for 60 s,
-        # with chunk p99 12 ms instead of 21-23 (bench/README.md).
-        self._hot_engine = self._engine
+        # PostgreSQL: the hot statements (inferd.jobs.pg) on asyncpg connections of their
+        # own (inferd.db.hot: through the engine each one cost ~0.3-0.4 ms more of the
+        # client's CPU), with generic plans. Planned per execution, as the other statements
+        # are, each cost 0.2-0.3 ms of the server's CPU (EXPLAIN ANALYZE) at a thousand
+        # executions a second. Their inputs are arrays and their joins primary keys, and a
+        # cached plan is made again when autovacuum's ANALYZE or VACUUM updates a table's
+        # statistics. Measured: after a drain of 3,000 jobs, a flow of 1,000 jobs/s kept up
+        # for 60 s, with chunk p99 12 ms instead of 21-23 (bench/README.md).
+        self._hot: HotConnections | None = None
         if self._engine.dialect.name == "postgresql":
-            self._hot_engine = create_engine(
-                url,
-                pool_size=min(pool_size, _HOT_POOL),
+            self._hot = HotConnections(
+                self._engine.url,
+                min(pool_size, _HOT_POOL),
                 connect_timeout=connect_timeout,
-                echo=echo,
-                plan_cache_mode="force_generic_plan",
-                autocommit=True,
+                server_settings={
+                    "application_name": "inferd",
+                    "plan_cache_mode": "force_generic_plan",
+                },
             )
         self._clock = clock
         self._pool_size = pool_size
@@ -223,10 +229,10 @@ class SqlStore:
         return self._engine
 
     @property
-    def hot_engine(self) -> AsyncEngine:
-        """The engine of the statements of :mod:`inferd.jobs.pg` (on PostgreSQL a pool of its
-        own, with generic plans; otherwise :attr:`engine`)."""
-        return self._hot_engine
+    def hot(self) -> HotConnections | None:
+        """On PostgreSQL, the connections of the statements of :mod:`inferd.jobs.pg` (a pool
+        of their own, with generic plans); None on SQLite."""
+        return self._hot
 
     async def ping(self) -> None:
         """Run a trivial query; raises StoreUnavailable when the database does not answer."""
@@ -240,16 +246,15 @@ class SqlStore:
         async with self._available(), contextlib.AsyncExitStack() as stack:
             for _ in range(max(1, min(connections, self._pool_size))):
                 await stack.enter_async_context(self._engine.connect())
-            if self._hot_engine is not self._engine:  # the claims' and group writes' own
-                for _ in range(max(1, min(connections, _HOT_POOL))):
-                    await stack.enter_async_context(self._hot_engine.connect())
+            if self._hot is not None:  # the claims' and group writes' own
+                await self._hot.warm(connections)
 
     async def close(self) -> None:
         """Close every pooled connection."""
         if self._lite is not None:
             await self._lite.close()
-        if self._hot_engine is not self._engine:
-            await self._hot_engine.dispose()
+        if self._hot is not None:
+            await self._hot.close()
         await self._engine.dispose()
 
     # --- transactions -------------------------------------------------------------------------
@@ -258,7 +263,7 @@ class SqlStore:
     async def _available(self) -> AsyncIterator[None]:
         try:
             yield
-        except UNAVAILABLE_ERRORS as exc:
+        except _UNAVAILABLE as exc:
             raise StoreUnavailable(
                 "the request store is unavailable; try again later", retry_after=1
             ) from exc
@@ -270,11 +275,11 @@ class SqlStore:
             yield _Tx(conn, round(self._clock() * _US), self._postgres)
 
     @contextlib.asynccontextmanager
-    async def _one_statement(self) -> AsyncIterator[AsyncConnection]:
+    async def _one_statement(self) -> AsyncIterator[asyncpg.Connection]:
         """A connection outside any transaction, for a statement atomic by itself (the
         statements of :mod:`inferd.jobs.pg`): no BEGIN and no COMMIT round trip."""
-        assert self._hot_engine is not self._engine  # PostgreSQL's pool of autocommit connections
-        async with self._available(), self._hot_engine.connect() as conn:
+        assert self._hot is not None  # PostgreSQL's pool of autocommit connections
+        async with self._available(), self._hot.connection() as conn:
             yield conn
 
     @contextlib.asynccontextmanager
@@ -631,12 +636,8 @@ class SqlStore:
                 # has committed: if this fails, the leases stand as they were claimed.
                 later = late + round(lease_seconds * _US)
                 taken = [row.id for row in claimed.rows]
-                with contextlib.suppress(*UNAVAILABLE_ERRORS):
-                    await conn.execute(
-                        update(jobs)
-                        .where(jobs.c.request_id.in_(taken), jobs.c.lease_token == token)
-                        .values(lease_expires_at=later)
-                    )
+                with contextlib.suppress(*_UNAVAILABLE):
+                    await pg.extend(conn, taken, token, later)
                     expires = later
         return claimed.rows, expires, claimed.overdue
 
