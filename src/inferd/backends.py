@@ -81,6 +81,7 @@ class Backends:
             settings.effective_database_url,
             backoff_base=settings.retry_base_seconds,
             backoff_max=settings.retry_max_seconds,
+            create_interval=settings.submit_interval_seconds,
         )
         limiter = create_limiter(
             settings.redis_url,

@@ -538,6 +538,42 @@ async def test_a_claim_and_a_batch_write_are_one_statement_each_on_postgresql(
     assert (await fetch(store, second)).result == [1, 2]
 
 
+async def test_submits_that_keep_coming_are_stored_together_and_a_lone_one_at_once(
+    make_store: Callable[..., Any],
+) -> None:
+    """``create_interval``: while submits crowd, a group commit starts at most that often and
+    holds the ones that came meanwhile; submits one after the other are not held back."""
+
+    async def batches(store: SqlStore) -> list[int]:
+        sizes: list[int] = []
+        inner = store._insert_created_at_once
+
+        async def counted(items: Any) -> bool:
+            sizes.append(len(items))
+            return await inner(items)
+
+        store._insert_created_at_once = counted  # type: ignore[method-assign]
+
+        async def spaced(i: int) -> str:  # five at once, then one every 10 ms
+            await asyncio.sleep(0.01 * max(0, i - 4))
+            return await submit(store, input=i)
+
+        ids = await asyncio.gather(*(spaced(i) for i in range(20)))
+        assert len(set(ids)) == 20
+        return sizes
+
+    spaced_out = await batches(await make_store(create_interval=0.3))
+    assert sum(spaced_out) == 20 and len(spaced_out) <= 3, spaced_out
+    at_once = await batches(await make_store(create_interval=0))
+    assert sum(at_once) == 20 and len(at_once) >= 10, at_once  # one each after the five
+
+    store = await make_store(create_interval=0.5)
+    started = time.monotonic()
+    for i in range(5):  # one client, one submit after the other
+        await submit(store, input=i)
+    assert time.monotonic() - started < 1.0
+
+
 async def test_a_slow_claim_counts_the_lease_from_its_end(
     make_store: Callable[..., Any], store_url: str
 ) -> None:
