@@ -348,6 +348,38 @@ async def test_a_write_waits_for_a_batch_in_flight_only_without_a_second_lane(
         await writer.close()
 
 
+async def test_chunks_never_wait_behind_completions_and_go_first(bus: RecordingBus) -> None:
+    """Two lanes: batches of completions hold one at most, so a streamed chunk finds the
+    other free; a chunk pending when a lane frees is stored before completions, alone."""
+    queue = _HeldWrites()
+    writer = _Writer(queue, bus, max_batch=64, lanes=2)  # type: ignore[arg-type]
+    try:
+        done_a = asyncio.ensure_future(writer.write(JobWrite(_lease("a"), done=True)))
+        await asyncio.sleep(0.01)
+        done_b = asyncio.ensure_future(writer.write(JobWrite(_lease("b"), done=True)))
+        await asyncio.sleep(0.01)
+        assert queue.batches == [["a"]]  # b waits: the second lane stays for chunks
+        chunk_c = asyncio.ensure_future(writer.write(JobWrite(_lease("c"), ({"response": 1},))))
+        await asyncio.sleep(0.01)
+        assert queue.batches == [["a"], ["c"]]  # at once, without b
+        chunk_d = asyncio.ensure_future(writer.write(JobWrite(_lease("d"), ({"response": 2},))))
+        await asyncio.sleep(0.01)
+        queue.release[0].set()  # a's lane frees: d, pending, goes before b
+        await done_a
+        await asyncio.sleep(0.01)
+        assert queue.batches == [["a"], ["c"], ["d"]]
+        queue.release[1].set()
+        queue.release[2].set()
+        await chunk_c
+        await chunk_d
+        await asyncio.sleep(0.01)
+        assert queue.batches == [["a"], ["c"], ["d"], ["b"]]
+        queue.release[3].set()
+        await done_b
+    finally:
+        await writer.close()
+
+
 async def test_a_postgres_store_lets_a_worker_write_in_two_lanes(tmp_path: Path) -> None:
     from inferd.db.engine import sqlite_url
     from inferd.jobs.sql import SqlStore

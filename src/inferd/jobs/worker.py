@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import threading
@@ -73,16 +74,21 @@ _Result = asyncio.Future[list[Event] | None]
 
 class _Writer:
     """Group commit: writes asked for while a batch is being stored go in the next one. Up to
-    ``lanes`` batches are stored at once (each its own transaction): with two, a streamed
-    chunk waits for at most one batch in flight to be taken, not for it to be stored. A
-    lease has at most one write pending (its job awaits each), so batches never share one."""
+    ``lanes`` batches are stored at once (each its own transaction). A streamed chunk (a
+    write that does not finish its job: a follower waits for it) goes in a batch of such
+    writes only, which never waits for batches of completions: with two lanes or more, those
+    hold all but one at most, so that a chunk waits for no batch to be stored, and a lane
+    that frees takes the chunks first. A lease has at most one write pending (its job awaits
+    each), so batches never share one."""
 
     def __init__(self, queue: JobQueue, bus: EventBus, max_batch: int, lanes: int = 1) -> None:
         self.queue, self.bus, self.max_batch = queue, bus, max_batch
         self._pending: list[tuple[JobWrite, _Result]] = []
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._lanes = asyncio.Semaphore(lanes)
+        self._lanes = lanes
+        self._busy = 0  # batches being stored
+        self._finishing = 0  # of which batches of completions
         self._flushing: set[asyncio.Task[None]] = set()
         self.batches = 0  # transactions run
         self.writes = 0  # writes stored in them
@@ -94,7 +100,7 @@ class _Writer:
         self._pending.append((write, future))
         self._kick.set()
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="job-writer")
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="job-write")
         return await future
 
     async def _run(self) -> None:
@@ -102,20 +108,39 @@ class _Writer:
         while True:
             await self._kick.wait()
             self._kick.clear()
-            while self._pending:
-                await self._lanes.acquire()
-                if not self._pending:
-                    self._lanes.release()
+            while self._pending and self._busy < self._lanes:
+                batch, finishing = self._take()
+                if not batch:
                     break
-                batch = self._pending[: self.max_batch]
-                del self._pending[: self.max_batch]
+                self._busy += 1
+                self._finishing += finishing
                 task = loop.create_task(self._flush(batch), name="job-write")
                 self._flushing.add(task)
-                task.add_done_callback(self._flushed)
+                task.add_done_callback(functools.partial(self._flushed, finishing=finishing))
 
-    def _flushed(self, task: asyncio.Task[None]) -> None:
+    def _take(self) -> tuple[list[tuple[JobWrite, _Result]], bool]:
+        """The next batch to store, and whether it is one of completions: the chunks
+        pending if any, else the writes pending if a lane may take completions."""
+        pending = self._pending
+        chunks = [item for item in pending if not item[0].done][: self.max_batch]
+        if chunks:
+            if len(chunks) == len(pending):
+                self._pending = []
+            else:
+                taken = {id(item) for item in chunks}
+                self._pending = [item for item in pending if id(item) not in taken]
+            return chunks, False
+        if self._finishing >= max(1, self._lanes - 1):
+            return [], True
+        batch = pending[: self.max_batch]
+        del pending[: self.max_batch]
+        return batch, True
+
+    def _flushed(self, task: asyncio.Task[None], *, finishing: bool) -> None:
         self._flushing.discard(task)
-        self._lanes.release()
+        self._busy -= 1
+        self._finishing -= finishing
+        self._kick.set()
 
     async def _flush(self, batch: list[tuple[JobWrite, _Result]]) -> None:
         self.batches += 1
