@@ -79,6 +79,8 @@ async def _run(settings: Settings, metrics: Metrics, concurrency: int, burst: bo
         if settings.gc_freeze:
             gc.collect()
             gc.freeze()
+        if settings.gc_threshold:  # as the API's (see Settings.gc_threshold)
+            gc.set_threshold(settings.gc_threshold, *gc.get_threshold()[1:])
         if burst:
             return await worker.run_burst()
         runner = loop.create_task(worker.run(), name="worker")
