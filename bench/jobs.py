@@ -552,6 +552,9 @@ def run_cluster(
     (work / "bench_ticker.py").write_text(TICKER)
     url, drop = database(backend, work)
     cluster = Cluster(work, models_dir, url, args.concurrency, in_process)
+    for setting in args.setting:
+        name, _, value = setting.partition("=")
+        cluster.env["INFERD_" + name.upper()] = value
     try:
         for _ in range(0 if in_process else args.apis):
             cluster.start_api()
@@ -594,6 +597,13 @@ def main() -> None:
         "--connections", type=int, default=256, help="the load generator's connections"
     )
     parser.add_argument("--chunks", type=int, default=150, help="chunks of the followed job")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of every inferd process (INFERD_<NAME>), e.g. claim_interval_seconds=0.01",
+    )
     parser.add_argument("--baseline-jobs", type=int, default=5000)
     parser.add_argument("--baseline-claimers", type=int, default=4)
     parser.add_argument("--skip-baseline", action="store_true", help="no baseline, no queue alone")

@@ -351,7 +351,7 @@ class Settings(BaseSettings):
     """How often an idle worker looks for queued jobs when no announcement of queued
     requests wakes it (a lost announcement, a retry whose back-off ended)."""
 
-    claim_interval_seconds: float = Field(default=0.005, ge=0, le=1)
+    claim_interval_seconds: float = Field(default=0.01, ge=0, le=1)
     """The least time between two claims of a worker whose last claim found fewer jobs than
     it had room for: the jobs queued meanwhile are then taken in one claim (one transaction)
     instead of one each. It delays a job's start by at most this much; 0: claim at once."""

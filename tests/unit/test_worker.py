@@ -380,6 +380,26 @@ async def test_chunks_never_wait_behind_completions_and_go_first(bus: RecordingB
         await writer.close()
 
 
+async def test_a_chunk_that_finds_a_lane_free_is_stored_by_its_own_task(
+    bus: RecordingBus,
+) -> None:
+    ran_in: list[asyncio.Task[Any] | None] = []
+
+    class Queue:
+        async def write(self, writes: Sequence[JobWrite]) -> list[list[Event] | None]:
+            ran_in.append(asyncio.current_task())
+            return [[] for _ in writes]
+
+    writer = _Writer(Queue(), bus, max_batch=64, lanes=2)  # type: ignore[arg-type]
+    try:
+        assert await writer.write(JobWrite(_lease("c"), ({"response": 1},))) == []
+        assert ran_in == [asyncio.current_task()]
+        assert await writer.write(JobWrite(_lease("d"), done=True)) == []  # a completion
+        assert len(ran_in) == 2 and ran_in[1] is not asyncio.current_task()  # a batch's task
+    finally:
+        await writer.close()
+
+
 async def test_a_postgres_store_lets_a_worker_write_in_two_lanes(tmp_path: Path) -> None:
     from inferd.db.engine import sqlite_url
     from inferd.jobs.sql import SqlStore

@@ -78,8 +78,9 @@ class _Writer:
     write that does not finish its job: a follower waits for it) goes in a batch of such
     writes only, which never waits for batches of completions: with two lanes or more, those
     hold all but one at most, so that a chunk waits for no batch to be stored, and a lane
-    that frees takes the chunks first. A lease has at most one write pending (its job awaits
-    each), so batches never share one."""
+    that frees takes the chunks first; a chunk that finds a lane free and nothing pending is
+    stored at once by its job's own task. A lease has at most one write pending (its job
+    awaits each), so batches never share one."""
 
     def __init__(self, queue: JobQueue, bus: EventBus, max_batch: int, lanes: int = 1) -> None:
         self.queue, self.bus, self.max_batch = queue, bus, max_batch
@@ -96,11 +97,24 @@ class _Writer:
     async def write(self, write: JobWrite) -> list[Event] | None:
         """Store ``write`` with whatever else is pending; its events, or None if the lease
         was lost. Followers have been woken when this returns."""
-        future: asyncio.Future[list[Event] | None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Event] | None] = loop.create_future()
+        if not write.done and self._busy < self._lanes and not self._pending:
+            # A chunk that finds a lane free and nothing waiting: stored by its own task,
+            # without the hand-off to the writer's task and then to a batch's task (two
+            # turns of a busy event loop, 1-1.5 ms at p99 at 1,000 jobs/s).
+            self._busy += 1
+            try:
+                await self._flush([(write, future)])
+            finally:
+                self._busy -= 1
+                if self._pending:
+                    self._kick.set()
+            return future.result()
         self._pending.append((write, future))
         self._kick.set()
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="job-write")
+            self._task = loop.create_task(self._run(), name="job-write")
         return await future
 
     async def _run(self) -> None:
@@ -199,7 +213,7 @@ class Worker:
         on_outcome: Callable[[str, str, float], None] | None = None,
         on_terminal: Callable[[Lease, Event, list[Any]], Awaitable[None]] | None = None,
         max_batch: int = 256,
-        claim_interval: float = 0.005,
+        claim_interval: float = 0.01,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
