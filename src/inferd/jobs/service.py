@@ -193,8 +193,8 @@ class RequestService:
         cost the API ~5 % of its CPU at 1,000 submits/s. Each announcement is a claim (a
         transaction) by some worker: at 2 ms, four worker processes at 1,000 jobs/s made
         ~250 claims a second of a few jobs each; at 10 ms their CPU per job went from 0.66 ms
-        to 0.43-0.55
-        (bench/README.md), for at most 10 ms more before a job of a steady flow starts."""
+        to 0.43-0.55 (bench/README.md), for at most 10 ms more before a job of a steady flow
+        starts."""
         if self._announcing is not None:
             self._announce_again = True
             return
