@@ -214,3 +214,54 @@ async def test_the_hot_statements_generic_plans_follow_the_tables(database: str)
                 await driver.execute(f"DEALLOCATE hot_{name}")
     finally:
         await store.close()
+
+
+_PARTIAL_LOOKUPS = {
+    # index: a lookup of the kind the store makes (inferd.jobs.sql, inferd.jobs.pg)
+    "ix_inferd_requests_dedup_hash": "SELECT id FROM inferd_requests WHERE dedup_hash = 'h'",
+    "ix_inferd_requests_dedup_of": "SELECT id FROM inferd_requests WHERE dedup_of = 'r1'",
+    "ix_inferd_requests_finished_at": "SELECT id FROM inferd_requests WHERE finished_at < 5",
+    "ix_inferd_jobs_key_id_state": (
+        "SELECT count(*) FROM inferd_jobs WHERE key_id = 'k' AND state = 'queued'"
+    ),
+    "ix_inferd_jobs_state_expires_at": (
+        "SELECT request_id FROM inferd_jobs WHERE state = 'queued' AND expires_at <= 5"
+    ),
+}
+
+
+async def test_indexes_of_mostly_null_columns_hold_only_values_and_serve_lookups(
+    database: str,
+) -> None:
+    """Migration 0007: those indexes are partial (no entry for a row without a value), and
+    the store's lookups on them still use them."""
+    store = await SqlStore.connect(database, pool_size=1)
+    try:
+        async with store.engine.connect() as conn:
+            driver = await _driver(conn)
+            definitions = {
+                row["indexname"]: row["indexdef"]
+                for row in await driver.fetch("SELECT indexname, indexdef FROM pg_indexes")
+            }
+            await driver.execute("SET enable_seqscan = off")
+            for index, lookup in _PARTIAL_LOOKUPS.items():
+                assert "IS NOT NULL" in definitions[index], definitions[index]
+                plan = "\n".join(row[0] for row in await driver.fetch(f"EXPLAIN {lookup}"))
+                assert index in plan, plan
+    finally:
+        await store.close()
+
+
+async def test_sqlite_indexes_of_mostly_null_columns_are_partial_and_used(tmp_path: Any) -> None:
+    import sqlite3
+
+    from inferd.db.engine import sqlite_url
+
+    path = tmp_path / "partial.db"
+    await migrate(sqlite_url(path))
+    with sqlite3.connect(path) as db:
+        sql = dict(db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'"))
+        for index, lookup in _PARTIAL_LOOKUPS.items():
+            assert "IS NOT NULL" in sql[index], sql[index]
+            plan = " ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {lookup}"))
+            assert index in plan, plan

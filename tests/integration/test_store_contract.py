@@ -1240,7 +1240,7 @@ async def test_migrations_are_idempotent_and_match_the_schema(store_url: str) ->
         async with store.engine.connect() as conn:
             assert await conn.run_sync(_schema_diff) == []
             version = await conn.scalar(select(column("version_num")).select_from(history))
-        assert version == "0006"
+        assert version == "0007"
     finally:
         await store.close()
 

@@ -29,6 +29,8 @@ needs a new migration in ``inferd/db/migrations/versions``; a test checks that t
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -43,6 +45,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 __all__ = [
@@ -70,6 +73,13 @@ metadata = MetaData(
         "pk": "pk_%(table_name)s",
     }
 )
+
+
+def _where_set(column: str) -> dict[str, Any]:
+    """An index's options that keep only the rows where ``column`` is not NULL."""
+    where = text(f"{column} IS NOT NULL")
+    return {"postgresql_where": where, "sqlite_where": where}
+
 
 requests = Table(
     "inferd_requests",
@@ -114,12 +124,14 @@ requests = Table(
     # Keyset pagination of one user's requests, newest first.
     Index(None, "user_id", "created_at", "id"),
     Index(None, "status"),
+    # The next three hold only the rows with a value (migration 0007): most rows have none,
+    # and every lookup compares the column with a value.
     # Deduplication: the newest succeeded (or running) request with the same body.
-    Index(None, "dedup_hash"),
+    Index(None, "dedup_hash", **_where_set("dedup_hash")),
     # Retention: terminal requests by age, oldest first.
-    Index(None, "finished_at"),
+    Index(None, "finished_at", **_where_set("finished_at")),
     # Joined requests of a running one.
-    Index(None, "dedup_of"),
+    Index(None, "dedup_of", **_where_set("dedup_of")),
 )
 
 jobs = Table(
@@ -145,10 +157,11 @@ jobs = Table(
     # claim: the oldest due queued job; reap: running jobs by lease expiry.
     Index(None, "state", "run_at", "request_id"),
     Index(None, "state", "lease_expires_at"),
-    # The bounded queue: queued jobs per model and per key; the expiry sweep.
+    # The bounded queue: queued jobs per model and per key; the expiry sweep (the last two
+    # of the jobs that have a key, an expiry).
     Index(None, "model", "state"),
-    Index(None, "key_id", "state"),
-    Index(None, "state", "expires_at"),
+    Index(None, "key_id", "state", **_where_set("key_id")),
+    Index(None, "state", "expires_at", **_where_set("expires_at")),
 )
 
 events = Table(
