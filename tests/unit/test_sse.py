@@ -388,3 +388,27 @@ async def test_a_follower_far_behind_drops_what_the_bus_carried(
     assert subscription.take(200, 600) == []
     assert subscription.take(200, 600) == []  # and nothing is kept for later
     await subscription.aclose()
+
+
+async def test_a_subscription_waits_with_a_timeout_in_the_callers_task() -> None:
+    """``next_within``: the next seq once published, None after the timeout, the end once
+    closed; no task is started for the wait."""
+    bus = InProcessEventBus()
+    sub = bus.subscribe("r1")
+    tasks = len(asyncio.all_tasks())
+    assert await sub.next_within(0.01) is None
+    assert len(asyncio.all_tasks()) == tasks
+
+    async def publish_soon() -> None:
+        await asyncio.sleep(0.01)
+        await bus.publish("r1", 3)
+
+    publisher = asyncio.create_task(publish_soon())
+    assert await sub.next_within(5) == 3
+    await publisher
+    await bus.publish("r1", 4)
+    await bus.publish("r1", 5)  # while the reader lags, the highest is kept
+    assert await sub.next_within(5) == 5
+    await sub.aclose()
+    with pytest.raises(StopAsyncIteration):
+        await sub.next_within(5)

@@ -148,6 +148,19 @@ class Subscription(AsyncIterator[int]):
             await slot.wake.wait()
         raise StopAsyncIteration
 
+    async def next_within(self, seconds: float) -> int | None:
+        """:meth:`__anext__` or None after ``seconds``, in the caller's task: a follower
+        waiting with a timeout needs no task of its own per event (its wake-up is one turn
+        of the event loop, not three). Raises StopAsyncIteration once closed."""
+        slot = self._slot
+        if slot.latest is None and not slot.closed:
+            try:
+                async with asyncio.timeout(seconds):
+                    await slot.wake.wait()
+            except TimeoutError:
+                return None
+        return await self.__anext__()  # (returns at once: a seq is there, or it is closed)
+
     async def ready(self) -> None:
         """Return once publishes reach this subscription (a bounded wait)."""
         if not self._slot.closed:

@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from inferd.errors import NotFound
-from inferd.jobs.events import SupportsReady, SupportsTake
+from inferd.jobs.events import Subscription, SupportsReady, SupportsTake
 from inferd.jobs.types import Event, EventBus, EventKind, RequestStore
 
 __all__ = ["follow_events"]
@@ -47,6 +47,12 @@ class _Listener:
         if not self._alive:
             await asyncio.sleep(within)  # the bus went away: polling the store still works
             return None
+        if self._next is None and isinstance(self._sub, Subscription):
+            try:  # the buses' own subscription: waited on in this task
+                return await self._sub.next_within(within)
+            except StopAsyncIteration:
+                self._alive = False
+                return None
         if self._next is None:
             self._next = asyncio.ensure_future(anext(self._sub))
         done, _ = await asyncio.wait({self._next}, timeout=within)
