@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -101,3 +101,15 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sqlite-template") / "inferd.db"
     asyncio.run(migrate(sqlite_url(path)))
     return path
+
+
+@pytest.fixture
+async def database(postgres_server: PostgresServer) -> AsyncIterator[str]:
+    """A new PostgreSQL database of its own, migrated; its URL (dropped afterwards)."""
+    name = await postgres_server.create_database()
+    try:
+        url = postgres_server.url(name)
+        await migrate(url)
+        yield url
+    finally:
+        await postgres_server.drop_database(name)

@@ -5,26 +5,13 @@ as they are now, not as they were when first prepared."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import pytest
 
 from inferd.db.migrate import migrate
 from inferd.jobs.sql import SqlStore
 from tests.integration.conftest import PostgresServer, _dsn
-
-
-@pytest.fixture
-async def database(postgres_server: PostgresServer) -> AsyncIterator[str]:
-    name = await postgres_server.create_database()
-    try:
-        url = postgres_server.url(name)
-        await migrate(url)
-        yield url
-    finally:
-        await postgres_server.drop_database(name)
 
 
 async def _driver(conn: Any) -> Any:

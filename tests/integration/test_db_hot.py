@@ -5,28 +5,15 @@ reported as the store being unavailable and replaced on the next call."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 from sqlalchemy import make_url, text
 
 from inferd.db.hot import UNAVAILABLE, HotConnections, HotStatement
-from inferd.db.migrate import migrate
 from inferd.errors import StoreUnavailable
 from inferd.jobs.sql import SqlStore
 from tests.integration.conftest import PostgresServer, _dsn
-
-
-@pytest.fixture
-async def database(postgres_server: PostgresServer) -> AsyncIterator[str]:
-    name = await postgres_server.create_database()
-    try:
-        url = postgres_server.url(name)
-        await migrate(url)
-        yield url
-    finally:
-        await postgres_server.drop_database(name)
 
 
 def _pool(url: str, size: int) -> HotConnections:

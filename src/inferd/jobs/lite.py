@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from inferd.db.schema import charges, events, jobs, requests
 from inferd.errors import StoreUnavailable
-from inferd.jobs.rows import iso, to_datetime
+from inferd.jobs.rows import Started, iso, to_datetime
 from inferd.jobs.types import Event, EventKind, JobWrite, RequestStatus
 
 __all__ = ["SLOW_CLAIM_US", "Claimed", "LiteWriter"]
@@ -108,17 +108,6 @@ class Claimed(NamedTuple):
     rows: list[Any]
     expires: int
     overdue: bool
-
-
-class _Started(NamedTuple):
-    id: str
-    last_seq: int
-    attempts: int
-    model: str
-    input: Any
-    parameters: Any
-    trace_context: Any
-    charged: bool
 
 
 class LiteWriter:
@@ -235,7 +224,7 @@ class LiteWriter:
             ids = ", ".join("?" * len(taken))
             started = sorted(
                 (
-                    _Started(
+                    Started(
                         rid,
                         seq,
                         attempts,

@@ -54,10 +54,10 @@ from sqlalchemy import text
 
 from inferd.db.hot import HotStatement
 from inferd.db.schema import charges, events, jobs, requests
-from inferd.jobs.rows import iso, to_datetime
+from inferd.jobs.rows import Started, iso, to_datetime
 from inferd.jobs.types import Event, EventKind, JobWrite, RequestStatus
 
-__all__ = ["Claimed", "Started", "claim", "create", "extend", "group_write"]
+__all__ = ["Claimed", "claim", "create", "extend", "group_write"]
 
 _STATEMENT = text(
     f"""
@@ -301,19 +301,6 @@ async def group_write(
             ]
         )
     return out
-
-
-class Started(NamedTuple):
-    """A request that a claim started."""
-
-    id: str
-    last_seq: int
-    attempts: int
-    model: str
-    input: Any
-    parameters: Any
-    trace_context: Any
-    charged: bool
 
 
 class Claimed(NamedTuple):

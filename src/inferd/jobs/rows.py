@@ -6,14 +6,27 @@ import hashlib
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from inferd.errors import BadRequest
 from inferd.jobs.types import Event, EventKind, RequestRecord, RequestStatus
 
-__all__ = ["body_hash", "iso", "to_datetime", "to_event", "to_record"]
+__all__ = ["Started", "body_hash", "iso", "to_datetime", "to_event", "to_record"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class Started(NamedTuple):
+    """A request that a claim started (on either database), as its lease is made from."""
+
+    id: str
+    last_seq: int
+    attempts: int
+    model: str
+    input: Any
+    parameters: Any
+    trace_context: Any
+    charged: bool
 
 
 def to_datetime(us: int) -> datetime:
