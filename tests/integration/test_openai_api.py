@@ -64,8 +64,11 @@ class Gate:
 
     def __init__(self) -> None:
         self._open = threading.Event()
+        self.held = threading.Event()  # a step with sequences in it has been held
 
     def __call__(self, sequences: int, seconds: float) -> None:
+        if sequences:
+            self.held.set()
         self._open.wait(30)
 
     def open(self) -> None:
@@ -435,7 +438,7 @@ async def test_unloading_lets_running_generations_finish(serve: Callable[..., An
         running = asyncio.create_task(
             s.client.post(COMPLETIONS, json={"model": "tiny", "prompt": "the quick"})
         )
-        await until(lambda: scheduler.active == 1)
+        await until(gate.held.is_set)  # mid-generation: held after its first step
         unloading = asyncio.create_task(s.app.registry.unload_model("tiny"))
         await until(lambda: not s.app.registry.versions("tiny"))
         refused = await s.client.post(COMPLETIONS, json={"model": "tiny", "prompt": "x"})
