@@ -114,7 +114,7 @@ class _Writer:
         self._pending.append((write, future))
         self._kick.set()
         if self._task is None or self._task.done():
-            self._task = loop.create_task(self._run(), name="job-write")
+            self._task = loop.create_task(self._run(), name="job-writer")
         return await future
 
     async def _run(self) -> None:
@@ -136,14 +136,11 @@ class _Writer:
         """The next batch to store, and whether it is one of completions: the chunks
         pending if any, else the writes pending if a lane may take completions."""
         pending = self._pending
-        chunks = [item for item in pending if not item[0].done][: self.max_batch]
+        chunks = [item for item in pending if not item[0].done]
         if chunks:
-            if len(chunks) == len(pending):
-                self._pending = []
-            else:
-                taken = {id(item) for item in chunks}
-                self._pending = [item for item in pending if id(item) not in taken]
-            return chunks, False
+            rest = [item for item in pending if item[0].done]
+            self._pending = rest + chunks[self.max_batch :]
+            return chunks[: self.max_batch], False
         if self._finishing >= max(1, self._lanes - 1):
             return [], True
         batch = pending[: self.max_batch]
