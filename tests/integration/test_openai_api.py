@@ -60,15 +60,27 @@ def generate(s: Any, prompt: str, parameters: dict[str, Any] | None = None) -> s
 
 
 class Gate:
-    """Holds a scheduler's thread after every step until :meth:`open` (``on_step``)."""
+    """Holds a scheduler's thread after every step that leaves sequences in its batch, until
+    :meth:`open`. Install it with :meth:`on`.
+
+    A step that leaves none passes: the load's warm-up generation ends with such a step, and
+    its thread may call the hook only after the server is up and the gate installed (a thread
+    preempted between delivering the last token and calling ``on_step``)."""
 
     def __init__(self) -> None:
         self._open = threading.Event()
-        self.held = threading.Event()  # a step with sequences in it has been held
+        self.held = threading.Event()  # a step of a running sequence has been held
+        self._scheduler: Any = None
+
+    def on(self, scheduler: Any) -> Any:
+        self._scheduler = scheduler
+        scheduler._on_step = self
+        return scheduler
 
     def __call__(self, sequences: int, seconds: float) -> None:
-        if sequences:
-            self.held.set()
+        if not self._scheduler.active:
+            return
+        self.held.set()
         self._open.wait(30)
 
     def open(self) -> None:
@@ -410,8 +422,7 @@ async def test_keys_scopes_and_the_daily_budget(serve: Callable[..., Any]) -> No
 async def test_a_full_queue_is_shed_with_503(serve: Callable[..., Any]) -> None:
     gate = Gate()
     async with serve(generation_max_sequences=1, generation_max_queue=1) as s:
-        scheduler = s.app.registry.get("tiny").scheduler
-        scheduler._on_step = gate  # holds the model's thread after each step
+        scheduler = gate.on(s.app.registry.get("tiny").scheduler)  # holds its thread
         body = {"model": "tiny", "prompt": "the quick"}
         running = asyncio.create_task(s.client.post(COMPLETIONS, json=body))
         await until(lambda: scheduler.active == 1)
@@ -433,8 +444,7 @@ async def test_a_full_queue_is_shed_with_503(serve: Callable[..., Any]) -> None:
 async def test_unloading_lets_running_generations_finish(serve: Callable[..., Any]) -> None:
     gate = Gate()
     async with serve() as s:
-        scheduler = s.app.registry.get("tiny").scheduler
-        scheduler._on_step = gate
+        gate.on(s.app.registry.get("tiny").scheduler)
         running = asyncio.create_task(
             s.client.post(COMPLETIONS, json={"model": "tiny", "prompt": "the quick"})
         )
@@ -484,8 +494,8 @@ async def test_a_stream_whose_client_goes_away_stops_and_keeps_only_what_was_mad
     gate = Gate()
     async with serve(auth="required") as s:
         key, _ = await s.app.keys.create("ann", ["predict"], daily_tokens=100)
-        scheduler = s.app.registry.get("tiny").scheduler
-        scheduler._on_step = gate  # the first token comes, then the model's thread waits
+        scheduler = gate.on(s.app.registry.get("tiny").scheduler)
+        # the first token comes, then the model's thread waits
         body = json.dumps(
             {"model": "tiny", "prompt": "the quick", "max_tokens": 50, "stream": True}
         ).encode()
