@@ -373,6 +373,7 @@ class RedisEventBus(InProcessEventBus):
         self._confirmed: dict[str, asyncio.Event] = {}  # set once Redis acknowledged it
         self._dirty = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
+        self._heard = 0.0  # the loop's time of the last message on the pub/sub connection
         self._queued = prefix + QUEUED_CHANNEL  # the list of (at most one) announcement
         # Idle workers block in BLPOP: a connection of their own, without a read timeout.
         self._doorbell: Redis = Redis.from_url(
@@ -520,35 +521,55 @@ class RedisEventBus(InProcessEventBus):
             delay = min(delay * 2, self._delays[1])
 
     async def _serve(self, pubsub: PubSub) -> None:
+        """Run one pub/sub connection until it fails: a reading task takes each message as
+        it comes and wakes its followers itself (one turn of the loop per message); this
+        task sends SUBSCRIBE/UNSUBSCRIBE as followers come and go, and a PING after a
+        silence. The read stays pending across those writes (cancelling a read mid-reply
+        would desynchronise the connection)."""
         loop = asyncio.get_running_loop()
-        heard, pinged = loop.time(), False
-        # One read stays pending across iterations (cancelling a read mid-reply would
-        # desynchronise the connection); SUBSCRIBE and PING are written while it waits.
-        read: asyncio.Task[Any] | None = None
+        self._heard = loop.time()
+        read: asyncio.Task[None] | None = None
+        pinged_at: float | None = None
         try:
             while True:
                 self._dirty.clear()
                 await self._sync(pubsub)
-                if read is None:
-                    read = loop.create_task(pubsub.get_message(timeout=None))
-                idle = loop.time() - heard
+                if read is None:  # after the first SUBSCRIBE is on its way
+                    read = loop.create_task(self._read(pubsub), name="event-bus-read")
+                now = loop.time()
+                if pinged_at is not None and self._heard > pinged_at:
+                    pinged_at = None  # an answer (or any message) came since
+                idle = now - self._heard
                 if idle >= 2 * self._ping:
                     raise ConnectionError("Redis did not answer PING")
-                if idle >= self._ping and not pinged:
+                if idle >= self._ping and pinged_at is None:
                     await pubsub.ping()  # a half-open TCP connection only shows as silence
-                    pinged = True
+                    pinged_at = now
                 dirty = loop.create_task(self._dirty.wait())
-                timeout = (2 if pinged else 1) * self._ping - idle
-                await asyncio.wait({read, dirty}, timeout=timeout, return_when="FIRST_COMPLETED")
+                wake = self._heard + (2 if pinged_at is not None else 1) * self._ping
+                await asyncio.wait(
+                    {read, dirty},
+                    timeout=max(0.0, wake - loop.time()),
+                    return_when="FIRST_COMPLETED",
+                )
                 dirty.cancel()
                 if read.done():
-                    message, read = read.result(), None
-                    heard, pinged = loop.time(), False
-                    if message is not None:
-                        self._handle(message)
+                    read.result()  # the connection failed: raise what it raised
+                    raise ConnectionError("the pub/sub reader stopped")
         finally:
             if read is not None:
                 read.cancel()
+                await asyncio.wait({read})
+                if not read.cancelled():
+                    read.exception()  # retrieved: the caller logs why the connection ended
+
+    async def _read(self, pubsub: PubSub) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            self._heard = loop.time()
+            if message is not None:
+                self._handle(message)
 
     async def _sync(self, pubsub: PubSub) -> None:
         add, drop = self._wanted - self._active, self._active - self._wanted
