@@ -19,6 +19,7 @@ from inferd.jobs.sql import SqlStore
 from inferd.jobs.types import Event, EventBus
 from inferd.jobs.usage import settle_usage, tokens_processed
 from inferd.jobs.worker import Worker
+from inferd.logs import AccessLog
 from inferd.metrics import Metrics
 from inferd.settings import Settings
 from inferd.tenancy.enforce import Enforcer
@@ -129,6 +130,8 @@ class Backends:
             claim_interval=settings.claim_interval_seconds,
             on_outcome=count,
             on_terminal=settle,
+            # JSON lines (the default format) are noted and written in batches.
+            lines=AccessLog(level=settings.log_level) if settings.log_format == "json" else None,
         )
 
     def maintenance(self, settings: Settings) -> Maintenance:

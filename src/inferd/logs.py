@@ -196,7 +196,8 @@ class AccessLog:
         self._batch = batch
 
     def request(self, **fields: Any) -> None:
-        """Note one access line with ``fields``, stamped now; written at the next flush."""
+        """Note one line with ``fields``, stamped now; written at the next flush. Its
+        ``event`` is ``request`` unless ``fields`` name another."""
         pending = self._pending
         pending.append((time.time(), fields))
         if len(pending) >= self._batch:
@@ -280,7 +281,7 @@ class AccessLog:
                     "detail": detail,
                     "trace_id": None if trace is None else trace.trace_id(),
                 }
-            fields["event"] = "request"
+            fields.setdefault("event", "request")
             fields["level"] = "info"
             fields["timestamp"] = stamp(at)
             lines.append(dumps(fields, default=str))

@@ -7,6 +7,8 @@ The models are real (scripted ones behind a real registry and batcher); the stor
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +20,7 @@ from inferd.jobs.events import InProcessEventBus
 from inferd.jobs.runner import ModelExecutor
 from inferd.jobs.types import Event, JobWrite, Lease, RequestStatus
 from inferd.jobs.worker import Worker, _Writer
+from inferd.logs import AccessLog
 from tests.support.executor import STREAMER, TABULAR, executor_on
 from tests.support.memory_store import MemoryStore
 from tests.support.models import BATCHES
@@ -118,6 +121,46 @@ async def test_streaming_job_stores_every_chunk_then_done(
     # ... with the events themselves, as stored: followers need not read them back.
     assert [e for e in bus.carried if e.request_id == request_id] == store.log[request_id][2:]
     assert outcomes == [(STREAMER, "succeeded")]
+
+
+async def test_job_lines_are_written_in_batches_as_json(
+    store: MemoryStore, bus: RecordingBus, executor: ModelExecutor
+) -> None:
+    ids = [await submit(store, STREAMER, "hi", chunks=1) for _ in range(3)]
+    out, quiet = io.BytesIO(), io.BytesIO()
+    worker = make_worker(store, bus, executor, lines=AccessLog(out))
+    assert await worker.run_burst() == 3
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert sorted(line["request_id"] for line in lines) == sorted(ids)
+    for line in lines:
+        assert line["event"] == "job finished"
+        assert (line["logger"], line["level"]) == ("inferd.worker", "info")
+        assert (line["model"], line["outcome"], line["chunks"]) == (STREAMER, "succeeded", 1)
+        assert (line["attempt"], line["worker"]) == (1, worker.id)
+        assert line["timestamp"].endswith("Z") and line["seconds"] >= 0
+
+    # Below the info level there are none.
+    await submit(store, STREAMER, "hi", chunks=1)
+    worker = make_worker(store, bus, executor, lines=AccessLog(quiet, level="warning"))
+    assert await worker.run_burst() == 1
+    assert quiet.getvalue() == b""
+
+
+async def test_job_lines_of_a_running_worker_are_written_within_a_moment(
+    store: MemoryStore, bus: RecordingBus, executor: ModelExecutor
+) -> None:
+    out = io.BytesIO()
+    worker = make_worker(store, bus, executor, lines=AccessLog(out))
+    running = asyncio.create_task(worker.run())
+    try:
+        request_id = await submit(store, STREAMER, "hi", chunks=1)
+        worker.wake()
+        # One line, far from a batch's 64: the worker's timer writes it.
+        await until(lambda: request_id.encode() in out.getvalue(), within=5.0)
+    finally:
+        await worker.stop()
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
 
 
 async def test_tabular_job_runs_in_the_versions_batcher(

@@ -54,7 +54,7 @@ from sqlalchemy import text
 
 from inferd.db.hot import HotStatement
 from inferd.db.schema import charges, events, jobs, requests
-from inferd.jobs.rows import Started, iso, to_datetime
+from inferd.jobs.rows import Started, iso, json_text, to_datetime
 from inferd.jobs.types import Event, EventKind, JobWrite, RequestStatus
 
 __all__ = ["Claimed", "claim", "create", "extend", "group_write"]
@@ -256,14 +256,14 @@ async def group_write(
         ]
         if w.done:
             kinds.append((_DONE, {"status": _SUCCEEDED, "result": w.result}))
-            results.append(json.dumps(w.result))
+            results.append(json_text(w.result))
         else:
             results.append(None)
         for off, (kind, data) in enumerate(kinds, start=1):
             e_ids.append(rid)
             e_offs.append(off)
             e_kinds.append(kind.value)
-            e_data.append(json.dumps(data))
+            e_data.append(json_text(data))
         counts.append(len(kinds))
         planned.append(kinds)
     params = {
@@ -389,11 +389,11 @@ async def create(
         "users": [row["user_id"] for row in rows],
         "models": [row["model"] for row in rows],
         "versions": [row["version"] for row in rows],
-        "inputs": [json.dumps(row["input"]) for row in rows],
-        "parameters": [json.dumps(row["parameters"]) for row in rows],
+        "inputs": [json_text(row["input"]) for row in rows],
+        "parameters": [json_text(row["parameters"]) for row in rows],
         "hashes": [row["body_hash"] for row in rows],
         "max_attempts": [row["max_attempts"] for row in rows],
-        "traces": [json.dumps(row["trace_context"]) for row in rows],
+        "traces": [json_text(row["trace_context"]) for row in rows],
         "expires": [row["expires_at"] for row in rows],
         "key_ids": list(key_ids),
         "c_ids": [c["request_id"] for c in charged],

@@ -8,10 +8,12 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
+import orjson
+
 from inferd.errors import BadRequest
 from inferd.jobs.types import Event, EventKind, RequestRecord, RequestStatus
 
-__all__ = ["Started", "body_hash", "iso", "to_datetime", "to_event", "to_record"]
+__all__ = ["Started", "body_hash", "iso", "json_text", "to_datetime", "to_event", "to_record"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -37,6 +39,17 @@ def to_datetime(us: int) -> datetime:
 def iso(us: int) -> str:
     """A stored time as ISO-8601 text in UTC (``2025-01-31T12:00:00.000000Z``)."""
     return to_datetime(us).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def json_text(value: Any) -> str:
+    """``value`` as JSON text for a ``json`` column, by orjson (a tenth of the standard
+    library's time on the hot path). Non-string keys become strings, as with ``json.dumps``;
+    a NaN or an infinity becomes ``null`` (``json.dumps`` wrote a token that PostgreSQL
+    refuses); what orjson does not take (an integer past 64 bits) goes through ``json``."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return json.dumps(value)
 
 
 def body_hash(model: str, version: str | None, input: Any, parameters: Mapping[str, Any]) -> str:

@@ -42,7 +42,7 @@ from inferd.concurrency import run_blocking
 from inferd.errors import InferdError
 from inferd.jobs.runner import ModelExecutor
 from inferd.jobs.types import Event, EventBus, EventKind, JobQueue, JobWrite, Lease
-from inferd.logs import get_logger
+from inferd.logs import AccessLog, get_logger
 
 __all__ = ["Worker"]
 
@@ -211,6 +211,7 @@ class Worker:
         on_terminal: Callable[[Lease, Event, list[Any]], Awaitable[None]] | None = None,
         max_batch: int = 256,
         claim_interval: float = 0.01,
+        lines: AccessLog | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -227,6 +228,10 @@ class Worker:
         self.on_outcome = on_outcome
         self.on_terminal = on_terminal
         self.claim_interval = claim_interval
+        self.lines = lines
+        """Where the ``job finished`` lines are noted and written in batches (one a job: at a
+        thousand jobs a second, structlog's chain for each cost ~8 % of the worker's CPU);
+        None: through structlog."""
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()  # set while the claim loop waits for news
         self._closing = False
@@ -246,6 +251,7 @@ class Worker:
         await self._warm()
         loop = asyncio.get_running_loop()
         listener = loop.create_task(self._listen(), name="worker-listen")
+        flusher = loop.create_task(self._flush_lines(), name="worker-log") if self.lines else None
         partial_at: float | None = None  # when the last claim that found too few began
         try:
             while not self._closing:
@@ -279,9 +285,20 @@ class Worker:
                 self._idle.clear()
         finally:
             self._idle.clear()
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            for task in (listener, flusher):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            if self.lines is not None:
+                self.lines.flush()
+
+    async def _flush_lines(self) -> None:
+        """Every 0.1 s: write the noted ``job finished`` lines."""
+        assert self.lines is not None
+        while True:
+            await asyncio.sleep(0.1)
+            self.lines.flush()
 
     async def _warm(self) -> None:
         """Open the connections and prepare the statements of a job's first seconds before
@@ -341,6 +358,8 @@ class Worker:
                 await asyncio.wait(set(self._jobs), return_when=asyncio.FIRST_COMPLETED)
         finally:
             await self._writer.close()
+            if self.lines is not None:
+                self.lines.flush()
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop claiming; give running jobs ``grace`` seconds, then hand them back."""
@@ -353,6 +372,8 @@ class Worker:
             if pending:
                 await asyncio.wait(pending)
         await self._writer.close()
+        if self.lines is not None:
+            self.lines.flush()  # the jobs finished since the run loop ended
         log.info("worker stopped", worker=self.id, processed=self.processed)
 
     async def _claim(self, limit: int) -> list[Lease]:
@@ -516,16 +537,20 @@ class Worker:
         job.outcome = outcome
         if self.on_outcome is not None:
             self.on_outcome(lease.model, outcome.split(":", 1)[0], seconds)
-        log.info(
-            "job finished",
-            request_id=lease.request_id,
-            model=lease.model,
-            attempt=lease.attempt,
-            outcome=outcome,
-            chunks=len(job.chunks),
-            seconds=round(seconds, 3),
-            worker=self.id,
-        )
+        fields = {
+            "request_id": lease.request_id,
+            "model": lease.model,
+            "attempt": lease.attempt,
+            "outcome": outcome,
+            "chunks": len(job.chunks),
+            "seconds": round(seconds, 3),
+            "worker": self.id,
+        }
+        if self.lines is not None:
+            if self.lines.enabled:  # (off below the info level)
+                self.lines.request(**fields, event="job finished", logger="inferd.worker")
+        else:
+            log.info("job finished", **fields)
 
     async def _publish(self, event: Event) -> None:
         try:
