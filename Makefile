@@ -30,7 +30,7 @@ $(VENV)/.installed-dev: requirements/dev.txt | $(BIN)/python
 
 # Resolve requirements/*.txt again from pyproject.toml (uv, from the dev lock).
 lock: $(VENV)/.installed-dev
-	$(BIN)/python tools/lock.py refresh
+	$(BIN)/python tools/lock.py refresh $(if $(UPGRADE),--upgrade)
 
 # With torch in the venv (pip install -e '.[vision]'), the digits image model too (~10 s).
 $(MODELS_DIR)/iris/1/model.joblib: | $(VENV)/.installed-run
