@@ -16,7 +16,9 @@ Create (:func:`create`), the API's group commit of new requests:
   counted in the same statement (``refused``): if one would be exceeded nothing is inserted
   and the caller stores the requests one at a time, each getting its own answer (as with
   separate statements, concurrent submits on PostgreSQL may overshoot a bound by the number
-  of them in flight: no lock is taken for the count).
+  of them in flight: no lock is taken for the count). A group with no bound to count and
+  nothing to charge (no queue bound set, no daily budget) takes the same inserts without
+  those parts, a quarter less of the server's CPU for four requests.
 
 Claim (:func:`claim`):
 
@@ -105,6 +107,40 @@ SELECT id, base, attempts FROM bumped
 """
 )
 
+# The new requests, from one array per column (one element per request).
+_NEW_ROWS = """
+    SELECT n.* FROM unnest(
+        CAST(:ids AS text[]), CAST(:users AS text[]), CAST(:models AS text[]),
+        CAST(:versions AS text[]), CAST(:inputs AS text[]), CAST(:parameters AS text[]),
+        CAST(:hashes AS text[]), CAST(:max_attempts AS integer[]), CAST(:traces AS text[]),
+        CAST(:expires AS bigint[]), CAST(:key_ids AS text[])
+    ) AS n(id, user_id, model, version, input, parameters, body_hash, max_attempts,
+           trace_context, expires_at, key_id)
+""".strip("\n")
+
+# Their rows in the requests, jobs and events tables (from ``new``).
+_STORE_NEW = f"""
+stored_requests AS (
+    INSERT INTO {requests.name} (
+        id, user_id, model, version, input, parameters, body_hash, idempotency_key, status,
+        attempts, max_attempts, result, error, cancel_requested, last_seq, created_at,
+        updated_at, started_at, finished_at, trace_context, expires_at, dedup_hash, dedup_of
+    )
+    SELECT id, user_id, model, version, CAST(input AS json), CAST(parameters AS json),
+        body_hash, NULL, 'queued', 0, max_attempts, NULL, NULL, false, 1, :now, :now, NULL, NULL,
+        CAST(trace_context AS json), expires_at, NULL, NULL
+    FROM new
+),
+stored_jobs AS (
+    INSERT INTO {jobs.name} (request_id, model, state, run_at, expires_at, key_id)
+    SELECT id, model, 'queued', :now, expires_at, key_id FROM new
+),
+stored_events AS (
+    INSERT INTO {events.name} (request_id, seq, kind, attempt, data, created_at)
+    SELECT id, 1, 'status', 0, CAST(:first AS json), :now FROM new
+)
+""".strip("\n")
+
 _CREATE = text(
     f"""
 WITH refused AS (
@@ -132,34 +168,10 @@ admitted AS (
     SELECT NOT EXISTS (SELECT 1 FROM refused) AS ok
 ),
 new AS MATERIALIZED (
-    SELECT n.* FROM unnest(
-        CAST(:ids AS text[]), CAST(:users AS text[]), CAST(:models AS text[]),
-        CAST(:versions AS text[]), CAST(:inputs AS text[]), CAST(:parameters AS text[]),
-        CAST(:hashes AS text[]), CAST(:max_attempts AS integer[]), CAST(:traces AS text[]),
-        CAST(:expires AS bigint[]), CAST(:key_ids AS text[])
-    ) AS n(id, user_id, model, version, input, parameters, body_hash, max_attempts,
-           trace_context, expires_at, key_id)
+{_NEW_ROWS}
     WHERE (SELECT ok FROM admitted)
 ),
-stored_requests AS (
-    INSERT INTO {requests.name} (
-        id, user_id, model, version, input, parameters, body_hash, idempotency_key, status,
-        attempts, max_attempts, result, error, cancel_requested, last_seq, created_at,
-        updated_at, started_at, finished_at, trace_context, expires_at, dedup_hash, dedup_of
-    )
-    SELECT id, user_id, model, version, CAST(input AS json), CAST(parameters AS json),
-        body_hash, NULL, 'queued', 0, max_attempts, NULL, NULL, false, 1, :now, :now, NULL, NULL,
-        CAST(trace_context AS json), expires_at, NULL, NULL
-    FROM new
-),
-stored_jobs AS (
-    INSERT INTO {jobs.name} (request_id, model, state, run_at, expires_at, key_id)
-    SELECT id, model, 'queued', :now, expires_at, key_id FROM new
-),
-stored_events AS (
-    INSERT INTO {events.name} (request_id, seq, kind, attempt, data, created_at)
-    SELECT id, 1, 'status', 0, CAST(:first AS json), :now FROM new
-),
+{_STORE_NEW},
 stored_charges AS (
     INSERT INTO {charges.name} (request_id, key_id, user_id, day, reserved)
     SELECT c.* FROM unnest(
@@ -169,6 +181,18 @@ stored_charges AS (
     WHERE (SELECT ok FROM admitted)
 )
 SELECT ok FROM admitted
+"""
+)
+
+# The same without the bounds and the charges, where the batch has neither (no queue bound
+# is set and no key has a daily budget): a quarter less of the server's CPU for four rows.
+_CREATE_PLAIN = text(
+    f"""
+WITH new AS MATERIALIZED (
+{_NEW_ROWS}
+),
+{_STORE_NEW}
+SELECT true AS ok
 """
 )
 
@@ -224,8 +248,9 @@ WHERE request_id = ANY(CAST(:ids AS text[])) AND lease_token = :token
 )
 
 # Run on asyncpg directly (inferd.db.hot); the texts above stay what the plan tests prepare.
-_HOT_CREATE, _HOT_CLAIM, _HOT_EXTEND, _HOT_WRITE = (
-    HotStatement(_CREATE), HotStatement(_CLAIM), HotStatement(_EXTEND), HotStatement(_STATEMENT)
+_HOT_CREATE, _HOT_CREATE_PLAIN, _HOT_CLAIM, _HOT_EXTEND, _HOT_WRITE = (
+    HotStatement(_CREATE), HotStatement(_CREATE_PLAIN), HotStatement(_CLAIM),
+    HotStatement(_EXTEND), HotStatement(_STATEMENT),
 )  # fmt: skip
 
 _SUCCEEDED = RequestStatus.SUCCEEDED.value
@@ -402,4 +427,7 @@ async def create(
         "c_days": [c["day"] for c in charged],
         "c_reserved": [c["reserved"] for c in charged],
     }
+    if not (model_bounds or key_bounds or charged):
+        await _HOT_CREATE_PLAIN.fetch(conn, params)  # nothing to count, nothing charged
+        return True
     return bool((await _HOT_CREATE.fetch(conn, params))[0][0])
