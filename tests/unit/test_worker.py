@@ -246,6 +246,41 @@ async def test_cancel_while_running_stops_between_chunks(
     assert store.kinds(request_id)[-1] == "error"
 
 
+class CountingStore(MemoryStore):
+    """The in-memory store, counting heartbeats per request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.beats: dict[str, int] = {}
+
+    async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
+        self.beats[lease.request_id] = self.beats.get(lease.request_id, 0) + 1
+        return await super().heartbeat(lease, lease_seconds)
+
+
+async def test_only_jobs_longer_than_a_heartbeat_period_send_heartbeats(
+    tmp_path: Path, bus: RecordingBus
+) -> None:
+    store = CountingStore()
+    async with executor_on(tmp_path, chunk_delay_s=0.05) as executor:
+        short = [await submit(store, STREAMER, "s", chunks=1) for _ in range(3)]
+        long = await submit(store, STREAMER, "l", chunks=20)  # ~1 s
+        worker = make_worker(store, bus, executor, heartbeat_seconds=0.3, concurrency=4)
+        running = asyncio.create_task(worker.run_burst())
+        seen: set[str] = set()  # the names of the tasks that ran meanwhile
+        while not running.done():
+            seen |= {task.get_name() for task in asyncio.all_tasks()}
+            await asyncio.sleep(0.002)
+        assert await running == 4
+    assert store.records[long].status is RequestStatus.SUCCEEDED
+    assert 2 <= store.beats.get(long, 0) <= 5  # every 0.3 s of its ~1 s
+    assert not any(store.beats.get(request_id) for request_id in short)
+    # One task for the heartbeats of all jobs, and one per heartbeat sent: none per job.
+    assert not seen & {f"heartbeat:{request_id}" for request_id in short}
+    assert "worker-heartbeats" in seen
+    assert not [task for task in asyncio.all_tasks() if "heartbeat" in task.get_name()]
+
+
 async def test_a_worker_that_lost_its_lease_writes_nothing(
     tmp_path: Path, store: MemoryStore, bus: RecordingBus
 ) -> None:
