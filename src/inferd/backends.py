@@ -9,6 +9,7 @@ request store (SQLite or PostgreSQL, one :class:`~inferd.jobs.sql.SqlStore`), th
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,15 +103,30 @@ class Backends:
     def worker(self, settings: Settings, executor: ModelExecutor, concurrency: int) -> Worker:
         """A worker that counts its outcomes and settles the budgets of finished requests."""
         metrics = self.enforcer.metrics
+        # Each job's observations are noted (a list append) and applied to the metrics at the
+        # next fold (every 0.1 s, and before every scrape); the notes of a series are kept.
+        slot = metrics.deferred.slot
+        runs: dict[tuple[str, str], Callable[[float], None]] = {}
+        durations: dict[str, Callable[[float], None]] = {}
+        tokens: dict[str, Callable[[float], None]] = {}
 
         def count(model: str, outcome: str, seconds: float) -> None:
-            metrics.job_runs.labels(model, outcome).inc()
-            metrics.job_seconds.labels(model).observe(seconds)
+            run = runs.get((model, outcome))
+            if run is None:
+                run = runs[model, outcome] = slot(metrics.job_runs.labels(model, outcome).inc)
+            run(1)
+            duration = durations.get(model)
+            if duration is None:
+                duration = durations[model] = slot(metrics.job_seconds.labels(model).observe)
+            duration(seconds)
 
         async def settle(lease: Any, event: Any, chunks: list[Any]) -> None:
-            metrics.tokens_processed.labels(lease.model).inc(
-                tokens_processed(executor, lease, event, chunks)
-            )
+            processed = tokens.get(lease.model)
+            if processed is None:
+                processed = tokens[lease.model] = slot(
+                    metrics.tokens_processed.labels(lease.model).inc
+                )
+            processed(tokens_processed(executor, lease, event, chunks))
             await settle_usage(self.enforcer, executor, lease, event, chunks)
             if executor.registry.find(lease.model) is not None and (
                 executor.jobs_options(lease.model).dedup
