@@ -104,29 +104,23 @@ class Backends:
         """A worker that counts its outcomes and settles the budgets of finished requests."""
         metrics = self.enforcer.metrics
         # Each job's observations are noted (a list append) and applied to the metrics at the
-        # next fold (every 0.1 s, and before every scrape); the notes of a series are kept.
-        slot = metrics.deferred.slot
-        runs: dict[tuple[str, str], Callable[[float], None]] = {}
-        durations: dict[str, Callable[[float], None]] = {}
-        tokens: dict[str, Callable[[float], None]] = {}
+        # next fold (every 0.1 s, and before every scrape); a series' slot is kept.
+        slots: dict[tuple[Any, ...], Callable[[float], None]] = {}
+
+        def note(metric: Any, method: str, *labels: str) -> Callable[[float], None]:
+            found = slots.get((metric, method, *labels))
+            if found is None:
+                apply = getattr(metric.labels(*labels), method)
+                found = slots[metric, method, *labels] = metrics.deferred.slot(apply)
+            return found
 
         def count(model: str, outcome: str, seconds: float) -> None:
-            run = runs.get((model, outcome))
-            if run is None:
-                run = runs[model, outcome] = slot(metrics.job_runs.labels(model, outcome).inc)
-            run(1)
-            duration = durations.get(model)
-            if duration is None:
-                duration = durations[model] = slot(metrics.job_seconds.labels(model).observe)
-            duration(seconds)
+            note(metrics.job_runs, "inc", model, outcome)(1)
+            note(metrics.job_seconds, "observe", model)(seconds)
 
         async def settle(lease: Any, event: Any, chunks: list[Any]) -> None:
-            processed = tokens.get(lease.model)
-            if processed is None:
-                processed = tokens[lease.model] = slot(
-                    metrics.tokens_processed.labels(lease.model).inc
-                )
-            processed(tokens_processed(executor, lease, event, chunks))
+            processed = tokens_processed(executor, lease, event, chunks)
+            note(metrics.tokens_processed, "inc", lease.model)(processed)
             await settle_usage(self.enforcer, executor, lease, event, chunks)
             if executor.registry.find(lease.model) is not None and (
                 executor.jobs_options(lease.model).dedup

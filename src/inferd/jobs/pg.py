@@ -255,6 +255,7 @@ _HOT_CREATE, _HOT_CREATE_PLAIN, _HOT_CLAIM, _HOT_EXTEND, _HOT_WRITE = (
 
 _SUCCEEDED = RequestStatus.SUCCEEDED.value
 _QUEUED = RequestStatus.QUEUED.value
+_FIRST = json_text({"status": _QUEUED, "attempt": 0})  # a new request's first event
 _RESPONSE = EventKind.RESPONSE
 _DONE = EventKind.DONE
 
@@ -402,7 +403,7 @@ async def create(
     transaction of its own), unless a bound is reached: ``model_bounds`` and ``key_bounds``
     are (model or key, bound, requests added to it). True if stored, False if refused."""
     params = {
-        "first": json.dumps({"status": _QUEUED, "attempt": 0}),
+        "first": _FIRST,
         "now": now,
         "mb_models": [model for model, _, _ in model_bounds],
         "mb_bounds": [bound for _, bound, _ in model_bounds],
