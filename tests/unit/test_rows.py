@@ -32,3 +32,12 @@ def test_json_text_takes_integers_past_64_bits() -> None:
 def test_json_text_refuses_what_is_not_json() -> None:
     with pytest.raises(TypeError):
         json_text({"x": object()})
+
+
+def test_sqlite_columns_read_back_what_orjson_and_an_older_json_dumps_wrote() -> None:
+    from inferd.jobs.lite import _json
+
+    assert _json(json_text({"a": [1, 2.5]})) == {"a": [1, 2.5]}
+    value = _json(json.dumps({"p": float("nan")}))  # an older version's NaN token
+    assert value["p"] != value["p"]
+    assert _json(3) == 3 and _json(None) is None  # a JSON number is stored as one

@@ -31,9 +31,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, TypeVar
 
+import orjson
+
 from inferd.db.schema import charges, events, jobs, requests
 from inferd.errors import StoreUnavailable
-from inferd.jobs.rows import Started, iso, to_datetime
+from inferd.jobs.rows import Started, iso, json_text, to_datetime
 from inferd.jobs.types import Event, EventKind, JobWrite, RequestStatus
 
 __all__ = ["SLOW_CLAIM_US", "Claimed", "LiteWriter"]
@@ -248,7 +250,7 @@ class LiteWriter:
                         row.last_seq,
                         EventKind.STATUS.value,
                         row.attempts,
-                        json.dumps({"status": _RUNNING, "attempt": row.attempts}),
+                        json_text({"status": _RUNNING, "attempt": row.attempts}),
                         now,
                     )
                     for row in started
@@ -291,14 +293,14 @@ class LiteWriter:
                         row["user_id"],
                         row["model"],
                         row["version"],
-                        json.dumps(row["input"]),
-                        json.dumps(row["parameters"]),
+                        json_text(row["input"]),
+                        json_text(row["parameters"]),
                         row["body_hash"],
                         _QUEUED,
                         row["max_attempts"],
                         now,
                         now,
-                        json.dumps(row["trace_context"]),
+                        json_text(row["trace_context"]),
                         row["expires_at"],
                     )
                     for row in rows
@@ -311,7 +313,7 @@ class LiteWriter:
                     for row, key_id in zip(rows, key_ids, strict=True)
                 ],
             )
-            first = json.dumps({"status": _QUEUED, "attempt": 0})
+            first = json_text({"status": _QUEUED, "attempt": 0})
             conn.executemany(
                 _STORED,
                 [(row["id"], 1, EventKind.STATUS.value, 0, first, now) for row in rows],
@@ -376,11 +378,11 @@ class LiteWriter:
                     seq += 1
                     done = {"status": _SUCCEEDED, "result": w.result}
                     new.append(_event(rid, seq, attempt, EventKind.DONE, done, created_at))
-                    ended.append((_SUCCEEDED, json.dumps(w.result), now, now, seq, rid))
+                    ended.append((_SUCCEEDED, json_text(w.result), now, now, seq, rid))
                 elif new:
                     moved.append((now, seq, rid))
                 stored.extend(
-                    (rid, e.seq, e.kind.value, attempt, json.dumps(e.data), now) for e in new
+                    (rid, e.seq, e.kind.value, attempt, json_text(e.data), now) for e in new
                 )
                 out.append(new)
             if ended:
@@ -409,4 +411,9 @@ def _event(
 def _json(stored: Any) -> Any:
     """A stored JSON column's value: SQL NULL as None, and a number as itself (a column of
     SQLite's type JSON has numeric affinity: the text of a JSON number is stored as one)."""
-    return json.loads(stored) if isinstance(stored, str) else stored
+    if not isinstance(stored, str):
+        return stored
+    try:
+        return orjson.loads(stored)
+    except orjson.JSONDecodeError:  # a NaN or an infinity, as an older version wrote them
+        return json.loads(stored)
