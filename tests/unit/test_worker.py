@@ -478,9 +478,10 @@ async def test_a_chunk_that_finds_a_lane_free_is_stored_by_its_own_task(
         await writer.close()
 
 
-async def test_a_postgres_store_lets_a_worker_write_in_two_lanes(tmp_path: Path) -> None:
+async def test_a_store_lets_a_worker_write_in_two_lanes(tmp_path: Path) -> None:
     from inferd.db.engine import sqlite_url
     from inferd.jobs.sql import SqlStore
 
-    assert SqlStore(sqlite_url(tmp_path / "q.db")).write_lanes == 1  # one writer: no use
+    # On SQLite the second lane's chunks take the one writer's lock before other writes.
+    assert SqlStore(sqlite_url(tmp_path / "q.db")).write_lanes == 2
     assert SqlStore("postgresql+asyncpg://nobody@127.0.0.1:1/none").write_lanes == 2

@@ -25,9 +25,12 @@ aiosqlite.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, TypeVar
 
@@ -37,8 +40,9 @@ from inferd.db.schema import charges, events, jobs, requests
 from inferd.errors import StoreUnavailable
 from inferd.jobs.rows import Started, iso, json_text, to_datetime
 from inferd.jobs.types import Event, EventKind, JobWrite, RequestStatus
+from inferd.logs import get_logger
 
-__all__ = ["SLOW_CLAIM_US", "Claimed", "LiteWriter"]
+__all__ = ["CHECKPOINT_SECONDS", "SLOW_CLAIM_US", "Claimed", "LiteWriter", "WriteLock"]
 
 T = TypeVar("T")
 _US = 1_000_000
@@ -47,11 +51,19 @@ SLOW_CLAIM_US = 20_000
 _QUEUED = RequestStatus.QUEUED.value
 _RUNNING = RequestStatus.RUNNING.value
 _SUCCEEDED = RequestStatus.SUCCEEDED.value
+CHECKPOINT_SECONDS = 0.25  # the least time between two checkpoints of the WAL
+
+log = get_logger("inferd.jobs")
 
 _HELD = (
     f"SELECT request_id, lease_token FROM {jobs.name} "
     "WHERE request_id IN ({ids}) AND state = ? AND lease_expires_at > ?"
 )
+_EXTEND = (
+    f"UPDATE {jobs.name} SET lease_expires_at = ? "
+    "WHERE request_id = ? AND state = ? AND lease_token = ? AND lease_expires_at > ?"
+)
+_CANCELLING = f"SELECT cancel_requested FROM {requests.name} WHERE id = ?"
 _SEQS = f"SELECT id, last_seq, attempts FROM {requests.name} WHERE id IN ({{ids}})"
 _GONE = f"DELETE FROM {jobs.name} WHERE request_id = ?"
 _ENDED = (
@@ -112,6 +124,68 @@ class Claimed(NamedTuple):
     overdue: bool
 
 
+class WriteLock:
+    """The process's SQLite write lock: an asyncio lock whose *urgent* waiters take it before
+    the others (first come, first served within each).
+
+    A streamed chunk's write is urgent: a follower is waiting for it. Measured with the
+    embedded default at 1,000 submits/s, a chunk waited ~4 ms on average (12 ms for the
+    slowest 5 %) for the writes queued before it (groups of submits, claims, completions),
+    each of which waits for no one. ``async with lock`` takes it in turn;
+    ``async with lock.urgent()`` before every waiter that is not urgent. The lock passes
+    straight from its holder to the next waiter, so nothing can take it in between."""
+
+    def __init__(self) -> None:
+        self._held = False
+        self._urgent: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._rest: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def locked(self) -> bool:
+        return self._held
+
+    async def acquire(self, urgent: bool = False) -> None:
+        if not self._held:
+            self._held = True
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._urgent if urgent else self._rest
+        waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed the lock, then cancelled: pass it on
+            else:
+                waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        if not self._held:
+            raise RuntimeError("release of a WriteLock that is not held")
+        for waiters in (self._urgent, self._rest):
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)  # held on: it passes to that waiter
+                    return
+        self._held = False
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    @contextlib.asynccontextmanager
+    async def urgent(self) -> AsyncIterator[None]:
+        """Hold the lock, taken before the waiters that are not urgent."""
+        await self.acquire(urgent=True)
+        try:
+            yield
+        finally:
+            self.release()
+
+
 class LiteWriter:
     """Group writes on the SQLite database at ``path``, each in one call to a thread that
     holds its own connection (opened on first use, with the store's pragmas)."""
@@ -121,6 +195,12 @@ class LiteWriter:
         self._busy_timeout = busy_timeout
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="inferd-sqlite-writer")
         self._conn: sqlite3.Connection | None = None
+        # Checkpoints (the WAL copied back into the database) on a thread of their own; see
+        # _checkpoint_soon.
+        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="inferd-sqlite-checkpoint")
+        self._checkpoint_conn: sqlite3.Connection | None = None
+        self._checkpointed = 0.0  # time.monotonic() of the last one asked for
+        self._checkpointing = False
 
     async def write(self, writes: Sequence[JobWrite], now: int) -> list[list[Event] | None]:
         """:meth:`inferd.jobs.sql.SqlStore.write` at ``now`` (µs); the caller holds the
@@ -157,10 +237,16 @@ class LiteWriter:
         process's write lock. True if stored, False (nothing stored) if a bound is reached."""
         return await self._call(self._create, rows, charged, key_ids, model_bounds, key_bounds, now)
 
+    async def heartbeat(self, request_id: str, token: str, now: int, expires: int) -> bool | None:
+        """Extend a valid lease to ``expires`` (µs): None if the lease is no longer valid at
+        ``now``, else whether the request goes on (False: a cancel was asked for); as
+        :meth:`inferd.jobs.sql.SqlStore.heartbeat`, the caller holding the write lock."""
+        return await self._call(self._heartbeat, request_id, token, now, expires)
+
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._thread, fn, *args)
+            return await loop.run_in_executor(self._thread, self._run, fn, *args)
         except sqlite3.OperationalError as exc:  # locked past the busy timeout, disk, ...
             raise StoreUnavailable(
                 "the request store is unavailable; try again later", retry_after=1
@@ -170,6 +256,8 @@ class LiteWriter:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._thread, self._close)
         self._thread.shutdown(wait=True)
+        await loop.run_in_executor(self._checkpointer, self._close_checkpoints)
+        self._checkpointer.shutdown(wait=True)
 
     # --- on the writer's thread ----------------------------------------------------------------
 
@@ -179,13 +267,75 @@ class LiteWriter:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does them
             self._conn = conn
         return self._conn
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        finally:
+            self._checkpoint_soon()
+
+    def _checkpoint_soon(self) -> None:
+        """Ask the checkpointer's thread for a checkpoint, at most every CHECKPOINT_SECONDS.
+
+        SQLite checkpoints by default in the transaction whose commit takes the WAL past 1,000
+        pages: at 1,000 submits/s that was every second or so, and that transaction (a group of
+        submits, a claim or a streamed chunk, with the write lock held) took 10-15 ms instead
+        of ~1. A passive checkpoint from another connection copies what it can without
+        waiting for or stopping the writer, so the writer's connection does none."""
+        now = time.monotonic()
+        if self._checkpointing or now - self._checkpointed < CHECKPOINT_SECONDS:
+            return
+        self._checkpointing = True
+        self._checkpointed = now
+        try:
+            self._checkpointer.submit(self._checkpoint)
+        except RuntimeError:  # shut down: closing
+            self._checkpointing = False
+
+    # --- on the checkpointer's thread ----------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        try:
+            if self._checkpoint_conn is None:
+                self._checkpoint_conn = sqlite3.connect(
+                    self._path, timeout=self._busy_timeout, isolation_level=None
+                )
+            self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:  # the next one tries again; SQLite's own do no better
+            log.debug("sqlite checkpoint failed", detail=repr(exc))
+        finally:
+            self._checkpointing = False
+
+    def _close_checkpoints(self) -> None:
+        if self._checkpoint_conn is not None:
+            self._checkpoint_conn.close()
+            self._checkpoint_conn = None
+
+    # --- on the writer's thread ----------------------------------------------------------------
 
     def _close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def _heartbeat(self, request_id: str, token: str, now: int, expires: int) -> bool | None:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            extended = conn.execute(_EXTEND, (expires, request_id, _RUNNING, token, now))
+            if extended.rowcount != 1:
+                conn.execute("COMMIT")
+                return None
+            (cancel,) = conn.execute(_CANCELLING, (request_id,)).fetchone()
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return not cancel
 
     def _claim(
         self,

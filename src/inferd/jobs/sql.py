@@ -75,7 +75,7 @@ from inferd.errors import (
 )
 from inferd.jobs import pg
 from inferd.jobs.ids import decode_cursor, encode_cursor, new_request_id
-from inferd.jobs.lite import SLOW_CLAIM_US, LiteWriter
+from inferd.jobs.lite import SLOW_CLAIM_US, LiteWriter, WriteLock
 from inferd.jobs.rows import body_hash, iso, to_datetime, to_event, to_record
 from inferd.jobs.types import (
     TERMINAL,
@@ -207,12 +207,15 @@ class SqlStore:
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._postgres = self._engine.dialect.name == "postgresql"
+        # SQLite has one writer: the process's writes take turns, a streamed chunk's first.
+        self._lock = None if self._postgres else WriteLock()
         self._write_lock: contextlib.AbstractAsyncContextManager[Any] = (
-            contextlib.nullcontext() if self._postgres else asyncio.Lock()
+            contextlib.nullcontext() if self._lock is None else self._lock
         )
-        # Write transactions a worker may run at once (PostgreSQL's row locks let them; on
-        # SQLite a second one would only wait for the write lock with a smaller batch).
-        self.write_lanes = 2 if self._postgres else 1
+        # Write transactions a worker may run at once: on PostgreSQL side by side (row
+        # locks); on SQLite the second lane is for streamed chunks, which take the write lock
+        # before anything else waiting for it, not after the completions in the first lane.
+        self.write_lanes = 2
         # SQLite: a worker's group write in one hand-off to a thread (see inferd.jobs.lite).
         self._lite: LiteWriter | None = None
         if not self._postgres:
@@ -678,7 +681,9 @@ class SqlStore:
             async with self._one_statement() as conn:
                 return await pg.group_write(conn, writes, round(self._clock() * _US))
         assert self._lite is not None  # SQLite: one hand-off to a thread (inferd.jobs.lite)
-        async with self._write_lock:
+        assert self._lock is not None
+        lock = self._lock if any(w.done for w in writes) else self._lock.urgent()
+        async with lock:  # streamed chunks alone: before what else waits
             return await self._lite.write(writes, round(self._clock() * _US))
 
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
@@ -686,6 +691,16 @@ class SqlStore:
         lease is still extended, so that the worker has time to call finish_cancelled)."""
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be positive")
+        if self._lite is not None:
+            # One hand-off to the writer's thread: through the general path's several round
+            # trips (each a turn of the busy event loop) the write lock was held ~25 ms, and
+            # a streamed chunk waited for it.
+            async with self._available(), self._write_lock:
+                now = round(self._clock() * _US)
+                going = await self._lite.heartbeat(
+                    lease.request_id, lease.token, now, now + round(lease_seconds * _US)
+                )
+            return bool(going)
         async with self._write() as tx:
             held = await tx.hold(lease)
             if held is None:
