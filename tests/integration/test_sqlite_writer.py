@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from inferd.db.engine import sqlite_url
+from inferd.errors import StoreUnavailable
 from inferd.jobs import lite
 from inferd.jobs.sql import SqlStore
-from inferd.jobs.types import JobWrite
+from inferd.jobs.types import JobWrite, RequestStatus
 
 pytestmark = pytest.mark.integration
 
@@ -46,39 +49,89 @@ async def test_the_wal_is_checkpointed_by_the_checkpointer_not_by_the_writer(
         assert _requests_in_main_file(path, tmp_path) == 21
         writer = store._lite
         assert writer is not None and writer._conn is not None
-        autocheckpoint = await asyncio.get_running_loop().run_in_executor(
-            writer._thread,
-            lambda: writer._connection().execute("PRAGMA wal_autocheckpoint").fetchone()[0],
+        autocheckpoint = await writer._call(
+            lambda: writer._connection().execute("PRAGMA wal_autocheckpoint").fetchone()[0]
         )
         assert autocheckpoint == 0  # the writer's commits never checkpoint
     finally:
         await store.close()
 
 
-async def test_a_streamed_chunk_takes_the_write_lock_before_the_writes_waiting(
+async def test_a_streamed_chunk_goes_before_the_writes_waiting(
     tmp_path: Path, sqlite_template: Path
 ) -> None:
     path = tmp_path / "inferd.db"
     shutil.copyfile(sqlite_template, path)
     store = await SqlStore.connect(sqlite_url(path))
     try:
-        for n in range(2):
+        for n in range(3):
             await store.create(user="alice", model="echo", input={"n": n}, parameters={})
         lease = await store.claim("worker-1", 30)
         assert lease is not None
-        lock = store._lock
-        assert lock is not None
+        writer = store._lite
+        assert writer is not None
         order: list[str] = []
-        await lock.acquire()  # a write in progress
-        claim = asyncio.ensure_future(store.claim("worker-2", 30))
-        claim.add_done_callback(lambda _: order.append("claim"))
-        await asyncio.sleep(0.01)
-        chunk = asyncio.ensure_future(store.write([JobWrite(lease, ({"response": 1},))]))
-        chunk.add_done_callback(lambda _: order.append("chunk"))
-        await asyncio.sleep(0.01)
-        lock.release()
-        await asyncio.gather(claim, chunk)
-        assert order == ["chunk", "claim"]
-        assert chunk.result()[0] is not None and claim.result() is not None
+
+        def started(name: str) -> asyncio.Future[Any]:
+            future = asyncio.ensure_future(
+                store.claim(name, 30)
+                if name.startswith("claim")
+                else store.write([JobWrite(lease, ({"response": name},))])
+            )
+            future.add_done_callback(lambda _: order.append(name))
+            return future
+
+        async with writer.exclusive():  # the writer's thread busy: the calls wait
+            calls = [started("claim-1"), started("chunk"), started("claim-2")]
+            await asyncio.sleep(0.05)
+            assert order == []
+        await asyncio.gather(*calls)
+        assert order == ["chunk", "claim-1", "claim-2"]
+        assert all(call.result() is not None for call in calls)
     finally:
         await store.close()
+
+
+async def test_a_write_of_the_general_path_waits_for_the_writer_thread_not_sqlite(
+    tmp_path: Path, sqlite_template: Path
+) -> None:
+    """A cancel (a transaction through SQLAlchemy's connection) asked for while the writer
+    thread is in a long transaction runs after it, rather than failing in SQLite's busy
+    timeout (here 50 ms) for the lock that transaction holds."""
+    path = tmp_path / "inferd.db"
+    shutil.copyfile(sqlite_template, path)
+    store = await SqlStore.connect(sqlite_url(path), busy_timeout=0.05)
+    try:
+        record, _ = await store.create(user="alice", model="echo", input={}, parameters={})
+        writer = store._lite
+        assert writer is not None
+
+        def long_transaction() -> None:
+            conn = writer._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            time.sleep(0.3)
+            conn.execute("COMMIT")
+
+        held = asyncio.ensure_future(writer._call(long_transaction))
+        await asyncio.sleep(0.05)  # it holds SQLite's write lock
+        cancelled = await store.cancel(record.id, "alice")
+        assert cancelled is not None and cancelled.status is RequestStatus.CANCELLED
+        assert held.done()
+    finally:
+        await store.close()
+
+
+async def test_calls_after_close_are_refused_and_close_ends_the_thread(
+    tmp_path: Path, sqlite_template: Path
+) -> None:
+    path = tmp_path / "inferd.db"
+    shutil.copyfile(sqlite_template, path)
+    store = await SqlStore.connect(sqlite_url(path))
+    await store.create(user="alice", model="echo", input={}, parameters={})
+    writer = store._lite
+    assert writer is not None and writer._thread is not None
+    thread = writer._thread
+    await store.close()
+    assert not thread.is_alive()
+    with pytest.raises(StoreUnavailable):
+        await writer.write([], time.time)

@@ -16,10 +16,17 @@ claim also says whether some running job's lease has expired; the caller then re
 transaction of the general path, rare) and claims again, as on PostgreSQL
 (:mod:`inferd.jobs.pg`). A group of submits that would pass a queue bound stores nothing and
 says so: the caller stores its requests one at a time, each getting its own answer.
-Writers of the store's process still take its asyncio write lock first (see
-:class:`inferd.jobs.sql.SqlStore`), so this connection never waits for another writer of
-the process; other processes' writers are waited for in SQLite's busy timeout, as with
-aiosqlite.
+The thread takes its calls in order, a streamed chunk's write before any other call
+waiting (a follower waits for it), and starts the next as soon as one ends: a call does not
+wait for the event loop to have taken the previous one's answer. (Each held an asyncio lock
+until then; at 1,000 submits/s in the embedded default that lock was busy ~75 % of the
+time for ~1 ms of SQLite work per call, and a chunk or a submit waited for it up to 12 ms
+at p99.) A write of the store's general path (SQLAlchemy's connection: cancels, the
+maintenance, rare paths) holds the thread idle between two calls while it runs
+(:meth:`LiteWriter.exclusive`), so neither connection waits for the other in SQLite's busy
+handler; other processes' writers are waited for in SQLite's busy timeout, as with
+aiosqlite. The writer's connection does no checkpoints: a thread of their own does
+(:meth:`LiteWriter._checkpoint_soon`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import collections
 import contextlib
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +50,7 @@ from inferd.jobs.rows import Started, iso, json_text, to_datetime
 from inferd.jobs.types import Event, EventKind, JobWrite, RequestStatus
 from inferd.logs import get_logger
 
-__all__ = ["CHECKPOINT_SECONDS", "SLOW_CLAIM_US", "Claimed", "LiteWriter", "WriteLock"]
+__all__ = ["CHECKPOINT_SECONDS", "SLOW_CLAIM_US", "Claimed", "LiteWriter"]
 
 T = TypeVar("T")
 _US = 1_000_000
@@ -124,66 +132,21 @@ class Claimed(NamedTuple):
     overdue: bool
 
 
-class WriteLock:
-    """The process's SQLite write lock: an asyncio lock whose *urgent* waiters take it before
-    the others (first come, first served within each).
+class _Call(NamedTuple):
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
 
-    A streamed chunk's write is urgent: a follower is waiting for it. Measured with the
-    embedded default at 1,000 submits/s, a chunk waited ~4 ms on average (12 ms for the
-    slowest 5 %) for the writes queued before it (groups of submits, claims, completions),
-    each of which waits for no one. ``async with lock`` takes it in turn;
-    ``async with lock.urgent()`` before every waiter that is not urgent. The lock passes
-    straight from its holder to the next waiter, so nothing can take it in between."""
 
-    def __init__(self) -> None:
-        self._held = False
-        self._urgent: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._rest: collections.deque[asyncio.Future[None]] = collections.deque()
+def _succeed(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():  # (its caller was cancelled meanwhile)
+        future.set_result(result)
 
-    def locked(self) -> bool:
-        return self._held
 
-    async def acquire(self, urgent: bool = False) -> None:
-        if not self._held:
-            self._held = True
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiters = self._urgent if urgent else self._rest
-        waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # handed the lock, then cancelled: pass it on
-            else:
-                waiters.remove(waiter)
-            raise
-
-    def release(self) -> None:
-        if not self._held:
-            raise RuntimeError("release of a WriteLock that is not held")
-        for waiters in (self._urgent, self._rest):
-            while waiters:
-                waiter = waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)  # held on: it passes to that waiter
-                    return
-        self._held = False
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.release()
-
-    @contextlib.asynccontextmanager
-    async def urgent(self) -> AsyncIterator[None]:
-        """Hold the lock, taken before the waiters that are not urgent."""
-        await self.acquire(urgent=True)
-        try:
-            yield
-        finally:
-            self.release()
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 class LiteWriter:
@@ -193,8 +156,13 @@ class LiteWriter:
     def __init__(self, path: str, busy_timeout: float) -> None:
         self._path = path
         self._busy_timeout = busy_timeout
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="inferd-sqlite-writer")
         self._conn: sqlite3.Connection | None = None
+        # The writer's thread takes its calls from two queues, the urgent one first.
+        self._urgent: collections.deque[_Call] = collections.deque()
+        self._rest: collections.deque[_Call] = collections.deque()
+        self._ready = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self._closed = False
         # Checkpoints (the WAL copied back into the database) on a thread of their own; see
         # _checkpoint_soon.
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="inferd-sqlite-checkpoint")
@@ -202,10 +170,13 @@ class LiteWriter:
         self._checkpointed = 0.0  # time.monotonic() of the last one asked for
         self._checkpointing = False
 
-    async def write(self, writes: Sequence[JobWrite], now: int) -> list[list[Event] | None]:
-        """:meth:`inferd.jobs.sql.SqlStore.write` at ``now`` (µs); the caller holds the
-        process's write lock. StoreUnavailable when the database cannot be written."""
-        return await self._call(self._write, writes, now)
+    async def write(
+        self, writes: Sequence[JobWrite], clock: Callable[[], float], *, urgent: bool = False
+    ) -> list[list[Event] | None]:
+        """:meth:`inferd.jobs.sql.SqlStore.write`, judged at ``clock()`` read on the thread;
+        ``urgent``: before every call waiting that is not (a streamed chunk, which a follower
+        waits for). StoreUnavailable when the database cannot be written."""
+        return await self._call(self._write, writes, clock, urgent=urgent)
 
     async def claim(
         self,
@@ -218,7 +189,7 @@ class LiteWriter:
         clock: Callable[[], float],
     ) -> Claimed:
         """Take up to ``limit`` of the oldest due jobs (of ``models`` if given) with a lease
-        of ``token``; the caller holds the process's write lock. The time is read on the
+        of ``token``. The time is read on the
         thread once the database's write lock is held, and again at the end: a slow claim's
         leases count from its end (see :meth:`inferd.jobs.sql.SqlStore.claim_many`)."""
         return await self._call(self._claim, worker_id, token, lease_seconds, limit, models, clock)
@@ -233,29 +204,72 @@ class LiteWriter:
         key_bounds: Sequence[tuple[str, int, int]],
         now: int,
     ) -> bool:
-        """Store new requests as :func:`inferd.jobs.pg.create` does; the caller holds the
-        process's write lock. True if stored, False (nothing stored) if a bound is reached."""
+        """Store new requests as :func:`inferd.jobs.pg.create` does, at ``now`` (µs). True if
+        stored, False (nothing stored) if a bound is reached."""
         return await self._call(self._create, rows, charged, key_ids, model_bounds, key_bounds, now)
 
-    async def heartbeat(self, request_id: str, token: str, now: int, expires: int) -> bool | None:
-        """Extend a valid lease to ``expires`` (µs): None if the lease is no longer valid at
-        ``now``, else whether the request goes on (False: a cancel was asked for); as
-        :meth:`inferd.jobs.sql.SqlStore.heartbeat`, the caller holding the write lock."""
-        return await self._call(self._heartbeat, request_id, token, now, expires)
+    async def heartbeat(
+        self, request_id: str, token: str, lease_seconds: float, clock: Callable[[], float]
+    ) -> bool | None:
+        """Extend a valid lease by ``lease_seconds`` from ``clock()`` read on the thread: None
+        if the lease is no longer valid, else whether the request goes on (False: a cancel
+        was asked for); as :meth:`inferd.jobs.sql.SqlStore.heartbeat`."""
+        return await self._call(self._heartbeat, request_id, token, lease_seconds, clock)
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Hold the writer's thread idle, between two of its transactions, while the body runs:
+        for a write of the process through another connection (the store's general path),
+        which would otherwise wait in SQLite's busy handler for this one's lock."""
         loop = asyncio.get_running_loop()
+        holding: asyncio.Future[None] = loop.create_future()
+        resume = threading.Event()
+
+        def hold() -> None:
+            loop.call_soon_threadsafe(_succeed, holding, None)
+            resume.wait()
+
         try:
-            return await loop.run_in_executor(self._thread, self._run, fn, *args)
+            self._submit(hold, ())
+            await holding
+            yield
+        finally:
+            resume.set()  # (before it ran, if cancelled meanwhile: it then returns at once)
+
+    def _submit(self, fn: Callable[..., T], args: tuple[Any, ...], urgent: bool = False) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._ready:
+            if self._closed:
+                raise StoreUnavailable("the request store is closed", retry_after=1)
+            (self._urgent if urgent else self._rest).append(_Call(fn, args, future, loop))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name="inferd-sqlite-writer", daemon=True
+                )
+                self._thread.start()
+            self._ready.notify()
+        return future
+
+    async def _call(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> T:
+        future: asyncio.Future[T] = self._submit(fn, args, urgent)
+        try:
+            return await future
         except sqlite3.OperationalError as exc:  # locked past the busy timeout, disk, ...
             raise StoreUnavailable(
                 "the request store is unavailable; try again later", retry_after=1
             ) from exc
 
     async def close(self) -> None:
+        """Run the calls already asked for, then close the connections and end the threads."""
+        if self._thread is not None:
+            await self._call(self._close)
+            with self._ready:
+                self._closed = True
+                self._ready.notify()
+            await asyncio.to_thread(self._thread.join)
+        self._closed = True
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._thread, self._close)
-        self._thread.shutdown(wait=True)
         await loop.run_in_executor(self._checkpointer, self._close_checkpoints)
         self._checkpointer.shutdown(wait=True)
 
@@ -271,11 +285,26 @@ class LiteWriter:
             self._conn = conn
         return self._conn
 
-    def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return fn(*args)
-        finally:
-            self._checkpoint_soon()
+    def _serve(self) -> None:
+        """The writer's thread: each call in turn, the urgent first, each answered on its
+        event loop as it ends; the next starts at once, without waiting for that loop."""
+        ready = self._ready
+        while True:
+            with ready:
+                while not self._urgent and not self._rest:
+                    if self._closed:
+                        return
+                    ready.wait()
+                call = self._urgent.popleft() if self._urgent else self._rest.popleft()
+            try:
+                result = call.fn(*call.args)
+            except BaseException as exc:  # handed to the caller, whatever it is
+                call.loop.call_soon_threadsafe(_fail, call.future, exc)
+            else:
+                call.loop.call_soon_threadsafe(_succeed, call.future, result)
+            finally:
+                self._checkpoint_soon()
+            del call  # (holds the result until the next call otherwise)
 
     def _checkpoint_soon(self) -> None:
         """Ask the checkpointer's thread for a checkpoint, at most every CHECKPOINT_SECONDS.
@@ -321,10 +350,14 @@ class LiteWriter:
             self._conn.close()
             self._conn = None
 
-    def _heartbeat(self, request_id: str, token: str, now: int, expires: int) -> bool | None:
+    def _heartbeat(
+        self, request_id: str, token: str, lease_seconds: float, clock: Callable[[], float]
+    ) -> bool | None:
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
+            now = round(clock() * _US)  # once the database's write lock is held
+            expires = now + round(lease_seconds * _US)
             extended = conn.execute(_EXTEND, (expires, request_id, _RUNNING, token, now))
             if extended.rowcount != 1:
                 conn.execute("COMMIT")
@@ -483,12 +516,15 @@ class LiteWriter:
             raise
         return True
 
-    def _write(self, writes: Sequence[JobWrite], now: int) -> list[list[Event] | None]:
+    def _write(
+        self, writes: Sequence[JobWrite], clock: Callable[[], float]
+    ) -> list[list[Event] | None]:
         conn = self._connection()
         tokens = {w.lease.request_id: w.lease.token for w in writes}
         marks = ", ".join("?" * len(tokens))
         conn.execute("BEGIN IMMEDIATE")
         try:
+            now = round(clock() * _US)  # once the database's write lock is held
             found = conn.execute(_HELD.format(ids=marks), (*tokens, _RUNNING, now)).fetchall()
             held = {rid for rid, token in found if tokens[rid] == token}
             if not held:

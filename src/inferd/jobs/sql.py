@@ -75,7 +75,7 @@ from inferd.errors import (
 )
 from inferd.jobs import pg
 from inferd.jobs.ids import decode_cursor, encode_cursor, new_request_id
-from inferd.jobs.lite import SLOW_CLAIM_US, LiteWriter, WriteLock
+from inferd.jobs.lite import SLOW_CLAIM_US, LiteWriter
 from inferd.jobs.rows import body_hash, iso, to_datetime, to_event, to_record
 from inferd.jobs.types import (
     TERMINAL,
@@ -207,14 +207,14 @@ class SqlStore:
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._postgres = self._engine.dialect.name == "postgresql"
-        # SQLite has one writer: the process's writes take turns, a streamed chunk's first.
-        self._lock = None if self._postgres else WriteLock()
+        # On SQLite, the writes of the general path take turns, and hold the hot path's
+        # writer thread (inferd.jobs.lite) idle while they run.
         self._write_lock: contextlib.AbstractAsyncContextManager[Any] = (
-            contextlib.nullcontext() if self._lock is None else self._lock
+            contextlib.nullcontext() if self._postgres else asyncio.Lock()
         )
         # Write transactions a worker may run at once: on PostgreSQL side by side (row
-        # locks); on SQLite the second lane is for streamed chunks, which take the write lock
-        # before anything else waiting for it, not after the completions in the first lane.
+        # locks); on SQLite the second lane is for streamed chunks, which the writer thread
+        # takes before anything else waiting, not after the completions in the first lane.
         self.write_lanes = 2
         # SQLite: a worker's group write in one hand-off to a thread (see inferd.jobs.lite).
         self._lite: LiteWriter | None = None
@@ -281,7 +281,8 @@ class SqlStore:
 
     @contextlib.asynccontextmanager
     async def _write(self) -> AsyncIterator[_Tx]:
-        async with self._available(), self._write_lock, self._engine.begin() as conn:
+        lite = self._lite.exclusive() if self._lite is not None else contextlib.nullcontext()
+        async with self._available(), self._write_lock, lite, self._engine.begin() as conn:
             # The time is read once the write lock is held: leases are judged at that instant.
             yield _Tx(conn, round(self._clock() * _US), self._postgres)
 
@@ -487,7 +488,7 @@ class SqlStore:
 
         rows = [item.row for item in items]
         if self._lite is not None:
-            async with self._available(), self._write_lock:
+            async with self._available():
                 now = round(self._clock() * _US)
                 owed = stamp(now)
                 return await self._lite.create(
@@ -623,7 +624,7 @@ class SqlStore:
         """One claim on SQLite, in one hand-off to the writer thread (:mod:`inferd.jobs.lite`):
         the rows of the requests it started, their lease expiry, whether a lease had expired."""
         assert self._lite is not None  # every SQLite store has one
-        async with self._available(), self._write_lock:
+        async with self._available():
             claimed = await self._lite.claim(
                 worker_id=worker_id,
                 token=token,
@@ -681,10 +682,8 @@ class SqlStore:
             async with self._one_statement() as conn:
                 return await pg.group_write(conn, writes, round(self._clock() * _US))
         assert self._lite is not None  # SQLite: one hand-off to a thread (inferd.jobs.lite)
-        assert self._lock is not None
-        lock = self._lock if any(w.done for w in writes) else self._lock.urgent()
-        async with lock:  # streamed chunks alone: before what else waits
-            return await self._lite.write(writes, round(self._clock() * _US))
+        # Streamed chunks alone (a follower waits for them): before what else waits.
+        return await self._lite.write(writes, self._clock, urgent=not any(w.done for w in writes))
 
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
         """Extend the lease. False if it was lost, or if the request was cancelled (then the
@@ -695,10 +694,9 @@ class SqlStore:
             # One hand-off to the writer's thread: through the general path's several round
             # trips (each a turn of the busy event loop) the write lock was held ~25 ms, and
             # a streamed chunk waited for it.
-            async with self._available(), self._write_lock:
-                now = round(self._clock() * _US)
+            async with self._available():
                 going = await self._lite.heartbeat(
-                    lease.request_id, lease.token, now, now + round(lease_seconds * _US)
+                    lease.request_id, lease.token, lease_seconds, self._clock
                 )
             return bool(going)
         async with self._write() as tx:
