@@ -57,7 +57,7 @@ async def test_the_wal_is_checkpointed_by_the_checkpointer_not_by_the_writer(
         await store.close()
 
 
-async def test_a_streamed_chunk_goes_before_the_writes_waiting(
+async def test_a_streamed_chunk_then_a_submit_go_before_the_writes_waiting(
     tmp_path: Path, sqlite_template: Path
 ) -> None:
     path = tmp_path / "inferd.db"
@@ -70,23 +70,33 @@ async def test_a_streamed_chunk_goes_before_the_writes_waiting(
         assert lease is not None
         writer = store._lite
         assert writer is not None
-        order: list[str] = []
+        order: list[str] = []  # as the writer's thread runs them
+        for name in ("_claim", "_create", "_write"):
+            run = getattr(writer, name)
+
+            def noted(*args: Any, _run: Any = run, _name: str = name) -> Any:
+                order.append(_name)
+                return _run(*args)
+
+            setattr(writer, name, noted)
 
         def started(name: str) -> asyncio.Future[Any]:
-            future = asyncio.ensure_future(
-                store.claim(name, 30)
-                if name.startswith("claim")
-                else store.write([JobWrite(lease, ({"response": name},))])
-            )
-            future.add_done_callback(lambda _: order.append(name))
-            return future
+            call: Any
+            if name.startswith("claim"):
+                call = store.claim(name, 30)
+            elif name == "submit":
+                call = store.create(user="bob", model="echo", input={}, parameters={})
+            else:
+                call = store.write([JobWrite(lease, ({"response": name},))])
+            return asyncio.ensure_future(call)
 
         async with writer.exclusive():  # the writer's thread busy: the calls wait
-            calls = [started("claim-1"), started("chunk"), started("claim-2")]
+            calls = [started("claim-1"), started("submit"), started("chunk"), started("claim-2")]
             await asyncio.sleep(0.05)
             assert order == []
         await asyncio.gather(*calls)
-        assert order == ["chunk", "claim-1", "claim-2"]
+        # A follower waits for the chunk, a client for the submit's answer: then the rest.
+        assert order == ["_write", "_create", "_claim", "_claim"]
         assert all(call.result() is not None for call in calls)
     finally:
         await store.close()

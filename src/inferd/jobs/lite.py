@@ -17,7 +17,8 @@ transaction of the general path, rare) and claims again, as on PostgreSQL
 (:mod:`inferd.jobs.pg`). A group of submits that would pass a queue bound stores nothing and
 says so: the caller stores its requests one at a time, each getting its own answer.
 The thread takes its calls in order, a streamed chunk's write before any other call
-waiting (a follower waits for it), and starts the next as soon as one ends: a call does not
+waiting (a follower waits for it), then a group of submits (each client waits for its
+answer), then the rest; and it starts the next as soon as one ends: a call does not
 wait for the event loop to have taken the previous one's answer. (Each held an asyncio lock
 until then; at 1,000 submits/s in the embedded default that lock was busy ~75 % of the
 time for ~1 ms of SQLite work per call, and a chunk or a submit waited for it up to 12 ms
@@ -132,6 +133,12 @@ class Claimed(NamedTuple):
     overdue: bool
 
 
+# The writer thread's priorities: a streamed chunk's write (a follower waits for it), then a
+# group of submits (each client waits for its 202), then the rest (claims, completions, ...).
+_CHUNK, _SUBMIT, _OTHER = range(3)
+_PRIORITIES = 3
+
+
 class _Call(NamedTuple):
     fn: Callable[..., Any]
     args: tuple[Any, ...]
@@ -157,9 +164,10 @@ class LiteWriter:
         self._path = path
         self._busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
-        # The writer's thread takes its calls from two queues, the urgent one first.
-        self._urgent: collections.deque[_Call] = collections.deque()
-        self._rest: collections.deque[_Call] = collections.deque()
+        # The writer's thread takes its calls from a queue per priority, the first first.
+        self._queues: tuple[collections.deque[_Call], ...] = tuple(
+            collections.deque() for _ in range(_PRIORITIES)
+        )
         self._ready = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -174,9 +182,9 @@ class LiteWriter:
         self, writes: Sequence[JobWrite], clock: Callable[[], float], *, urgent: bool = False
     ) -> list[list[Event] | None]:
         """:meth:`inferd.jobs.sql.SqlStore.write`, judged at ``clock()`` read on the thread;
-        ``urgent``: before every call waiting that is not (a streamed chunk, which a follower
+        ``urgent``: before every other call waiting (a streamed chunk, which a follower
         waits for). StoreUnavailable when the database cannot be written."""
-        return await self._call(self._write, writes, clock, urgent=urgent)
+        return await self._call(self._write, writes, clock, priority=_CHUNK if urgent else _OTHER)
 
     async def claim(
         self,
@@ -206,7 +214,9 @@ class LiteWriter:
     ) -> bool:
         """Store new requests as :func:`inferd.jobs.pg.create` does, at ``now`` (µs). True if
         stored, False (nothing stored) if a bound is reached."""
-        return await self._call(self._create, rows, charged, key_ids, model_bounds, key_bounds, now)
+        return await self._call(
+            self._create, rows, charged, key_ids, model_bounds, key_bounds, now, priority=_SUBMIT
+        )
 
     async def heartbeat(
         self, request_id: str, token: str, lease_seconds: float, clock: Callable[[], float]
@@ -236,13 +246,13 @@ class LiteWriter:
         finally:
             resume.set()  # (before it ran, if cancelled meanwhile: it then returns at once)
 
-    def _submit(self, fn: Callable[..., T], args: tuple[Any, ...], urgent: bool = False) -> Any:
+    def _submit(self, fn: Callable[..., T], args: tuple[Any, ...], priority: int = _OTHER) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._ready:
             if self._closed:
                 raise StoreUnavailable("the request store is closed", retry_after=1)
-            (self._urgent if urgent else self._rest).append(_Call(fn, args, future, loop))
+            self._queues[priority].append(_Call(fn, args, future, loop))
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._serve, name="inferd-sqlite-writer", daemon=True
@@ -251,8 +261,8 @@ class LiteWriter:
             self._ready.notify()
         return future
 
-    async def _call(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> T:
-        future: asyncio.Future[T] = self._submit(fn, args, urgent)
+    async def _call(self, fn: Callable[..., T], *args: Any, priority: int = _OTHER) -> T:
+        future: asyncio.Future[T] = self._submit(fn, args, priority)
         try:
             return await future
         except sqlite3.OperationalError as exc:  # locked past the busy timeout, disk, ...
@@ -286,16 +296,16 @@ class LiteWriter:
         return self._conn
 
     def _serve(self) -> None:
-        """The writer's thread: each call in turn, the urgent first, each answered on its
+        """The writer's thread: each call in turn by priority, each answered on its
         event loop as it ends; the next starts at once, without waiting for that loop."""
-        ready = self._ready
+        ready, queues = self._ready, self._queues
         while True:
             with ready:
-                while not self._urgent and not self._rest:
+                while not any(queues):
                     if self._closed:
                         return
                     ready.wait()
-                call = self._urgent.popleft() if self._urgent else self._rest.popleft()
+                call = next(queue for queue in queues if queue).popleft()
             try:
                 result = call.fn(*call.args)
             except BaseException as exc:  # handed to the caller, whatever it is
