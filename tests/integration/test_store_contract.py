@@ -445,6 +445,39 @@ async def test_a_batch_write_is_fenced_per_lease(store: SqlStore, clock: Clock) 
         await store.write([JobWrite(fresh), JobWrite(fresh)])
 
 
+async def test_a_write_of_streamed_chunks_alone_is_fenced_per_lease(
+    store: SqlStore, clock: Clock
+) -> None:
+    """Chunks only (on SQLite, the shorter transaction of one or two leases): each lease's
+    chunks take its next seqs, a lease no longer valid writes nothing."""
+    stale_id = await submit(store, input="stale")
+    stale = await claim(store, 5)
+    clock.advance(6)
+    live_id = await submit(store, input="live")
+    leases = await store.claim_many("w", 60, 2)
+    live = next(lease for lease in leases if lease.request_id == live_id)
+    before = await store.get(stale_id)
+    results = await store.write(
+        [
+            JobWrite(stale, ({"response": "stale"},)),
+            JobWrite(live, ({"response": "a"}, {"response": "b"})),
+        ]
+    )
+    assert results[0] is None
+    assert await store.get(stale_id) == before
+    assert results[1] is not None
+    assert [(e.seq, e.attempt, e.data["response"]) for e in results[1]] == [
+        (3, 1, "a"),
+        (4, 1, "b"),
+    ]
+    again = await store.write([JobWrite(live, ({"response": "c"},))])
+    assert again[0] is not None and [e.seq for e in again[0]] == [5]
+    record = await fetch(store, live_id)
+    assert (record.status, record.last_seq) == (RequestStatus.RUNNING, 5)
+    assert [r["response"] for r in record.responses] == ["a", "b", "c"]
+    assert [e.seq for e in await store.events(live_id)] == [1, 2, 3, 4, 5]
+
+
 async def test_a_batch_write_that_waits_for_a_lock_follows_what_committed_meanwhile(
     store: SqlStore,
 ) -> None:
