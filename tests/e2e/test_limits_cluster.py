@@ -86,7 +86,14 @@ def test_thousand_concurrent_requests_against_a_limit_of_100(
     } == {429}
     revoked = run_cli("keys", "revoke", key_id, "--config", str(config), cwd=tmp_path)
     assert revoked.returncode == 0, revoked.stderr
-    time.sleep(0.5)
-    assert {
-        httpx.post(s.url + "/predict", json=body, headers=auth).status_code for s in servers
-    } == {401}
+    # Within seconds, not the cache's ten minutes (a busy machine may take more than 0.5 s
+    # to deliver the message to every process).
+    deadline = time.monotonic() + 10
+    while True:
+        codes_now = {
+            httpx.post(s.url + "/predict", json=body, headers=auth).status_code for s in servers
+        }
+        if codes_now == {401} or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert codes_now == {401}
