@@ -20,8 +20,8 @@ The thread takes its calls in order, a streamed chunk's write before any other c
 waiting (a follower waits for it), then a group of submits (each client waits for its
 answer), then the rest; and it starts the next as soon as one ends: a call does not
 wait for the event loop to have taken the previous one's answer. (Each held an asyncio lock
-until then; at 1,000 submits/s in the embedded default that lock was busy ~75 % of the
-time for ~1 ms of SQLite work per call, and a chunk or a submit waited for it up to 12 ms
+until then; at 1,000 submits/s in the embedded default that lock was held ~70 % of the
+time, for ~1 ms of SQLite work per call, and a chunk or a submit waited for it up to 12 ms
 at p99.) A write of the store's general path (SQLAlchemy's connection: cancels, the
 maintenance, rare paths) holds the thread idle between two calls while it runs
 (:meth:`LiteWriter.exclusive`), so neither connection waits for the other in SQLite's busy
@@ -246,7 +246,9 @@ class LiteWriter:
         finally:
             resume.set()  # (before it ran, if cancelled meanwhile: it then returns at once)
 
-    def _submit(self, fn: Callable[..., T], args: tuple[Any, ...], priority: int = _OTHER) -> Any:
+    def _submit(
+        self, fn: Callable[..., T], args: tuple[Any, ...], priority: int = _OTHER
+    ) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._ready:
@@ -262,7 +264,7 @@ class LiteWriter:
         return future
 
     async def _call(self, fn: Callable[..., T], *args: Any, priority: int = _OTHER) -> T:
-        future: asyncio.Future[T] = self._submit(fn, args, priority)
+        future = self._submit(fn, args, priority)
         try:
             return await future
         except sqlite3.OperationalError as exc:  # locked past the busy timeout, disk, ...
@@ -271,14 +273,17 @@ class LiteWriter:
             ) from exc
 
     async def close(self) -> None:
-        """Run the calls already asked for, then close the connections and end the threads."""
+        """Run the calls already asked for, then close the connections and end the threads
+        (a second close does nothing)."""
+        if self._closed:
+            return
         if self._thread is not None:
             await self._call(self._close)
-            with self._ready:
-                self._closed = True
-                self._ready.notify()
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+        if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
-        self._closed = True
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._checkpointer, self._close_checkpoints)
         self._checkpointer.shutdown(wait=True)
