@@ -89,7 +89,7 @@ from inferd.jobs.types import (
     RequestStatus,
 )
 
-__all__ = ["CANCELLED_BY_USER", "REQUEUEABLE", "SqlStore"]
+__all__ = ["CANCELLED_BY_USER", "HOT_SETTINGS", "REQUEUEABLE", "SqlStore"]
 
 CANCELLED_BY_USER = "cancelled by the user"
 """The error of a request cancelled by its user."""
@@ -100,6 +100,26 @@ _HOT_POOL = 3  # PostgreSQL: pooled connections of the hot statements (a claim, 
 _UNAVAILABLE = UNAVAILABLE_ERRORS + hot.UNAVAILABLE  # the engine's and asyncpg's own
 _REAP_BATCH = 100  # expired leases taken back per claim; the rest wait for the next one
 _CREATE_BATCH = 500  # creates stored in one transaction at most
+
+HOT_SETTINGS = {
+    "application_name": "inferd",
+    # Generic plans: planned per execution, as the other statements are, each of the hot
+    # statements cost 0.2-0.3 ms of the server's CPU (EXPLAIN ANALYZE) at a thousand
+    # executions a second. Measured: after a drain of 3,000 jobs, a flow of 1,000 jobs/s
+    # kept up for 60 s, with chunk p99 12 ms instead of 21-23 (bench/README.md).
+    "plan_cache_mode": "force_generic_plan",
+    # A generic plan is made at a statement's first run on a connection and kept until
+    # ANALYZE changes the tables' statistics. Made while the tables were empty (a new
+    # database, a worker started before the first requests), it scanned the whole of
+    # inferd_requests (which keeps every request) to update a claim's or a write's few
+    # rows: 30 ms per claim at 20,000 requests, and more with every request, until
+    # autovacuum's first ANALYZE of the table, a minute or more later. At 1,000 submits/s
+    # the worker fell behind within seconds and the queue never drained (bench/README.md).
+    # None of these statements reads more than the rows it names through an index: a
+    # scan of a whole table is never their plan, whatever the statistics say.
+    "enable_seqscan": "off",
+}
+"""Server settings of the connections that run the hot statements (:mod:`inferd.jobs.pg`)."""
 _QUEUED = RequestStatus.QUEUED.value
 _RUNNING = RequestStatus.RUNNING.value
 _SUCCEEDED = RequestStatus.SUCCEEDED.value
@@ -177,22 +197,14 @@ class SqlStore:
         )
         # PostgreSQL: the hot statements (inferd.jobs.pg) on asyncpg connections of their
         # own (inferd.db.hot: through the engine each one cost ~0.3-0.4 ms more of the
-        # client's CPU), with generic plans. Planned per execution, as the other statements
-        # are, each cost 0.2-0.3 ms of the server's CPU (EXPLAIN ANALYZE) at a thousand
-        # executions a second. Their inputs are arrays and their joins primary keys, and a
-        # cached plan is made again when autovacuum's ANALYZE or VACUUM updates a table's
-        # statistics. Measured: after a drain of 3,000 jobs, a flow of 1,000 jobs/s kept up
-        # for 60 s, with chunk p99 12 ms instead of 21-23 (bench/README.md).
+        # client's CPU), with the settings of HOT_SETTINGS.
         self._hot: HotConnections | None = None
         if self._engine.dialect.name == "postgresql":
             self._hot = HotConnections(
                 self._engine.url,
                 min(pool_size, _HOT_POOL),
                 connect_timeout=connect_timeout,
-                server_settings={
-                    "application_name": "inferd",
-                    "plan_cache_mode": "force_generic_plan",
-                },
+                server_settings=HOT_SETTINGS,
             )
         self._clock = clock
         self._pool_size = pool_size
