@@ -120,6 +120,7 @@ HOT_SETTINGS = {
     "enable_seqscan": "off",
 }
 """Server settings of the connections that run the hot statements (:mod:`inferd.jobs.pg`)."""
+
 _QUEUED = RequestStatus.QUEUED.value
 _RUNNING = RequestStatus.RUNNING.value
 _SUCCEEDED = RequestStatus.SUCCEEDED.value
